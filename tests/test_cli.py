@@ -1,0 +1,190 @@
+"""The command line as the daemon and users drive it: real subprocesses, real signals, real files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, env_for_subprocess, events, run_trainer
+
+from trainer.demo import make_shapes
+
+ARTIFACTS = ["model.keras", "labels.json", "metrics.csv", "history.png", "confusion_matrix.png", "report.json",
+             "dataset.json", "summary.json"]
+
+
+def job(tmp_path: Path, spec: dict, name="job", **kw) -> Path:
+    kw.setdefault("size_range", (24, 48))
+    return make_shapes(tmp_path / name, classes=kw.pop("classes", 2), per_class=kw.pop("per_class", 12), job=spec,
+                       **kw)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    job_dir = job(tmp, {"target_size": 32, "epochs": 3, "batch_size": 8, "seed": 4}, classes=3)
+    proc = run_trainer("run", job_dir, "--out", tmp / "out", "--work", tmp / "work", "--job-id", "job-42")
+    return proc, tmp / "out"
+
+
+def test_run_writes_every_artifact_and_speaks_json_lines(finished_run):
+    proc, out = finished_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stream = events(proc.stdout)  # every stdout line is an event: nothing else leaks onto it
+    kinds = [e["event"] for e in stream]
+    assert kinds == ["started", "epoch_end", "epoch_end", "epoch_end", "finished"]
+    assert all(e["job"] == "job-42" for e in stream)
+    started = stream[0]
+    assert started["classes"] == ["circle", "square", "triangle"] and started["train_images"] == 30
+    assert started["resumed_from"] == 0 and started["epochs"] == 3
+    epoch = stream[1]
+    assert {"epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds",
+            "images_per_second"} <= set(epoch)
+    finished = stream[-1]
+    assert set(finished["artifacts"]) == {"model", "labels", "metrics", "history_plot", "confusion_matrix", "report",
+                                          "dataset", "summary"}
+    for name in ARTIFACTS:
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["job_id"] == "job-42"
+    assert summary["spec"]["epochs"] == 3 and summary["spec"]["target_size"] == [32, 32]
+    log_lines = [line for line in proc.stderr.splitlines() if " trainer." in line]
+    assert log_lines and all("[job-42]" in line for line in log_lines)
+
+
+def test_predict_and_evaluate_commands(finished_run, tmp_path):
+    _, out = finished_run
+    data = make_shapes(tmp_path / "new", classes=["circle", "square"], per_class=2, seed=99, formats=("bmp", "png"))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 nope")
+    proc = run_trainer("predict", out, data, tmp_path / "broken.jpg", "--json", "--top-k", "2")
+    assert proc.returncode == 1  # one file could not be read
+    results = json.loads(proc.stdout)
+    assert len(results) == 5
+    assert all(r["label"] in {"circle", "square", "triangle"} and len(r["top_k"]) == 2 for r in results[:4])
+    assert results[4]["file"].endswith("broken.jpg") and "error" in results[4]
+    proc = run_trainer("evaluate", out, data, "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["images"] == 4 and set(report["per_class"]) == {"circle", "square", "triangle"}
+
+
+def test_invalid_spec_exits_2_with_a_located_error_event(tmp_path):
+    job_dir = job(tmp_path, {"epochs": 0, "modle": {}}, per_class=2)
+    proc = run_trainer("run", job_dir, "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    [error] = events(proc.stdout)
+    assert error["event"] == "error" and error["kind"] == "spec"
+    assert f"{job_dir / 'job.yaml'}:1: epochs: must be a positive integer, got 0" in error["message"]
+    assert "modle: unknown key (did you mean 'model'?)" in error["message"]
+    assert not (tmp_path / "out").exists()
+    assert (job_dir / "circle").is_dir()  # the dataset is untouched
+
+
+def test_unusable_data_exits_2(tmp_path):
+    job_dir = job(tmp_path, {"epochs": 1}, classes=1, per_class=3)
+    proc = run_trainer("run", job_dir, "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    [error] = events(proc.stdout)
+    assert error["kind"] == "data" and "needs at least 2 classes" in error["message"]
+
+
+def test_spec_path_through_a_symlink_out_of_the_job_is_refused(tmp_path):
+    outside = make_shapes(tmp_path / "outside", classes=2, per_class=2)
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    os.symlink(outside, job_dir / "images")
+    (job_dir / "job.yaml").write_text("data: {train: images}\n")
+    proc = run_trainer("run", job_dir, "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert "data.train: resolves to" in events(proc.stdout)[0]["message"]
+
+
+def _start(job_dir: Path, out: Path, work: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainer", "run", str(job_dir), "--out", str(out), "--work",
+                             str(work)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env_for_subprocess(), cwd=ROOT)
+
+
+def _read_until_epoch(proc: subprocess.Popen, epoch: int) -> list[dict]:
+    seen = []
+    for line in proc.stdout:
+        seen.append(json.loads(line))
+        if seen[-1]["event"] == "epoch_end" and seen[-1]["epoch"] >= epoch:
+            return seen
+    raise AssertionError(f"trainer ended before epoch {epoch}: {seen}")
+
+
+@pytest.fixture
+def long_job(tmp_path):
+    return job(tmp_path, {"target_size": 24, "epochs": 40, "batch_size": 4, "seed": 2}, per_class=10,
+               size_range=(20, 30))
+
+
+def test_kill_9_mid_training_then_rerun_resumes_from_the_last_epoch(long_job, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = _start(long_job, out, work)
+    _read_until_epoch(proc, 3)
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.wait()
+    assert not (out / "model.keras").exists()
+    done = json.loads((work / "backup" / "training_metadata.json").read_text())["epoch"]
+    assert done >= 3
+    rerun = run_trainer("run", long_job, "--out", out, "--work", work, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    stream = events(rerun.stdout)
+    assert stream[0]["resumed_from"] == done
+    assert [e["epoch"] for e in stream if e["event"] == "epoch_end"] == list(range(done + 1, 41))
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 41))
+    assert (out / "model.keras").is_file()
+
+
+def test_sigterm_stops_at_a_safe_point_with_exit_75_and_resumes(long_job, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = _start(long_job, out, work)
+    _read_until_epoch(proc, 2)
+    proc.send_signal(signal.SIGTERM)
+    rest = [json.loads(line) for line in proc.stdout]
+    assert proc.wait(timeout=60) == 75
+    assert rest[-1]["event"] == "interrupted"
+    completed = rest[-1]["completed_epochs"]
+    assert completed >= 2
+    assert json.loads((work / "backup" / "training_metadata.json").read_text())["epoch"] == completed
+    spec = yaml.safe_load((long_job / "job.yaml").read_text())
+    assert spec["epochs"] == 40
+    rerun = run_trainer("run", long_job, "--out", out, "--work", work, timeout=600)
+    assert rerun.returncode == 0
+    assert events(rerun.stdout)[0]["resumed_from"] == completed
+
+
+def test_train_command_from_a_terminal(tmp_path):
+    data = make_shapes(tmp_path / "pets", classes=2, per_class=8, size_range=(24, 40))
+    out = tmp_path / "run"
+    proc = run_trainer("train", data, "--target-size", "32", "--epochs", "2", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "validation accuracy:" in proc.stdout and str(out) in proc.stdout
+    assert "Epoch 2/2" in proc.stdout  # the progress display
+    assert (out / "model.keras").is_file()
+    bad = run_trainer("train", tmp_path / "nowhere")
+    assert bad.returncode == 2 and "train_directory must be an existing directory" in bad.stderr
+
+
+def test_validate_schema_and_the_dropfit_command(tmp_path):
+    (tmp_path / "job.yaml").write_text("batch_size: 0\n")
+    proc = run_trainer("validate", tmp_path)
+    assert proc.returncode == 2 and "job.yaml:1: batch_size: must be a positive integer, got 0" in proc.stderr
+    (tmp_path / "job.yaml").write_text("batch_size: 8\n")
+    proc = run_trainer("validate", tmp_path)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["batch_size"] == 8
+    dropfit = shutil.which("dropfit", path=str(Path(sys.executable).parent))
+    assert dropfit, "the dropfit console script is installed with the package"
+    schema = subprocess.run([dropfit, "schema"], capture_output=True, text=True, check=True)
+    assert json.loads(schema.stdout)["title"] == "dropfit job.yaml"

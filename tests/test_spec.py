@@ -1,0 +1,147 @@
+"""job.yaml: located errors, safe loading, path confinement, the published JSON Schema. No TensorFlow needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.spec import JobSpec, SpecError, json_schema, load_spec, parse_spec, resolve_path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def errors(text: str) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, source="job.yaml")
+    return str(info.value).splitlines()
+
+
+def test_empty_spec_means_all_defaults():
+    spec = parse_spec("")
+    assert spec.epochs == 20 and spec.batch_size == 32 and spec.target_size == (200, 200)
+    assert spec.model.filters == [16, 32, 64, 64, 64] and spec.optimizer.name == "rmsprop"
+    assert spec.optimizer.learning_rate == pytest.approx(1e-3) and spec.data.validation_split == pytest.approx(0.2)
+
+
+def test_full_example_is_valid_and_maps_to_train_cnn_arguments():
+    spec = load_spec(ROOT / "examples" / "job.yaml")
+    kwargs = spec.train_kwargs()
+    assert kwargs["target_size"] == (128, 128)
+    assert kwargs["num_epochs"] == 20 and kwargs["optimizer"] == "rmsprop"
+    import inspect
+
+    from trainer import train
+
+    params = inspect.signature(train.train_cnn).parameters
+    assert set(kwargs) <= set(params), set(kwargs) - set(params)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("epochs: 0", "job.yaml:1: epochs: must be a positive integer, got 0"),
+    ("epochs: -3", "job.yaml:1: epochs: must be a positive integer, got -3"),
+    ("epochs: '5'", "job.yaml:1: epochs: must be an integer, got '5'"),
+    ("batch_size: 2.5", "job.yaml:1: batch_size: must be an integer, got 2.5"),
+    ("seed: 1\nepoch: 3", "job.yaml:2: epoch: unknown key (did you mean 'epochs'?)"),
+    ("model:\n  filters: [16, 0]", "job.yaml:2: model.filters[1]: must be a positive integer, got 0"),
+    ("optimizer: {name: adamw}", "optimizer.name: must be one of 'rmsprop', 'adam' or 'sgd', got 'adamw'"),
+    ("target_size: [4, 300]", "target_size[0]: must be >= 8, got 4"),
+    ("data:\n  validation_split: 1.5", "job.yaml:2: data.validation_split: must be < 1.0, got 1.5"),
+    ("model: {batch_norm: 'yes'}", "model.batch_norm: must be true or false, got 'yes'"),
+    ("model: 3", "job.yaml:1: model: must be a mapping of keys to values, got 3"),
+    ("data: {classes: [cats]}", "data.classes: must have at least 2 items"),
+])
+def test_field_errors_name_line_field_value_and_expectation(text, expected):
+    assert any(expected in line for line in errors(text)), errors(text)
+
+
+def test_every_problem_is_reported_at_once():
+    lines = errors("epochs: 0\nbatch_size: 0\ncolour_mode: rgb\n")
+    assert len(lines) == 3
+    assert lines[2].startswith("job.yaml:3: colour_mode: unknown key (did you mean 'color_mode'?)")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("epochs: [", "invalid YAML"),
+    ("- a\n- b", "the top level must be a mapping of keys to values, got a list"),
+    ("just text", "the top level must be a mapping of keys to values, got a string"),
+    ("epochs: 3\nepochs: 4", "job.yaml:2: epochs: duplicate key"),
+    ("a: &x [1, 2]\nb: *x", "YAML anchors and aliases"),
+    ("epochs: !!python/object/apply:os.system ['echo hacked']", "invalid YAML"),
+])
+def test_unsafe_or_malformed_yaml_is_refused(text, expected):
+    assert any(expected in line for line in errors(text)), errors(text)
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("../elsewhere", "must stay inside the job folder"),
+    ("a/../../b", "must stay inside the job folder"),
+    ("/etc", "must be a path relative to the job folder"),
+    ("~/data", "must be a path relative to the job folder"),
+])
+def test_spec_paths_cannot_leave_the_job_folder(path, expected):
+    for key in ("train", "validation", "labels_csv"):
+        assert any(f"data.{key}: {expected}" in line for line in errors(f"data: {{{key}: '{path}'}}"))
+
+
+def test_symlink_escape_is_caught_when_resolving(tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, job / "images")
+    (job / "inside").mkdir()
+    assert resolve_path(job, "inside", "data.train") == (job / "inside").resolve()
+    with pytest.raises(SpecError, match=r"data\.train: resolves to .*outside the job folder"):
+        resolve_path(job, "images", "data.train")
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(SpecError, match=r"no job\.yaml found"):
+        load_spec(tmp_path / "job.yaml")
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * 300_000)
+    with pytest.raises(SpecError, match="file is too large"):
+        load_spec(big)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"epochs: \xff\xfe")
+    with pytest.raises(SpecError, match="is not UTF-8"):
+        load_spec(binary)
+
+
+def test_square_target_size_and_defaults_merge():
+    assert parse_spec("target_size: 64").target_size == (64, 64)
+    spec = parse_spec("model: {dropout: 0.5}", defaults={"epochs": 3, "model": {"dense_units": 64}})
+    assert (spec.epochs, spec.model.dense_units, spec.model.dropout) == (3, 64, 0.5)
+
+
+def test_published_json_schema_is_current_and_checks_files(tmp_path):
+    shipped = json.loads((ROOT / "trainer" / "schemas" / "job.schema.json").read_text())
+    assert shipped == json_schema(), "run `python -m trainer schema > trainer/schemas/job.schema.json`"
+    assert shipped["additionalProperties"] is False
+    checker = Path(sys.executable).with_name("check-jsonschema")
+    schema = ROOT / "trainer" / "schemas" / "job.schema.json"
+    ok = subprocess.run([checker, "--schemafile", schema, ROOT / "examples" / "job.yaml"], capture_output=True,
+                        text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = tmp_path / "job.yaml"
+    bad.write_text("epochs: 0\nfoo: 1\ntarget_size: 64\n")
+    res = subprocess.run([checker, "--schemafile", schema, bad], capture_output=True, text=True)
+    assert res.returncode == 1
+    assert "epochs" in res.stdout and "foo" in res.stdout
+
+
+def test_spec_module_does_not_import_tensorflow():
+    code = ("import sys, trainer, trainer.spec, trainer.scan, trainer.images, trainer.events, trainer.demo; "
+            "trainer.spec.parse_spec('epochs: 3'); print('tensorflow' in sys.modules, 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_spec_model_rejects_unknown_keys_directly():
+    with pytest.raises(Exception, match="extra"):
+        JobSpec.model_validate({"surprise": 1})

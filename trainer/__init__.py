@@ -1,0 +1,32 @@
+"""dropfit's trainer: turn a folder of class-sorted images into a trained Keras CNN.
+
+``import trainer`` stays light (no TensorFlow); the heavy names load on first use::
+
+    from trainer import train_cnn
+    model = train_cnn("data/train", target_size=(200, 200), num_epochs=20)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["TrainingInterrupted", "evaluate", "load_model", "predict", "train_cnn"]
+
+_LAZY = {
+    "train_cnn": "trainer.train",
+    "TrainingInterrupted": "trainer.train",
+    "predict": "trainer.predict",
+    "evaluate": "trainer.predict",
+    "load_model": "trainer.predict",
+}
+
+
+def __getattr__(name: str):
+    # TensorFlow takes seconds to import; the daemon imports trainer.spec and must never pay for it.
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

@@ -1,0 +1,177 @@
+"""Writing a run's results: every file atomically (temp file in the same folder, then ``os.replace``).
+
+Layout of an output folder::
+
+    model.keras            the trained model (takes raw 0-255 pixels)
+    labels.json            class names in output order, input size, colour mode
+    metrics.csv            one row per epoch
+    history.png            loss and accuracy curves, train and validation
+    confusion_matrix.png   on the validation images (training images when there are none)
+    report.json            accuracy, per-class precision/recall/F1, confusion matrix
+    dataset.json           images per class, split sizes, skipped files with reasons
+    summary.json           final metrics, durations, resolved configuration, library versions
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; results should get the permissions any other new file would.
+_FILE_MODE = 0o666 & ~_umask()
+
+METRIC_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds",
+                  "images_per_second")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside ``path`` (same suffix) and move it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Keep the whole name as the suffix: Keras checks endings such as `.keras` and `.weights.h5`.
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{path.name}", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, _FILE_MODE)
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Atomically write ``data`` to ``path`` (fsync'd, so a power cut leaves the old file or the new one)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def clean_json(value):
+    """Make a value strict-JSON safe: NaN/inf become null, tuples lists, numpy scalars Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    return write_text(path, json.dumps(clean_json(obj), indent=2, ensure_ascii=False) + "\n")
+
+
+def write_metrics_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """One row per epoch with `METRIC_COLUMNS`; absent values (no validation) are left empty."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+    return write_text(path, buf.getvalue())
+
+
+def _figure_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: servers and containers have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """Loss and accuracy per epoch, train and validation, side by side."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    try:
+        for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+            for prefix, style in (("", "-o"), ("val_", "-s")):
+                values = [r.get(prefix + metric) for r in rows]
+                if any(v is not None for v in values):
+                    ax.plot(epochs, [math.nan if v is None else v for v in values], style, markersize=3,
+                            label=("validation " if prefix else "train ") + metric)
+            ax.set_xlabel("epoch")
+            ax.set_title(metric)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        axes[1].set_ylim(0, 1.02)
+        return write_bytes(path, _figure_bytes(fig))
+    finally:
+        plt.close(fig)
+
+
+def plot_confusion(path: str | os.PathLike, matrix: list[list[int]], labels: list[str], title: str) -> Path:
+    """A confusion matrix heat map with counts, true classes as rows."""
+    plt = _pyplot()
+    n = len(labels)
+    size = min(4 + 0.45 * n, 30)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    try:
+        im = ax.imshow(matrix, cmap="Blues")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_xticks(range(n), labels, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+        ax.set_yticks(range(n), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+        if n <= 30:
+            top = max((max(r) for r in matrix), default=0) or 1
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=8,
+                            color="white" if matrix[i][j] > top / 2 else "black")
+        return write_bytes(path, _figure_bytes(fig))
+    finally:
+        plt.close(fig)
+
+
+def save_model(path: str | os.PathLike, model) -> Path:
+    """Save a Keras model atomically."""
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+    return Path(path)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a result depends on, for summary.json."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("dropfit", "tensorflow", "keras", "numpy", "pillow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out

@@ -1,0 +1,311 @@
+"""``python -m trainer`` (also ``dropfit``): run a job, train from a terminal, predict, evaluate.
+
+Exit codes: 0 success; 2 invalid job spec or unusable data; 75 stopped on request (SIGTERM/SIGINT) at a safe point,
+resumable by running again with the same ``--work``; 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 75
+
+log = logging.getLogger("trainer.cli")
+
+
+class _JobFilter(logging.Filter):
+    def __init__(self, job_id: str):
+        super().__init__()
+        self.job_id = job_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.job_id = self.job_id
+        return True
+
+
+def setup_logging(job_id: str = "-", level: int = logging.INFO) -> None:
+    """Log to stderr, every line tagged with the job id; quiet TensorFlow's C++ and absl chatter."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_JobFilter(job_id))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(job_id)s] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("absl", "tensorflow", "h5py", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _quiet_tensorflow() -> None:
+    # Must happen before TensorFlow is imported: it reads these once.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# --- run: what the daemon launches -------------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    from trainer.events import EventStream
+    from trainer.spec import JOB_FILE, SpecError, load_spec, resolve_path
+
+    job_dir = Path(args.job_dir)
+    job_id = args.job_id or job_dir.resolve().name
+    setup_logging(job_id)
+    events = EventStream.claim_stdout(job_id)
+    try:
+        spec = load_spec(job_dir / JOB_FILE)
+        train_dir = resolve_path(job_dir, spec.data.train, "data.train")
+        val_dir = resolve_path(job_dir, spec.data.validation, "data.validation") if spec.data.validation else None
+        labels = resolve_path(job_dir, spec.data.labels_csv, "data.labels_csv") if spec.data.labels_csv else None
+    except SpecError as exc:
+        log.error("invalid job spec:\n%s", exc)
+        events.emit("error", kind="spec", message=str(exc))
+        return EXIT_INVALID
+
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    log.info("job %s: training on %s, output in %s", job_id, train_dir, args.out)
+    try:
+        from trainer.scan import DatasetError
+        from trainer.train import TrainingInterrupted, train_cnn
+
+        train_cnn(train_dir, **spec.train_kwargs(), verbose=0, validation_directory=val_dir, labels_csv=labels,
+                  output_dir=args.out, work_dir=args.work, on_event=events.emit, stop_event=stop,
+                  metadata={"job_id": job_id, "job_dir": str(job_dir.resolve()), "spec": spec.model_dump(mode="json")})
+    except TrainingInterrupted as exc:
+        log.warning("%s", exc)
+        events.emit("interrupted", completed_epochs=exc.completed_epochs, message=str(exc))
+        return EXIT_INTERRUPTED
+    except DatasetError as exc:
+        log.error("unusable data: %s", exc)
+        events.emit("error", kind="data", message=str(exc))
+        return EXIT_INVALID
+    except BaseException as exc:
+        # Whatever breaks (out of memory, disk full, a bug), the daemon must get an event with a readable reason.
+        kind, message = _classify(exc)
+        log.error("job failed (%s): %s\n%s", kind, message, traceback.format_exc())
+        events.emit("error", kind=kind, message=message)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _classify(exc: BaseException) -> tuple[str, str]:
+    name = type(exc).__name__
+    if isinstance(exc, MemoryError) or name == "ResourceExhaustedError":
+        return "oom", f"out of memory: {exc or name} (try a smaller batch_size or target_size)"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "io", f"no space left on device: {exc.filename or exc}"
+    if isinstance(exc, OSError):
+        return "io", f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", "interrupted"
+    return "internal", f"{name}: {exc}"
+
+
+def _install_stop_handlers(stop: threading.Event) -> None:
+    """First SIGTERM/SIGINT: stop at the next safe point; a second one: exit at once."""
+
+    def handler(signum, frame):
+        if stop.is_set():
+            log.error("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.warning("%s received: stopping after the current batch", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+# --- train: the recipe's two lines from a terminal ---------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    setup_logging(Path(args.data_dir).name)
+    from trainer.scan import DatasetError
+    from trainer.train import TrainingInterrupted, train_cnn
+
+    out = args.out or Path("runs") / f"{Path(args.data_dir).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    try:
+        model = train_cnn(args.data_dir, target_size=_size(args.target_size), classes=args.classes,
+                          batch_size=args.batch_size, num_epochs=args.epochs, verbose=1,
+                          validation_split=args.validation_split, validation_directory=args.validation_dir,
+                          labels_csv=args.labels_csv, color_mode=args.color_mode, seed=args.seed,
+                          optimizer=args.optimizer, learning_rate=args.learning_rate, output_dir=out,
+                          work_dir=args.work, stop_event=stop)
+    except TrainingInterrupted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (DatasetError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    summary = json.loads((Path(out) / "summary.json").read_text())
+    print(f"\nclasses: {', '.join(model.class_names)}")
+    ev = summary["evaluation"]
+    print(f"{ev['split']} accuracy: {ev['accuracy']:.4f} on {ev['images']} images")
+    print(f"artifacts: {out}")
+    return EXIT_OK
+
+
+def _size(values: list[int]) -> tuple[int, int]:
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+# --- predict / evaluate ------------------------------------------------------------------------------------------
+
+def _expand(paths: list[str]) -> list[str]:
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+        else:
+            out.append(p)
+    return out
+
+
+def cmd_predict(args) -> int:
+    setup_logging("predict", logging.WARNING)
+    from trainer.predict import load_model, predict
+
+    try:
+        model = load_model(args.model_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    results = predict(model, _expand(args.images), top_k=args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['file']}\tERROR\t{r['error']}")
+            else:
+                ranked = "  ".join(f"{t['label']}:{t['probability']:.3f}" for t in r["top_k"])
+                print(f"{r['file']}\t{r['label']}\t{r['probability']:.4f}" + (f"\t{ranked}" if args.top_k > 1 else ""))
+    return EXIT_FAILED if any("error" in r for r in results) else EXIT_OK
+
+
+def cmd_evaluate(args) -> int:
+    setup_logging("evaluate", logging.WARNING)
+    from trainer.predict import evaluate, load_model
+    from trainer.scan import DatasetError
+
+    try:
+        report = evaluate(load_model(args.model_dir), args.data_dir, batch_size=args.batch_size)
+    except (FileNotFoundError, DatasetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    print(f"accuracy: {report['accuracy']:.4f} on {report['images']} images")
+    print(f"{'class':<24}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+    for name, m in report["per_class"].items():
+        print(f"{name:<24}{m['precision']:>10.3f}{m['recall']:>10.3f}{m['f1']:>10.3f}{m['support']:>10d}")
+    return EXIT_OK
+
+
+# --- small helpers -----------------------------------------------------------------------------------------------
+
+def cmd_validate(args) -> int:
+    from trainer.spec import JOB_FILE, SpecError, load_spec
+
+    path = Path(args.path)
+    try:
+        spec = load_spec(path / JOB_FILE if path.is_dir() else path)
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    print(json.dumps(spec.model_dump(mode="json"), indent=2))
+    return EXIT_OK
+
+
+def cmd_schema(args) -> int:
+    from trainer.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from trainer.demo import make_demo
+
+    root = make_demo(args.directory, seed=args.seed)
+    print(root)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dropfit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a job folder (job.yaml + images); JSON-lines events on stdout")
+    p.add_argument("job_dir")
+    p.add_argument("--out", required=True, help="output folder for the artifacts")
+    p.add_argument("--work", help="work folder for checkpoints; rerunning with it resumes")
+    p.add_argument("--job-id", help="id shown in logs and events (default: the job folder's name)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="train on a class-per-folder dataset, with a progress bar")
+    p.add_argument("data_dir")
+    p.add_argument("--target-size", type=int, nargs="+", default=[200, 200], metavar="PX",
+                   help="height [width] (default 200 200)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--classes", nargs="+")
+    p.add_argument("--validation-split", type=float, default=0.2)
+    p.add_argument("--validation-dir")
+    p.add_argument("--labels-csv")
+    p.add_argument("--color-mode", choices=("rgb", "grayscale"), default="rgb")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--optimizer", choices=("rmsprop", "adam", "sgd"), default="rmsprop")
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--out", help="output folder (default runs/<dataset>-<time>)")
+    p.add_argument("--work", help="work folder for checkpoints (resumable)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="predict the class of images (files or folders)")
+    p.add_argument("model_dir")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="accuracy and per-class report on a labelled folder")
+    p.add_argument("model_dir")
+    p.add_argument("data_dir")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("validate", help="check a job.yaml (or job folder) and print the resolved spec")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of job.yaml")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("demo", help="write a small generated dataset with a job.yaml")
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_tensorflow()
+    args = build_parser().parse_args(argv)
+    if getattr(args, "top_k", 1) < 1:
+        build_parser().error("--top-k must be a positive integer")
+    return args.func(args)

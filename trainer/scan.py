@@ -1,0 +1,295 @@
+"""Finding the labelled images of a dataset: class folders or a CSV, bad files skipped and reported, and the split.
+
+No TensorFlow here. The expected layout::
+
+    train_directory/
+    ├── cats/
+    │   ├── 001.jpg
+    │   └── more/002.png      (class folders are searched recursively)
+    └── dogs/
+        └── 003.webp
+
+Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``) and ``__MACOSX`` are ignored; symlinks are followed
+only while they stay inside ``train_directory``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.images import MAX_PIXELS, BadImage, probe
+
+log = logging.getLogger(__name__)
+
+_IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+
+
+class DatasetError(ValueError):
+    """The data cannot be trained on (missing folder, too few classes, ...); the message says why and where."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # absolute
+    label: int
+    native: bool  # TensorFlow can decode it directly
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str  # relative to the dataset root
+    reason: str
+
+
+@dataclass
+class Scan:
+    """What a dataset folder holds: usable samples and the files passed over, with reasons."""
+
+    root: str
+    class_names: list[str]
+    samples: list[Sample]
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Usable images per class name, in class order."""
+        c = Counter(s.label for s in self.samples)
+        return {name: c.get(i, 0) for i, name in enumerate(self.class_names)}
+
+    def to_json(self) -> dict:
+        return {"root": self.root, "classes": self.class_names, "counts": self.counts(),
+                "images": len(self.samples), "skipped": [{"file": s.path, "reason": s.reason} for s in self.skipped],
+                "warnings": list(self.warnings)}
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in _IGNORED_NAMES
+
+
+def _inside(root: str, path: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _walk_files(root: str, folder: str, skipped: list[Skipped]) -> list[str]:
+    """All non-hidden regular files below ``folder``, sorted, following only symlinks that stay inside ``root``."""
+    out: list[str] = []
+    stack = [folder]
+    seen_dirs: set[str] = set()
+    while stack:
+        current = stack.pop()
+        real = os.path.realpath(current)
+        if real in seen_dirs:  # a symlink loop inside the dataset
+            continue
+        seen_dirs.add(real)
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append(Skipped(os.path.relpath(current, root), f"folder unreadable: {exc.strerror or exc}"))
+            continue
+        subdirs = []
+        for entry in entries:
+            if _hidden(entry.name):
+                continue
+            rel = os.path.relpath(entry.path, root)
+            if entry.is_symlink() and not _inside(root, entry.path):
+                skipped.append(Skipped(rel, "symlink pointing outside the dataset folder"))
+                continue
+            try:
+                if entry.is_dir():
+                    subdirs.append(entry.path)
+                elif entry.is_file():
+                    out.append(entry.path)
+                else:
+                    skipped.append(Skipped(rel, "not a regular file"))
+            except OSError as exc:
+                skipped.append(Skipped(rel, f"unreadable: {exc.strerror or exc}"))
+        stack.extend(reversed(subdirs))
+    return sorted(out)
+
+
+def _probe_all(root: str, paths: list[str], max_pixels: int) -> tuple[list[tuple[str, bool]], list[Skipped]]:
+    """Probe files in parallel (header reads are I/O bound); keep the input order."""
+
+    def one(path: str):
+        try:
+            return path, probe(path, max_pixels).native, None
+        except BadImage as exc:
+            return path, False, str(exc)
+
+    good, bad = [], []
+    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 2) * 4)) as pool:
+        for path, native, reason in pool.map(one, paths, chunksize=64):
+            if reason is None:
+                good.append((path, native))
+            else:
+                bad.append(Skipped(os.path.relpath(path, root), reason))
+    return good, bad
+
+
+def scan_directory(directory: str | os.PathLike, classes: list[str] | None = None, *,
+                   max_pixels: int = MAX_PIXELS, allow_missing: bool = False, what: str = "train_directory") -> Scan:
+    """Find the usable images of a class-per-folder dataset.
+
+    Args:
+        directory: the dataset root, one subfolder per class.
+        classes: use only these class folders, in this order; default: every non-hidden subfolder, sorted.
+        allow_missing: with ``classes``, tolerate classes that have no folder (for validation folders).
+        what: the argument name used in error messages.
+
+    Raises:
+        DatasetError: if the folder is missing, a requested class has no folder or no usable image, or fewer than
+            two classes hold images.
+    """
+    root = os.path.realpath(directory)
+    if not os.path.isdir(root):
+        raise DatasetError(f"{what} must be an existing directory. Received: {what}={str(directory)!r}")
+    skipped: list[Skipped] = []
+    warnings: list[str] = []
+    folders: dict[str, str] = {}
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if _hidden(entry.name):
+            continue
+        if entry.is_symlink() and not _inside(root, entry.path):
+            skipped.append(Skipped(entry.name, "symlink pointing outside the dataset folder"))
+        elif entry.is_dir():
+            folders[entry.name] = entry.path
+    if classes is not None:
+        missing = [c for c in classes if c not in folders]
+        if missing and not allow_missing:
+            raise DatasetError(f"classes: no folder named {missing[0]!r} in {str(directory)!r}; "
+                               f"found folders: {sorted(folders) or 'none'}")
+        names = [c for c in classes if c in folders]
+    else:
+        names = sorted(folders)
+
+    samples: list[Sample] = []
+    class_names: list[str] = []
+    for name in names:
+        files = _walk_files(root, folders[name], skipped)
+        good, bad = _probe_all(root, files, max_pixels)
+        skipped.extend(bad)
+        if not good:
+            if classes is not None and not allow_missing:
+                raise DatasetError(f"classes: folder {name!r} in {str(directory)!r} holds no usable image "
+                                   f"({len(files)} file(s) examined)")
+            warnings.append(f"class folder {name!r} holds no usable image and was left out")
+            continue
+        label = len(class_names)
+        class_names.append(name)
+        samples.extend(Sample(path, label, native) for path, native in good)
+    for w in warnings:
+        log.warning("%s", w)
+    if skipped:
+        log.warning("skipped %d file(s) in %s, e.g. %s: %s", len(skipped), directory, skipped[0].path,
+                    skipped[0].reason)
+    scan = Scan(root, class_names, samples, skipped, warnings)
+    if not allow_missing and len(class_names) < 2:
+        raise DatasetError(f"{what} needs at least 2 classes with usable images, found {len(class_names)} "
+                           f"({class_names or 'none'}) in {str(directory)!r}; expected one subfolder per class")
+    return scan
+
+
+def scan_csv(directory: str | os.PathLike, labels_csv: str | os.PathLike, classes: list[str] | None = None, *,
+             max_pixels: int = MAX_PIXELS) -> Scan:
+    """Find images listed in a CSV with columns ``filename,label`` (filenames relative to ``directory``).
+
+    Raises:
+        DatasetError: if the CSV is missing or malformed, or fewer than two classes hold usable images.
+    """
+    root = os.path.realpath(directory)
+    if not os.path.isdir(root):
+        raise DatasetError(f"train_directory must be an existing directory. Received: {str(directory)!r}")
+    try:
+        with open(labels_csv, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = {(c or "").strip().lower(): c for c in (reader.fieldnames or [])}
+            if "filename" not in columns or "label" not in columns:
+                raise DatasetError(f"labels_csv {str(labels_csv)!r} must have a header with columns 'filename' and "
+                                   f"'label'; found {reader.fieldnames}")
+            rows = [(row[columns["filename"]], row[columns["label"]], reader.line_num) for row in reader]
+    except FileNotFoundError:
+        raise DatasetError(f"labels_csv does not exist. Received: labels_csv={str(labels_csv)!r}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"labels_csv {str(labels_csv)!r} is not a readable CSV file: {exc}") from None
+
+    skipped: list[Skipped] = []
+    entries: dict[str, str] = {}
+    for filename, label, line in rows:
+        filename, label = (filename or "").strip(), (label or "").strip()
+        where = f"{os.path.basename(labels_csv)} line {line}"
+        if not filename or not label:
+            skipped.append(Skipped(filename or where, f"{where}: empty filename or label"))
+            continue
+        path = os.path.join(root, filename)
+        if os.path.isabs(filename) or not _inside(root, path):
+            skipped.append(Skipped(filename, f"{where}: path leaves the dataset folder"))
+        elif path in entries:
+            skipped.append(Skipped(filename, f"{where}: listed more than once"))
+        elif not os.path.isfile(path):
+            skipped.append(Skipped(filename, f"{where}: file not found"))
+        else:
+            entries[path] = label
+    found = sorted(set(entries.values()))
+    if classes is not None:
+        absent = [c for c in classes if c not in found]
+        if absent:
+            raise DatasetError(f"classes: label {absent[0]!r} does not occur in {str(labels_csv)!r}; "
+                               f"labels found: {found}")
+        names = list(classes)
+    else:
+        names = found
+    index = {name: i for i, name in enumerate(names)}
+    paths = sorted(p for p, lab in entries.items() if lab in index)
+    good, bad = _probe_all(root, paths, max_pixels)
+    skipped.extend(bad)
+    samples = [Sample(p, index[entries[p]], native) for p, native in good]
+    used = sorted({s.label for s in samples})
+    if len(used) != len(names):  # drop classes left without images, keeping labels contiguous
+        empty = [n for i, n in enumerate(names) if i not in used]
+        if classes is not None:
+            raise DatasetError(f"classes: label {empty[0]!r} has no usable image in {str(labels_csv)!r}")
+        remap = {old: new for new, old in enumerate(used)}
+        names = [names[i] for i in used]
+        samples = [Sample(s.path, remap[s.label], s.native) for s in samples]
+    if len(names) < 2:
+        raise DatasetError(f"labels_csv {str(labels_csv)!r} needs at least 2 labels with usable images, "
+                           f"found {len(names)} ({names or 'none'})")
+    return Scan(root, names, samples, skipped)
+
+
+def split(samples: list[Sample], validation_split: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Stratified, deterministic train/validation split: the same seed always holds out the same files.
+
+    Each class keeps at least one training image and, when it has two or more, gives at least one to validation.
+    """
+    if validation_split <= 0:
+        return list(samples), []
+    by_class: dict[int, list[Sample]] = {}
+    for s in sorted(samples, key=lambda s: s.path):
+        by_class.setdefault(s.label, []).append(s)
+    train, val = [], []
+    for label, group in sorted(by_class.items()):
+        random.Random(f"{seed}/{label}").shuffle(group)
+        n_val = 0 if len(group) < 2 else min(max(round(len(group) * validation_split), 1), len(group) - 1)
+        val.extend(group[:n_val])
+        train.extend(group[n_val:])
+    return train, val
+
+
+def shuffled(samples: list[Sample], seed: int) -> list[Sample]:
+    """A seeded permutation, so a cached pipeline starts from a well-mixed order (not class by class)."""
+    out = sorted(samples, key=lambda s: s.path)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def relative(root: str, path: str) -> str:
+    return str(Path(path).relative_to(root)) if path.startswith(root) else path
