@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -50,6 +51,31 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+# Lines TensorFlow's C++ side prints while starting on a machine without a GPU; they alarm users and mean nothing.
+_STARTUP_NOISE = ("All log messages before absl::InitializeLog", "cudart_stub.cc", "cuda_platform.cc",
+                  "cpu_feature_guard.cc", "To enable the following instructions", "cuda_executor.cc",
+                  "Unable to register cu", "computation_placer.cc")
+
+
+def _import_tensorflow() -> None:
+    """Import TensorFlow and look for devices with file descriptor 2 captured, passing on all but known noise."""
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode("utf-8", "replace").splitlines():
+                if line.strip() and not any(noise in line for noise in _STARTUP_NOISE):
+                    print(line, file=sys.stderr)
+
+
 # --- run: what the daemon launches -------------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
@@ -70,6 +96,7 @@ def cmd_run(args) -> int:
         events.emit("error", kind="spec", message=str(exc))
         return EXIT_INVALID
 
+    _import_tensorflow()
     stop = threading.Event()
     _install_stop_handlers(stop)
     log.info("job %s: training on %s, output in %s", job_id, train_dir, args.out)
@@ -128,6 +155,7 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
 def cmd_train(args) -> int:
     setup_logging(Path(args.data_dir).name)
+    _import_tensorflow()
     from trainer.scan import DatasetError
     from trainer.train import TrainingInterrupted, train_cnn
 
@@ -175,6 +203,7 @@ def _expand(paths: list[str]) -> list[str]:
 
 def cmd_predict(args) -> int:
     setup_logging("predict", logging.WARNING)
+    _import_tensorflow()
     from trainer.predict import load_model, predict
 
     try:
@@ -197,6 +226,7 @@ def cmd_predict(args) -> int:
 
 def cmd_evaluate(args) -> int:
     setup_logging("evaluate", logging.WARNING)
+    _import_tensorflow()
     from trainer.predict import evaluate, load_model
     from trainer.scan import DatasetError
 
