@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo/shapes
 
-.PHONY: run test lint venv demo clean
+.PHONY: run test lint venv demo train-demo schemas clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,10 +15,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## run: train a model on a generated demo dataset; results in runs/demo
+## run: start the daemon on this machine (CPU, config.yaml): drop datasets into inbox/, results in outbox/
 run: $(STAMP)
-	@test -d $(DEMO) || $(BIN)/python -m trainer demo $(DEMO)
-	$(BIN)/python -m trainer train $(DEMO) --target-size 64 --epochs 15 --batch-size 16 --out runs/demo
+	$(BIN)/dropfit serve --config config.yaml
 
 ## test: the whole suite (real TensorFlow training on generated images)
 test: $(STAMP)
@@ -27,8 +26,19 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+## demo: drop a small generated dataset into the running daemon's inbox
 demo: $(STAMP)
-	$(BIN)/python -m trainer demo $(DEMO)
+	$(BIN)/dropfit demo --config config.yaml
+
+## train-demo: no daemon, just train on a generated dataset from the terminal (results in runs/demo)
+train-demo: $(STAMP)
+	@test -d $(DEMO) || $(BIN)/python -m trainer demo $(DEMO)
+	$(BIN)/python -m trainer train $(DEMO) --target-size 64 --epochs 15 --batch-size 16 --out runs/demo
+
+## schemas: regenerate the JSON Schemas of job.yaml and config.yaml after changing their models
+schemas: $(STAMP)
+	$(BIN)/python -m trainer schema > trainer/schemas/job.schema.json
+	$(BIN)/python -c 'import json; from daemon.config import Config; print(json.dumps(Config.model_json_schema(), indent=2))' > daemon/schemas/config.schema.json
 
 clean:
 	rm -rf $(VENV) runs demo .pytest_cache .ruff_cache

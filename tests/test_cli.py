@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, env_for_subprocess, events, run_trainer
 
+from conftest import ROOT, env_for_subprocess, events, run_trainer
 from trainer.demo import make_shapes
 
 ARTIFACTS = ["model.keras", "labels.json", "metrics.csv", "history.png", "confusion_matrix.png", "report.json",

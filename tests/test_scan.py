@@ -6,8 +6,8 @@ import os
 from collections import Counter
 
 import pytest
-from conftest import write_corrupt_files
 
+from conftest import write_corrupt_files
 from trainer.demo import make_shapes
 from trainer.scan import DatasetError, scan_csv, scan_directory, split
 

@@ -101,7 +101,7 @@ def test_symlink_escape_is_caught_when_resolving(tmp_path):
 
 
 def test_file_level_errors(tmp_path):
-    with pytest.raises(SpecError, match=r"no job\.yaml found"):
+    with pytest.raises(SpecError, match=r"file not found; every job folder needs a job\.yaml"):
         load_spec(tmp_path / "job.yaml")
     big = tmp_path / "big.yaml"
     big.write_text("# " + "x" * 300_000)

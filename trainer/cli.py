@@ -82,6 +82,7 @@ def cmd_run(args) -> int:
     from trainer.events import EventStream
     from trainer.spec import JOB_FILE, SpecError, load_spec, resolve_path
 
+    _die_with_parent()
     job_dir = Path(args.job_dir)
     job_id = args.job_id or job_dir.resolve().name
     setup_logging(job_id)
@@ -135,6 +136,22 @@ def _classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", "interrupted"
     return "internal", f"{name}: {exc}"
+
+
+def _die_with_parent() -> None:
+    """Under the daemon: get SIGTERM (checkpoint and stop) if the daemon dies, rather than train on as an orphan."""
+    parent = os.environ.get("DROPFIT_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != parent:  # the daemon died before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _install_stop_handlers(stop: threading.Event) -> None:

@@ -21,7 +21,7 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -36,7 +36,9 @@ from pydantic import (
 )
 
 __all__ = ["JOB_FILE", "MAX_SPEC_BYTES", "DataSpec", "JobSpec", "ModelSpec", "OptimizerSpec", "SpecError",
-           "json_schema", "load_spec", "parse_spec", "resolve_path"]
+           "json_schema", "load_spec", "load_yaml_model", "parse_spec", "parse_yaml_model", "resolve_path"]
+
+M = TypeVar("M", bound=BaseModel)
 
 JOB_FILE = "job.yaml"
 # A job.yaml is a few hundred bytes; anything this large is a mistake or an attack, not a spec.
@@ -186,16 +188,31 @@ def load_spec(path: str | os.PathLike, defaults: dict | None = None) -> JobSpec:
     Raises:
         SpecError: naming the file, the line and the field of every problem found.
     """
+    return load_yaml_model(path, JobSpec, defaults,
+                           missing_hint=f"every job folder needs a {JOB_FILE} (it may be empty)")
+
+
+def parse_spec(text: str, source: str = JOB_FILE, defaults: dict | None = None) -> JobSpec:
+    """Validate spec text (YAML). See `load_spec`."""
+    return parse_yaml_model(text, JobSpec, source, defaults)
+
+
+def load_yaml_model(path: str | os.PathLike, model: type[M], defaults: dict | None = None, *,
+                    max_bytes: int = MAX_SPEC_BYTES, missing_hint: str = "") -> M:
+    """Read a YAML file safely and validate it against a pydantic ``model`` (job specs, the daemon's config).
+
+    Raises:
+        SpecError: naming the file, the line and the field of every problem found.
+    """
     path = Path(path)
     source = str(path)
     try:
         size = path.stat().st_size
-        if size > MAX_SPEC_BYTES:
-            raise SpecError(source, [Problem("", f"file is too large ({size} bytes); a job spec is at most "
-                                                 f"{MAX_SPEC_BYTES} bytes")])
+        if size > max_bytes:
+            raise SpecError(source, [Problem("", f"file is too large ({size} bytes); expected at most {max_bytes}")])
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise SpecError(source, [Problem("", f"no {JOB_FILE} found; every job folder needs one (it may be empty)")])\
+        raise SpecError(source, [Problem("", "file not found" + (f"; {missing_hint}" if missing_hint else ""))])\
             from None
     except IsADirectoryError:
         raise SpecError(source, [Problem("", "is a directory, expected a YAML file")]) from None
@@ -205,11 +222,11 @@ def load_spec(path: str | os.PathLike, defaults: dict | None = None) -> JobSpec:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SpecError(source, [Problem("", f"is not UTF-8 text (byte {exc.start})")]) from None
-    return parse_spec(text, source=source, defaults=defaults)
+    return parse_yaml_model(text, model, source, defaults)
 
 
-def parse_spec(text: str, source: str = JOB_FILE, defaults: dict | None = None) -> JobSpec:
-    """Validate spec text (YAML). See `load_spec`."""
+def parse_yaml_model(text: str, model: type[M], source: str, defaults: dict | None = None) -> M:
+    """Validate YAML text against a pydantic ``model``; see `load_yaml_model`."""
     data, lines = _parse_yaml(text, source)
     if data is None:
         data = {}
@@ -219,9 +236,9 @@ def parse_spec(text: str, source: str = JOB_FILE, defaults: dict | None = None) 
     if defaults:
         data = _merge(defaults, data)
     try:
-        return JobSpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(source, [_problem(err, lines) for err in exc.errors()]) from None
+        raise SpecError(source, [_problem(err, lines, model) for err in exc.errors()]) from None
 
 
 def resolve_path(job_dir: str | os.PathLike, relative: str, field: str) -> Path:
@@ -310,8 +327,7 @@ def _type_name(value: Any) -> str:
             float: "a number", type(None): "nothing (null)"}.get(type(value), type(value).__name__)
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] = JobSpec
+def _allowed_keys(loc: tuple, model: type[BaseModel]) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         annotation = getattr(field, "annotation", None)
@@ -321,7 +337,7 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _problem(err: dict, lines: dict[tuple, int]) -> Problem:
+def _problem(err: dict, lines: dict[tuple, int], model: type[BaseModel]) -> Problem:
     # Pydantic adds union/function names to the location (e.g. 'int', 'function-after'); users never wrote those.
     loc = tuple(p for p in err["loc"] if isinstance(p, int) or not (p in {"int", "str", "float", "bool", "none"}
                                                                     or "[" in p or p.startswith("function-")))
@@ -331,7 +347,7 @@ def _problem(err: dict, lines: dict[tuple, int]) -> Problem:
     if kind == "missing":
         message, got = "is required", ""
     elif kind == "extra_forbidden":
-        allowed = _allowed_keys(loc)
+        allowed = _allowed_keys(loc, model)
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         message = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
         message += f"; expected one of: {', '.join(allowed)}" if allowed else ""

@@ -1,0 +1,167 @@
+"""``dropfit``: the daemon (``serve``), its jobs (``status``, ``cancel``, ``demo``), and the trainer's commands.
+
+The trainer's commands (``run``, ``train``, ``predict``, ``evaluate``, ``validate``, ``schema``) are handed to
+`trainer.cli`; nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+
+from daemon.config import load_config
+from trainer.spec import SpecError
+
+TRAINER_COMMANDS = ("run", "train", "predict", "evaluate", "validate", "schema")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _JobIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "job_id"):
+            record.job_id = "-"
+        return True
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Log to stderr once, at the entry point; job lines carry their job id."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_JobIdFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(job_id)s] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
+
+
+def _config(args):
+    try:
+        return load_config(args.config)
+    except SpecError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def cmd_serve(args) -> int:
+    config = _config(args)
+    setup_logging(config.log_level)
+    from daemon.service import Daemon
+
+    return Daemon(config).run()
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def cmd_status(args) -> int:
+    from daemon.ledger import Ledger
+    from daemon.service import LEDGER_FILE
+
+    config = _config(args)
+    path = config.path("state_dir") / LEDGER_FILE
+    if not path.exists():
+        print("no jobs yet" if not args.json else "[]")
+        return EXIT_OK
+    ledger = Ledger(path, readonly=True)
+    try:
+        jobs = ledger.jobs()
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps([j.to_json() for j in jobs], indent=2))
+        return EXIT_OK
+    if not jobs:
+        print("no jobs yet")
+        return EXIT_OK
+    now = time.time()
+    print(f"{'JOB ID':<48} {'STATE':<12} {'PROGRESS':>9} {'BEST VAL ACC':>13} {'AGE':>6}  DETAIL")
+    for j in jobs:
+        progress = f"{j.epoch}/{j.epochs}" if j.epochs else "-"
+        best = f"{j.best_val_accuracy:.4f}" if j.best_val_accuracy is not None else "-"
+        detail = (j.error or "").splitlines()[0][:80] if j.error else ""
+        print(f"{j.id:<48} {j.state.value:<12} {progress:>9} {best:>13} {_age(now - j.created_at):>6}  {detail}")
+    return EXIT_OK
+
+
+def cmd_cancel(args) -> int:
+    from daemon.ledger import Ledger
+    from daemon.service import LEDGER_FILE
+    from daemon.watch import CANCEL_FILE
+    from trainer.artifacts import write_text
+
+    config = _config(args)
+    path = config.path("state_dir") / LEDGER_FILE
+    job = None
+    if path.exists():
+        ledger = Ledger(path, readonly=True)
+        try:
+            job = ledger.get(args.job_id)
+        finally:
+            ledger.close()
+    if job is None:
+        print(f"no job with id {args.job_id!r} (see `dropfit status`)", file=sys.stderr)
+        return EXIT_FAILED
+    if job.state.terminal:
+        print(f"job {job.id} already ended: {job.state.value}", file=sys.stderr)
+        return EXIT_FAILED
+    write_text(config.path("outbox") / job.id / CANCEL_FILE, f"cancel requested at {time.ctime()}\n")
+    print(f"cancel requested for {job.id} ({job.state.value})")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from trainer.demo import make_demo
+
+    config = _config(args)
+    inbox = config.path("inbox")
+    inbox.mkdir(parents=True, exist_ok=True)
+    name = args.name or f"demo-shapes-{time.strftime('%H%M%S')}"
+    # Built under a hidden name, then renamed: the daemon sees one complete folder appear.
+    tmp = inbox / f".dropfit-demo-{secrets.token_hex(4)}"
+    make_demo(tmp, seed=args.seed)
+    os.rename(tmp, inbox / name)
+    print(f"dropped {inbox / name}; watch it with `dropfit status`, results in {config.path('outbox')}/")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dropfit", description="Drop a folder of class-sorted images into the inbox, get a trained CNN back.",
+        epilog=f"Trainer commands ({', '.join(TRAINER_COMMANDS)}): `dropfit COMMAND --help`.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, func, help_text in (("serve", cmd_serve, "run the daemon (watch the inbox, train, serve metrics)"),
+                                  ("status", cmd_status, "list jobs: state, progress, best validation accuracy"),
+                                  ("cancel", cmd_cancel, "cancel a queued or running job"),
+                                  ("demo", cmd_demo, "drop a small generated dataset into the inbox")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", help="config.yaml (default: $DROPFIT_CONFIG, ./config.yaml, built-in defaults)")
+        p.set_defaults(func=func)
+        if name == "status":
+            p.add_argument("--json", action="store_true")
+        elif name == "cancel":
+            p.add_argument("job_id")
+        elif name == "demo":
+            p.add_argument("--name", help="folder name in the inbox")
+            p.add_argument("--seed", type=int, default=0)
+    for name in TRAINER_COMMANDS:
+        sub.add_parser(name, help=f"trainer: see `dropfit {name} --help`", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TRAINER_COMMANDS:
+        from trainer.cli import main as trainer_main
+
+        return trainer_main(argv)
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,133 @@
+"""The daemon's configuration (``config.yaml``), validated like a job spec: located errors, unknown keys rejected.
+
+Relative paths are taken from the folder of the config file. With no file at all the embedded defaults apply, and
+they are exactly what the repository's ``config.yaml`` says: a local daemon on the CPU, folders beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, ValidationError, field_validator
+
+from trainer.spec import JobSpec, SpecError, load_yaml_model
+
+CONFIG_FILE = "config.yaml"
+ENV_CONFIG = "DROPFIT_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class MetricsConfig(_Section):
+    """Where Prometheus scrapes ``/metrics`` (and health checks hit ``/healthz``)."""
+
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless a container publishes it.")
+    port: Annotated[int, Strict(), Field(ge=0, le=65535)] = Field(9464, description="0 picks a free port.")
+
+
+class ObserverConfig(_Section):
+    """How the inbox is watched: inotify events, or polling for bind mounts and network shares without them."""
+
+    kind: Literal["inotify", "polling"] = "inotify"
+    interval: Annotated[float, Field(gt=0, le=3600)] = Field(2.0, description="Seconds between polls (polling).")
+
+
+class Config(_Section):
+    """dropfit daemon configuration."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, title="dropfit config.yaml")
+
+    inbox: str = Field("inbox", description="Drop dataset folders (class subfolders + job.yaml) here.")
+    outbox: str = Field("outbox", description="Results appear in outbox/<job-id>/.")
+    state_dir: str = Field("state", description="Ledger, claimed datasets and checkpoints.")
+    archive_dir: str = Field("archive", description="Datasets of succeeded jobs are moved here.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    observer: ObserverConfig = Field(default_factory=ObserverConfig)
+    settle_seconds: Annotated[float, Field(ge=0, le=3600)] = Field(
+        5.0, description="A dropped folder must be quiet this long before its job starts (copies in progress).")
+    max_concurrent_jobs: Annotated[int, Strict(), Field(ge=1, le=256)] = 1
+    gpus: list[str] | Literal["auto"] = Field(
+        default_factory=list, description="GPU ids handed out one per job via CUDA_VISIBLE_DEVICES; 'auto' asks "
+                                          "nvidia-smi; empty: do not set CUDA_VISIBLE_DEVICES.")
+    job_defaults: dict = Field(default_factory=dict, description="Merged under every job.yaml.")
+    job_timeout_seconds: Annotated[float, Field(gt=0)] | None = Field(
+        86400.0, description="A job running longer is stopped and fails; null for no limit.")
+    retries: Annotated[int, Strict(), Field(ge=0, le=100)] = Field(
+        1, description="How often a job whose trainer crashed is started again (it resumes from its checkpoint).")
+    stop_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = Field(
+        30.0, description="After SIGTERM, how long a trainer may take to checkpoint before it is killed.")
+    after_success: Literal["archive", "keep", "delete"] = Field(
+        "archive", description="What happens to a dataset after its job succeeded. Failed jobs always keep theirs.")
+    metrics_retention_seconds: Annotated[float, Field(ge=0)] = Field(
+        300.0, description="How long a finished job's per-job series stay in /metrics.")
+    trainer_command: list[str] | None = Field(
+        None, description="Command that runs the trainer (default: this Python with -m trainer).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # The folder relative paths are taken from: the config file's, set by `load_config`.
+    _base_dir: str = PrivateAttr(default_factory=os.getcwd)
+
+    @field_validator("job_defaults")
+    @classmethod
+    def _defaults_are_a_valid_spec(cls, value: dict) -> dict:
+        # A typo here would break every job; catch it when the daemon starts instead.
+        try:
+            JobSpec.model_validate(value)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"not a valid job spec: {problems}") from None
+        return value
+
+    def path(self, name: str) -> Path:
+        """An absolute folder: ``inbox``, ``outbox``, ``state_dir`` or ``archive_dir``."""
+        return (Path(self._base_dir) / getattr(self, name)).resolve()
+
+    def trainer_argv(self) -> list[str]:
+        return list(self.trainer_command) if self.trainer_command else [sys.executable, "-m", "trainer"]
+
+    def gpu_ids(self) -> list[str]:
+        """The GPUs to hand out, one job each; ``auto`` lists them with nvidia-smi (none if it is missing)."""
+        if self.gpus != "auto":
+            return list(self.gpus)
+        smi = shutil.which("nvidia-smi")
+        if not smi:
+            return []
+        try:
+            out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=20, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return [line.strip() for line in out.splitlines() if line.strip()]
+
+    def slots(self) -> int:
+        """How many jobs run at once: one per GPU when GPUs are configured, else ``max_concurrent_jobs``."""
+        gpus = self.gpu_ids()
+        return len(gpus) if gpus else self.max_concurrent_jobs
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    """Load the daemon's configuration.
+
+    ``path``, else ``$DROPFIT_CONFIG``, else ``./config.yaml`` if it exists, else the embedded defaults (relative to
+    the current folder).
+
+    Raises:
+        SpecError: with file, line and field of each problem.
+    """
+    if path is None:
+        path = os.environ.get(ENV_CONFIG) or (CONFIG_FILE if Path(CONFIG_FILE).is_file() else None)
+    if path is None:
+        return Config()
+    config = load_yaml_model(path, Config)
+    config._base_dir = str(Path(path).resolve().parent)
+    return config
+
+
+__all__ = ["CONFIG_FILE", "Config", "SpecError", "load_config"]

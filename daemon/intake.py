@@ -1,0 +1,123 @@
+"""Taking a dropped folder in: job ids, moving it out of the inbox without ever losing it, validating its spec.
+
+Every step is idempotent so that recovery after a crash is simply "do it again":
+
+- same filesystem: one ``rename`` from ``inbox/<name>`` to ``state/jobs/<id>/dataset``;
+- across filesystems (separate bind mounts): ``rename`` to a hidden ``inbox/.dropfit-claim-<id>`` (atomic, and the
+  watcher ignores hidden names), copy to a temporary folder beside the target, ``rename`` it into place, and only
+  then delete the hidden source.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+from trainer.spec import JOB_FILE, JobSpec, SpecError, load_spec, resolve_path
+
+log = logging.getLogger(__name__)
+
+
+def new_job_id(name: str, now: float | None = None) -> str:
+    """``<folder>-<UTC time>-<short random>``: sortable, unique even for the same name dropped twice."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:60] or "job"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    return f"{safe}-{stamp}-{secrets.token_hex(3)}"
+
+
+def claim_hidden_path(inbox: Path, job_id: str) -> Path:
+    return inbox / f".dropfit-claim-{job_id}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def copy_into_place(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` via a temporary sibling, so ``dst`` exists only once complete."""
+    tmp = dst.with_name(f".{dst.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, symlinks=True)
+    os.rename(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def claim(source: Path, hidden: Path, dataset: Path) -> bool:
+    """Move a dropped folder to ``dataset``; safe to call again after a crash at any point.
+
+    Returns False if the folder is gone (removed or renamed by the user before it could be claimed).
+    """
+    dataset.parent.mkdir(parents=True, exist_ok=True)
+    if dataset.exists():
+        shutil.rmtree(hidden, ignore_errors=True)  # an earlier attempt finished the copy
+        return True
+    if hidden.exists():
+        copy_into_place(hidden, dataset)
+        shutil.rmtree(hidden)
+        return True
+    try:
+        os.rename(source, dataset)
+        _fsync_dir(dataset.parent)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    try:
+        os.rename(source, hidden)
+    except FileNotFoundError:
+        return False
+    copy_into_place(hidden, dataset)
+    shutil.rmtree(hidden)
+    return True
+
+
+def move_tree(src: Path, dst: Path) -> None:
+    """Move a folder we own (state to archive), by rename or copy-then-delete; idempotent after a crash."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        shutil.rmtree(src, ignore_errors=True)
+        return
+    try:
+        os.rename(src, dst)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    copy_into_place(src, dst)
+    shutil.rmtree(src)
+
+
+def validate(dataset: Path, defaults: dict | None = None, display: str | None = None
+             ) -> tuple[JobSpec | None, str | None]:
+    """Load and check a claimed job's ``job.yaml``; returns ``(spec, None)`` or ``(None, error text)``.
+
+    ``display`` replaces the claimed folder's path in messages (the name the user dropped it under).
+    """
+    try:
+        spec = load_spec(dataset / JOB_FILE, defaults)
+        resolve_path(dataset, spec.data.train, "data.train")
+        if spec.data.validation:
+            resolve_path(dataset, spec.data.validation, "data.validation")
+        if spec.data.labels_csv:
+            resolve_path(dataset, spec.data.labels_csv, "data.labels_csv")
+    except SpecError as exc:
+        # Name the file as the user knows it (inside the folder they dropped), not by our state path.
+        return None, str(exc).replace(str(dataset), display) if display else str(exc)
+    return spec, None

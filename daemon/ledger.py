@@ -1,0 +1,203 @@
+"""The durable job ledger: one SQLite table (WAL mode), the only record of what happened to each dropped dataset.
+
+A job's state changes in one place, `Ledger.transition`, which refuses moves the lifecycle does not allow::
+
+    claiming ──> queued ──> running ──> succeeded
+        │          │  ^        │ │ └──> failed      (retries exhausted, invalid data, timeout)
+        │          │  └────────┘ └────> cancelled
+        │          │  (retry / restart)
+        └──> failed└──> cancelled       running ──> interrupted ──> queued  (daemon stopped; resumes on start)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass, fields
+from enum import Enum
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class JobState(str, Enum):
+    CLAIMING = "claiming"  # being moved out of the inbox
+    QUEUED = "queued"
+    RUNNING = "running"
+    INTERRUPTED = "interrupted"  # stopped with the daemon; resumes on the next start
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+ALLOWED = {
+    JobState.CLAIMING: {JobState.QUEUED, JobState.FAILED},
+    JobState.QUEUED: {JobState.RUNNING, JobState.CANCELLED, JobState.FAILED},
+    JobState.RUNNING: {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED,
+                       JobState.INTERRUPTED},
+    JobState.INTERRUPTED: {JobState.QUEUED, JobState.CANCELLED},
+    JobState.SUCCEEDED: set(),
+    JobState.FAILED: set(),
+    JobState.CANCELLED: set(),
+}
+
+OUTCOMES = ("succeeded", "failed", "cancelled", "rejected")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    source TEXT NOT NULL,
+    path TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    epochs INTEGER,
+    metrics TEXT,
+    best_val_accuracy REAL,
+    outcome TEXT,
+    error_kind TEXT,
+    error TEXT,
+    pid INTEGER,
+    gpu TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
+"""
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+@dataclass
+class Job:
+    seq: int
+    id: str
+    name: str
+    state: JobState
+    attempt: int
+    source: str  # where the dataset was dropped
+    path: str  # where the dataset is now
+    created_at: float
+    updated_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    epoch: int = 0
+    epochs: int | None = None
+    metrics: dict | None = None
+    best_val_accuracy: float | None = None
+    outcome: str | None = None
+    error_kind: str | None = None
+    error: str | None = None
+    pid: int | None = None
+    gpu: str | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        data = dict(row)
+        data["state"] = JobState(data["state"])
+        data["metrics"] = json.loads(data["metrics"]) if data["metrics"] else None
+        return cls(**data)
+
+    def to_json(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["state"] = self.state.value
+        return out
+
+
+_COLUMNS = {f.name for f in fields(Job)} - {"seq", "id", "created_at"}
+
+
+class Ledger:
+    """All jobs, in the order they were dropped. Safe against crashes: every change is one committed transaction."""
+
+    def __init__(self, path: str | Path, readonly: bool = False):
+        self.path = Path(path)
+        if readonly:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+        self.db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- reads -----------------------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def jobs(self, *states: JobState) -> list[Job]:
+        """Jobs in drop order, optionally only those in ``states``."""
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = self.db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq",
+                                   [s.value for s in states])
+        else:
+            rows = self.db.execute("SELECT * FROM jobs ORDER BY seq")
+        return [Job.from_row(r) for r in rows]
+
+    def count(self, state: JobState) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state.value,)).fetchone()[0]
+
+    def next_queued(self) -> Job | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY seq LIMIT 1",
+                              (JobState.QUEUED.value,)).fetchone()
+        return Job.from_row(row) if row else None
+
+    # --- writes ----------------------------------------------------------------------------------------------
+
+    def create(self, job_id: str, name: str, source: str, path: str) -> Job:
+        """Record a new job in state ``claiming``, before its folder is moved (so a crash mid-move is recoverable)."""
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO jobs (id, name, state, attempt, source, path, created_at, updated_at) "
+            "VALUES (?, ?, ?, 0, ?, ?, ?, ?)",
+            (job_id, name, JobState.CLAIMING.value, source, path, now, now))
+        return self.get(job_id)
+
+    def transition(self, job_id: str, state: JobState, **changes) -> Job:
+        """Move a job to ``state`` (checked against the lifecycle) and record ``changes`` in the same transaction."""
+        current = self.get(job_id)
+        if current is None:
+            raise KeyError(job_id)
+        if state not in ALLOWED[current.state]:
+            raise IllegalTransition(f"job {job_id}: {current.state.value} -> {state.value} is not allowed")
+        return self._write(job_id, {"state": state.value, **changes})
+
+    def update(self, job_id: str, **changes) -> Job:
+        """Record progress (epoch, metrics, pid...) without changing the state."""
+        if "state" in changes:
+            raise ValueError("use transition() to change a job's state")
+        return self._write(job_id, changes)
+
+    def _write(self, job_id: str, changes: dict) -> Job:
+        unknown = set(changes) - _COLUMNS
+        if unknown:
+            raise ValueError(f"unknown job fields: {sorted(unknown)}")
+        changes = dict(changes, updated_at=time.time())
+        if "metrics" in changes and changes["metrics"] is not None:
+            changes["metrics"] = json.dumps(changes["metrics"])
+        assignments = ", ".join(f"{k} = ?" for k in changes)
+        self.db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*changes.values(), job_id])
+        return self.get(job_id)
+
+    def delete(self, job_id: str) -> None:
+        """Forget a job that never really existed (its folder vanished before it was claimed)."""
+        self.db.execute("DELETE FROM jobs WHERE id = ? AND state = ?", (job_id, JobState.CLAIMING.value))

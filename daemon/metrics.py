@@ -1,0 +1,155 @@
+"""Prometheus metrics: all defined here, on a registry passed in (tests use their own), served with ``/healthz``.
+
+Per-job series carry ``job_id`` and ``dataset`` labels and are removed a while after the job ends, so the number of
+series stays bounded however many jobs run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from http.server import ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.exposition import MetricsHandler
+
+from daemon.ledger import OUTCOMES
+
+log = logging.getLogger(__name__)
+# The `_created` companion series double what a scrape carries and no dashboard of ours uses them.
+disable_created_metrics()
+
+_JOB = ("job_id", "dataset")
+EPOCH_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+JOB_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
+
+
+class Metrics:
+    """Every metric the daemon exports."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, version: str = "0"):
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        self.jobs = Counter("dropfit_jobs", "Jobs that ended, by outcome.", ["outcome"], registry=r)
+        for outcome in OUTCOMES:
+            self.jobs.labels(outcome)
+        self.queued = Gauge("dropfit_jobs_queued", "Jobs waiting for a free slot.", registry=r)
+        self.running = Gauge("dropfit_jobs_running", "Jobs whose trainer is running.", registry=r)
+        self.inbox_pending = Gauge("dropfit_inbox_pending", "Folders in the inbox waiting to settle.", registry=r)
+        self.job_epoch = Gauge("dropfit_job_epoch", "Last completed epoch of a running job.", _JOB, registry=r)
+        self.job_epochs = Gauge("dropfit_job_epochs_total", "Epochs a running job trains for.", _JOB, registry=r)
+        self.job_loss = Gauge("dropfit_job_loss", "Loss at the last completed epoch.", (*_JOB, "split"), registry=r)
+        self.job_accuracy = Gauge("dropfit_job_accuracy", "Accuracy at the last completed epoch.", (*_JOB, "split"),
+                                  registry=r)
+        self.job_images_per_second = Gauge("dropfit_job_images_per_second",
+                                           "Training throughput of the last completed epoch.", _JOB, registry=r)
+        self.epoch_duration = Histogram("dropfit_epoch_duration_seconds", "Duration of training epochs.",
+                                        buckets=EPOCH_BUCKETS, registry=r)
+        self.job_duration = Histogram("dropfit_job_duration_seconds", "Duration of jobs that ran, start to end.",
+                                      buckets=JOB_BUCKETS, registry=r)
+        self.last_success = Gauge("dropfit_last_success_timestamp_seconds",
+                                  "Unix time of the last successful job (0: none yet).", registry=r)
+        self.invalid_images = Counter("dropfit_invalid_images", "Image files skipped as unreadable or invalid.",
+                                      registry=r)
+        self.info = Gauge("dropfit_build_info", "dropfit version (always 1).", ["version"], registry=r)
+        self.info.labels(version).set(1)
+        self.start_time = Gauge("dropfit_start_time_seconds", "Unix time the daemon started.", registry=r)
+        self.start_time.set(time.time())
+        self._lock = threading.Lock()
+        self._expiry: dict[tuple[str, str], float] = {}
+
+    def epoch(self, job_id: str, dataset: str, row: dict) -> None:
+        """Record an ``epoch_end`` event of a job."""
+        labels = (job_id, dataset)
+        if row.get("epoch") is not None:
+            self.job_epoch.labels(*labels).set(row["epoch"])
+        if row.get("epochs") is not None:
+            self.job_epochs.labels(*labels).set(row["epochs"])
+        for split, prefix in (("train", ""), ("validation", "val_")):
+            if row.get(prefix + "loss") is not None:
+                self.job_loss.labels(*labels, split).set(row[prefix + "loss"])
+            if row.get(prefix + "accuracy") is not None:
+                self.job_accuracy.labels(*labels, split).set(row[prefix + "accuracy"])
+        if row.get("images_per_second") is not None:
+            self.job_images_per_second.labels(*labels).set(row["images_per_second"])
+        if row.get("seconds") is not None:
+            self.epoch_duration.observe(row["seconds"])
+
+    def job_started(self, job_id: str, dataset: str, epoch: int, epochs: int | None) -> None:
+        with self._lock:
+            self._expiry.pop((job_id, dataset), None)
+        self.job_epoch.labels(job_id, dataset).set(epoch)
+        if epochs:
+            self.job_epochs.labels(job_id, dataset).set(epochs)
+
+    def job_ended(self, job_id: str, dataset: str, outcome: str, seconds: float | None, retention: float) -> None:
+        """Count an outcome and schedule the job's own series for removal after ``retention`` seconds."""
+        self.jobs.labels(outcome).inc()
+        if outcome == "succeeded":
+            self.last_success.set(time.time())
+        if seconds is not None:
+            self.job_duration.observe(seconds)
+        with self._lock:
+            self._expiry[(job_id, dataset)] = time.monotonic() + retention
+
+    def next_expiry(self) -> float | None:
+        with self._lock:
+            return min(self._expiry.values(), default=None)
+
+    def expire(self, now: float | None = None) -> None:
+        """Drop the series of jobs that ended more than the retention time ago."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            due = [key for key, at in self._expiry.items() if at <= now]
+            for key in due:
+                del self._expiry[key]
+        for labels in due:
+            for gauge in (self.job_epoch, self.job_epochs, self.job_images_per_second):
+                _remove(gauge, *labels)
+            for gauge in (self.job_loss, self.job_accuracy):
+                for split in ("train", "validation"):
+                    _remove(gauge, *labels, split)
+
+
+def _remove(metric, *labels) -> None:
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)
+
+
+class MetricsServer:
+    """``/metrics`` (Prometheus text or OpenMetrics, gzip when asked) and ``/healthz`` on one port."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, health: Callable[[], dict]):
+        base = MetricsHandler.factory(registry)
+
+        class Handler(base):
+            def do_GET(self):
+                if self.path.split("?", 1)[0] == "/healthz":
+                    status = health()
+                    body = json.dumps(status).encode()
+                    self.send_response(200 if status.get("status") == "ok" else 503)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                super().do_GET()
+
+            def log_message(self, format, *args):  # one line per scrape would drown the log
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.host, self.port = host, self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics-http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,37 @@
+"""What the daemon itself writes into ``outbox/<job-id>/``: ``status.json`` (kept current) and ``error.txt``.
+
+The trainer writes the model, metrics and plots there too; ``train.log`` holds its stderr.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from daemon.ledger import Job
+from trainer.artifacts import write_json, write_text
+
+STATUS_FILE = "status.json"
+ERROR_FILE = "error.txt"
+
+
+def write_status(outbox: Path, job: Job) -> None:
+    """Atomically replace ``status.json`` with the job's current record."""
+    data = job.to_json()
+    data.pop("seq", None)
+    data.pop("source", None)
+    data["dataset"] = data.pop("name")
+    data["dataset_path"] = data.pop("path")
+    data["progress"] = f"{job.epoch}/{job.epochs}" if job.epochs else None
+    for key in ("created_at", "updated_at", "started_at", "finished_at"):
+        if data.get(key):
+            data[key + "_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(data[key]))
+    write_json(outbox / job.id / STATUS_FILE, data)
+
+
+def write_error(outbox: Path, job: Job) -> None:
+    """Write ``error.txt``: the exact reason, and where the dataset was kept."""
+    lines = [f"job {job.id} {job.state.value}: {job.error_kind}", "", job.error or "", ""]
+    if job.path:
+        lines.append(f"The dataset was kept in {job.path}")
+    write_text(outbox / job.id / ERROR_FILE, "\n".join(lines) + "\n")

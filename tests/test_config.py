@@ -1,0 +1,55 @@
+"""config.yaml: the repository's file is exactly the embedded default, errors are located, the schema is current."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Config, SpecError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_repository_config_is_the_embedded_default():
+    assert load_config(ROOT / "config.yaml").model_dump() == Config().model_dump()
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path):
+    (tmp_path / "config.yaml").write_text("inbox: drop\noutbox: /srv/out\n")
+    config = load_config(tmp_path / "config.yaml")
+    assert config.path("inbox") == tmp_path / "drop"
+    assert config.path("outbox") == Path("/srv/out")
+    assert config.path("state_dir") == tmp_path / "state"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("max_concurrent_jobs: 0", "config.yaml:1: max_concurrent_jobs: must be >= 1, got 0"),
+    ("observer: {kind: fanotify}", "observer.kind: must be one of 'inotify' or 'polling', got 'fanotify'"),
+    ("after_success: shred", "after_success: must be one of 'archive', 'keep' or 'delete', got 'shred'"),
+    ("job_defaults: {epochs: 0}", "job_defaults: not a valid job spec: epochs:"),
+    ("gpus: all", "gpus"),
+    ("inbox: [a]", "config.yaml:1: inbox: must be a string"),
+])
+def test_config_errors_are_located(tmp_path, text, expected):
+    (tmp_path / "config.yaml").write_text(text + "\n")
+    with pytest.raises(SpecError) as info:
+        load_config(tmp_path / "config.yaml")
+    assert expected in str(info.value)
+
+
+def test_slots_follow_gpus():
+    assert Config(max_concurrent_jobs=3).slots() == 3
+    assert Config(gpus=["0", "1"], max_concurrent_jobs=1).slots() == 2
+
+
+def test_published_config_schema_is_current_and_accepts_the_shipped_file():
+    shipped = json.loads((ROOT / "daemon" / "schemas" / "config.schema.json").read_text())
+    assert shipped == Config.model_json_schema(), "regenerate daemon/schemas/config.schema.json"
+    checker = Path(sys.executable).with_name("check-jsonschema")
+    proc = subprocess.run([checker, "--schemafile", ROOT / "daemon" / "schemas" / "config.schema.json",
+                           ROOT / "config.yaml"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,74 @@
+"""The daemon with the real trainer: dataset in, usable model out; and a kill -9 of the daemon mid-training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+
+import pytest
+
+from daemon_harness import DaemonProcess, wait_for
+from trainer.predict import predict
+
+ARTIFACTS = ["model.keras", "labels.json", "metrics.csv", "history.png", "confusion_matrix.png", "report.json",
+             "dataset.json", "summary.json", "status.json", "train.log"]
+
+
+@pytest.fixture
+def real_daemon(tmp_path):
+    d = DaemonProcess(tmp_path / "d", trainer_command=None, stop_grace_seconds=30)
+    yield d
+    d.stop(signal.SIGKILL)
+
+
+def test_real_training_from_drop_to_a_model_that_predicts(real_daemon):
+    d = real_daemon.start()
+    d.drop("shapes", {"target_size": 32, "epochs": 4, "batch_size": 8}, classes=3, per_class=16,
+           size_range=(28, 56), formats=("png", "jpeg", "bmp"))
+    [job] = d.wait_jobs(1, timeout=300)
+    assert job["state"] == "succeeded", d.log()[-3000:]
+    out = d.outbox / job["id"]
+    for name in ARTIFACTS:
+        assert (out / name).is_file(), name
+    assert json.loads((out / "labels.json").read_text())["classes"] == ["circle", "square", "triangle"]
+    images = sorted((d.archive / job["id"] / "square").iterdir())[:3]
+    results = predict(out, images, top_k=2)
+    assert all(r["label"] in ("circle", "square", "triangle") and len(r["top_k"]) == 2 for r in results)
+    samples = d.scrape()
+    assert samples[("dropfit_jobs_total", (("outcome", "succeeded"),))] == 1
+    assert samples[("dropfit_epoch_duration_seconds_count", ())] == 4
+    assert samples[("dropfit_job_epoch", (("dataset", "shapes"), ("job_id", job["id"])))] == 4
+
+
+def test_kill_9_of_the_daemon_mid_training_then_restart_resumes_the_job(real_daemon):
+    d = real_daemon.start()
+    d.drop("resume-me", {"target_size": 24, "epochs": 40, "batch_size": 4}, per_class=10, size_range=(20, 30))
+    job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 2 and j[0], 300, interval=0.1, what="epoch 2")
+    trainer_pid = job["pid"]
+    d.kill9()
+    # The trainer notices its parent died (PR_SET_PDEATHSIG), checkpoints and exits instead of training on.
+    wait_for(lambda: not _alive(trainer_pid), 60, what="the orphaned trainer to stop")
+    assert "stopping after the current batch" in (d.outbox / job["id"] / "train.log").read_text()
+    d.start()
+    [job] = d.wait_jobs(1, timeout=300)
+    assert job["state"] == "succeeded" and job["attempt"] == 2, d.log()[-3000:]
+    out = d.outbox / job["id"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] >= 2
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 41))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie waiting to be reaped by init is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
