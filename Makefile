@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo/shapes
 
-.PHONY: run test lint venv demo train-demo schemas clean
+.PHONY: run test lint venv demo train-demo schemas docker-smoke clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ run: $(STAMP)
 ## test: the whole suite (real TensorFlow training on generated images)
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## docker-smoke: build the image on a debootstrap base and run a job through the compose service (root, Debian)
+docker-smoke: $(STAMP)
+	PYTHON=$(abspath $(BIN)/python) docker/smoke-test.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

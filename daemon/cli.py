@@ -50,9 +50,13 @@ def _config(args):
 def cmd_serve(args) -> int:
     config = _config(args)
     setup_logging(config.log_level)
-    from daemon.service import Daemon
+    from daemon.service import Daemon, StartupError
 
-    return Daemon(config).run()
+    try:
+        return Daemon(config).run()
+    except StartupError as exc:
+        logging.getLogger("daemon").error("cannot start: %s", exc)
+        return EXIT_USAGE
 
 
 def _age(seconds: float) -> str:
@@ -118,6 +122,24 @@ def cmd_cancel(args) -> int:
     return EXIT_OK
 
 
+def cmd_health(args) -> int:
+    """Exit 0 if the daemon of this config answers /healthz with 200 (the container's HEALTHCHECK)."""
+    import urllib.error
+    import urllib.request
+
+    config = _config(args)
+    host = config.metrics.host if config.metrics.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    url = f"http://{host}:{config.metrics.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            body = resp.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"unhealthy: {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(body)
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from trainer.demo import make_demo
 
@@ -141,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_text in (("serve", cmd_serve, "run the daemon (watch the inbox, train, serve metrics)"),
                                   ("status", cmd_status, "list jobs: state, progress, best validation accuracy"),
                                   ("cancel", cmd_cancel, "cancel a queued or running job"),
-                                  ("demo", cmd_demo, "drop a small generated dataset into the inbox")):
+                                  ("demo", cmd_demo, "drop a small generated dataset into the inbox"),
+                                  ("health", cmd_health, "check the running daemon's /healthz (exit 0 if healthy)")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="config.yaml (default: $DROPFIT_CONFIG, ./config.yaml, built-in defaults)")
         p.set_defaults(func=func)

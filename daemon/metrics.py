@@ -40,7 +40,11 @@ class Metrics:
         self.running = Gauge("dropfit_jobs_running", "Jobs whose trainer is running.", registry=r)
         self.inbox_pending = Gauge("dropfit_inbox_pending", "Folders in the inbox waiting to settle.", registry=r)
         self.job_epoch = Gauge("dropfit_job_epoch", "Last completed epoch of a running job.", _JOB, registry=r)
-        self.job_epochs = Gauge("dropfit_job_epochs_total", "Epochs a running job trains for.", _JOB, registry=r)
+        self.job_epochs_planned = Gauge("dropfit_job_epochs_planned", "Epochs a running job trains for.", _JOB,
+                                        registry=r)
+        # A counter (so `_total` is right by Prometheus' conventions): rate() gives epochs per second.
+        self.job_epochs_done = Counter("dropfit_job_epochs", "Epochs a job completed under this daemon.", _JOB,
+                                       registry=r)
         self.job_loss = Gauge("dropfit_job_loss", "Loss at the last completed epoch.", (*_JOB, "split"), registry=r)
         self.job_accuracy = Gauge("dropfit_job_accuracy", "Accuracy at the last completed epoch.", (*_JOB, "split"),
                                   registry=r)
@@ -67,7 +71,8 @@ class Metrics:
         if row.get("epoch") is not None:
             self.job_epoch.labels(*labels).set(row["epoch"])
         if row.get("epochs") is not None:
-            self.job_epochs.labels(*labels).set(row["epochs"])
+            self.job_epochs_planned.labels(*labels).set(row["epochs"])
+        self.job_epochs_done.labels(*labels).inc()
         for split, prefix in (("train", ""), ("validation", "val_")):
             if row.get(prefix + "loss") is not None:
                 self.job_loss.labels(*labels, split).set(row[prefix + "loss"])
@@ -82,8 +87,9 @@ class Metrics:
         with self._lock:
             self._expiry.pop((job_id, dataset), None)
         self.job_epoch.labels(job_id, dataset).set(epoch)
+        self.job_epochs_done.labels(job_id, dataset)
         if epochs:
-            self.job_epochs.labels(job_id, dataset).set(epochs)
+            self.job_epochs_planned.labels(job_id, dataset).set(epochs)
 
     def job_ended(self, job_id: str, dataset: str, outcome: str, seconds: float | None, retention: float) -> None:
         """Count an outcome and schedule the job's own series for removal after ``retention`` seconds."""
@@ -107,7 +113,7 @@ class Metrics:
             for key in due:
                 del self._expiry[key]
         for labels in due:
-            for gauge in (self.job_epoch, self.job_epochs, self.job_images_per_second):
+            for gauge in (self.job_epoch, self.job_epochs_planned, self.job_epochs_done, self.job_images_per_second):
                 _remove(gauge, *labels)
             for gauge in (self.job_loss, self.job_accuracy):
                 for split in ("train", "validation"):

@@ -37,6 +37,10 @@ def _jlog(job_id: str) -> logging.LoggerAdapter:
     return logging.LoggerAdapter(log, {"job_id": job_id})
 
 
+class StartupError(RuntimeError):
+    """The daemon cannot start (unusable folders); the message says what to do."""
+
+
 @dataclass
 class Running:
     proc: TrainerProcess
@@ -82,8 +86,7 @@ class Daemon:
     # --- lifecycle -------------------------------------------------------------------------------------------
 
     def run(self, install_signals: bool = True) -> int:
-        for folder in (self.inbox, self.outbox, self.state, self.archive, self.state / "jobs"):
-            folder.mkdir(parents=True, exist_ok=True)
+        self._check_folders()
         self.ledger = Ledger(self.state / LEDGER_FILE)
         self.server = MetricsServer(self.metrics.registry, self.config.metrics.host, self.config.metrics.port,
                                     self.health)
@@ -116,6 +119,20 @@ class Daemon:
             (self.state / DAEMON_FILE).unlink(missing_ok=True)
         log.info("dropfit daemon stopped")
         return 0
+
+    def _check_folders(self) -> None:
+        """Create the folders and make sure we can write to them, with a message that says how to fix it."""
+        for name, folder in (("inbox", self.inbox), ("outbox", self.outbox), ("state_dir", self.state),
+                             ("archive_dir", self.archive), ("state_dir", self.state / "jobs")):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StartupError(f"{name}: cannot create {folder}: {exc.strerror}") from None
+            if not os.access(folder, os.W_OK | os.X_OK):
+                st = folder.stat()
+                raise StartupError(f"{name}: {folder} is not writable by uid {os.getuid()} (owner uid {st.st_uid}, "
+                                   f"mode {st.st_mode & 0o777:o}); chown it to this user or run the daemon as "
+                                   f"its owner (compose: DROPFIT_UID/DROPFIT_GID)")
 
     def request_stop(self) -> None:
         self.messages.put(("signal", signal.SIGTERM))

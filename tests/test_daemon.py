@@ -55,6 +55,7 @@ def test_a_dropped_folder_becomes_a_finished_job_with_metrics(daemon):
         assert value(samples, "dropfit_jobs_total", outcome=outcome) == 0  # pre-initialised
     labels = {"job_id": job["id"], "dataset": "flowers"}
     assert value(samples, "dropfit_job_epoch", **labels) == 3
+    assert value(samples, "dropfit_job_epochs_planned", **labels) == 3
     assert value(samples, "dropfit_job_epochs_total", **labels) == 3
     assert value(samples, "dropfit_job_accuracy", **labels, split="validation") == pytest.approx(0.43)
     assert value(samples, "dropfit_job_loss", **labels, split="train") == pytest.approx(1 / 3)
@@ -311,3 +312,12 @@ print(json.dumps(sorted(m for m in ('tensorflow', 'keras', 'matplotlib') if m in
                           env=env_for_subprocess(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_unusable_folders_stop_the_start_with_a_clear_message(tmp_path):
+    (tmp_path / "config.yaml").write_text("metrics: {port: 0}\noutbox: /proc/dropfit-outbox\n")
+    proc = subprocess.run([sys.executable, "-m", "daemon", "serve", "--config", str(tmp_path / "config.yaml")],
+                          capture_output=True, text=True, env=env_for_subprocess(), cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    assert "cannot start: outbox: cannot create /proc/dropfit-outbox" in proc.stderr
+    assert "Traceback" not in proc.stderr
