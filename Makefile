@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo/shapes
 
-.PHONY: run test lint venv demo train-demo schemas docker-smoke clean
+.PHONY: run test lint venv demo train-demo schemas docker-smoke compare clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ run: $(STAMP)
 ## test: the whole suite (real TensorFlow training on generated images)
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## compare: train the recipe and the default job on the same data; print held-out accuracy side by side
+compare: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/compare_models.py --json bench/results/compare.json
 
 ## docker-smoke: build the image on a debootstrap base and run a job through the compose service (root, Debian)
 docker-smoke: $(STAMP)

@@ -112,11 +112,8 @@ def validate(dataset: Path, defaults: dict | None = None, display: str | None = 
     """
     try:
         spec = load_spec(dataset / JOB_FILE, defaults)
-        resolve_path(dataset, spec.data.train, "data.train")
-        if spec.data.validation:
-            resolve_path(dataset, spec.data.validation, "data.validation")
-        if spec.data.labels_csv:
-            resolve_path(dataset, spec.data.labels_csv, "data.labels_csv")
+        for field, relative in spec.paths().items():
+            resolve_path(dataset, relative, field)
     except SpecError as exc:
         # Name the file as the user knows it (inside the folder they dropped), not by our state path.
         return None, str(exc).replace(str(dataset), display) if display else str(exc)

@@ -17,8 +17,11 @@ import yaml
 from conftest import ROOT, env_for_subprocess, events, run_trainer
 from trainer.demo import make_shapes
 
-ARTIFACTS = ["model.keras", "labels.json", "metrics.csv", "history.png", "confusion_matrix.png", "report.json",
-             "dataset.json", "summary.json"]
+ARTIFACTS = ["model.keras", "labels.json", "metrics.csv", "history.png", "confusion_matrix.png", "errors.png",
+             "report.json", "report.html", "dataset.json", "summary.json"]
+# The classic network without early stopping: fast, and it always trains every epoch asked for.
+FIXED_LENGTH = {"model": {"architecture": "recipe"}, "augmentation": {"enabled": False},
+                "training": {"early_stopping_patience": None, "reduce_lr_patience": None}}
 
 
 def job(tmp_path: Path, spec: dict, name="job", **kw) -> Path:
@@ -49,8 +52,8 @@ def test_run_writes_every_artifact_and_speaks_json_lines(finished_run):
     assert {"epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds",
             "images_per_second"} <= set(epoch)
     finished = stream[-1]
-    assert set(finished["artifacts"]) == {"model", "labels", "metrics", "history_plot", "confusion_matrix", "report",
-                                          "dataset", "summary"}
+    assert set(finished["artifacts"]) == {"model", "labels", "metrics", "history_plot", "confusion_matrix",
+                                          "errors_plot", "report", "report_html", "dataset", "summary"}
     for name in ARTIFACTS:
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
@@ -124,8 +127,8 @@ def _read_until_epoch(proc: subprocess.Popen, epoch: int) -> list[dict]:
 
 @pytest.fixture
 def long_job(tmp_path):
-    return job(tmp_path, {"target_size": 24, "epochs": 40, "batch_size": 4, "seed": 2}, per_class=10,
-               size_range=(20, 30))
+    return job(tmp_path, {"target_size": 24, "epochs": 40, "batch_size": 4, "seed": 2, **FIXED_LENGTH},
+               per_class=10, size_range=(20, 30))
 
 
 def test_kill_9_mid_training_then_rerun_resumes_from_the_last_epoch(long_job, tmp_path):
@@ -135,7 +138,7 @@ def test_kill_9_mid_training_then_rerun_resumes_from_the_last_epoch(long_job, tm
     proc.kill()  # SIGKILL: no chance to clean up
     proc.wait()
     assert not (out / "model.keras").exists()
-    done = json.loads((work / "backup" / "training_metadata.json").read_text())["epoch"]
+    done = json.loads((work / "backup1" / "training_metadata.json").read_text())["epoch"]
     assert done >= 3
     rerun = run_trainer("run", long_job, "--out", out, "--work", work, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -157,7 +160,7 @@ def test_sigterm_stops_at_a_safe_point_with_exit_75_and_resumes(long_job, tmp_pa
     assert rest[-1]["event"] == "interrupted"
     completed = rest[-1]["completed_epochs"]
     assert completed >= 2
-    assert json.loads((work / "backup" / "training_metadata.json").read_text())["epoch"] == completed
+    assert json.loads((work / "backup1" / "training_metadata.json").read_text())["epoch"] == completed
     spec = yaml.safe_load((long_job / "job.yaml").read_text())
     assert spec["epochs"] == 40
     rerun = run_trainer("run", long_job, "--out", out, "--work", work, timeout=600)

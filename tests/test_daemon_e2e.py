@@ -12,8 +12,8 @@ import pytest
 from daemon_harness import DaemonProcess, wait_for
 from trainer.predict import predict
 
-ARTIFACTS = ["model.keras", "labels.json", "metrics.csv", "history.png", "confusion_matrix.png", "report.json",
-             "dataset.json", "summary.json", "status.json", "train.log"]
+ARTIFACTS = ["model.keras", "labels.json", "metrics.csv", "history.png", "confusion_matrix.png", "errors.png",
+             "report.json", "report.html", "dataset.json", "summary.json", "status.json", "train.log"]
 
 
 @pytest.fixture
@@ -44,7 +44,10 @@ def test_real_training_from_drop_to_a_model_that_predicts(real_daemon):
 
 def test_kill_9_of_the_daemon_mid_training_then_restart_resumes_the_job(real_daemon):
     d = real_daemon.start()
-    d.drop("resume-me", {"target_size": 24, "epochs": 40, "batch_size": 4}, per_class=10, size_range=(20, 30))
+    d.drop("resume-me", {"target_size": 24, "epochs": 40, "batch_size": 4, "model": {"architecture": "recipe"},
+                         "augmentation": {"enabled": False},
+                         "training": {"early_stopping_patience": None, "reduce_lr_patience": None}},
+           per_class=10, size_range=(20, 30))
     job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 2 and j[0], 300, interval=0.1, what="epoch 2")
     trainer_pid = job["pid"]
     d.kill9()

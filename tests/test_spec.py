@@ -21,24 +21,40 @@ def errors(text: str) -> list[str]:
     return str(info.value).splitlines()
 
 
-def test_empty_spec_means_all_defaults():
+def test_empty_spec_means_dropfit_defaults():
     spec = parse_spec("")
-    assert spec.epochs == 20 and spec.batch_size == 32 and spec.target_size == (200, 200)
-    assert spec.model.filters == [16, 32, 64, 64, 64] and spec.optimizer.name == "rmsprop"
+    assert spec.epochs == 50 and spec.batch_size == 32 and spec.target_size == "auto"
+    assert spec.model.architecture == "cnn" and spec.optimizer.name == "adam"
     assert spec.optimizer.learning_rate == pytest.approx(1e-3) and spec.data.validation_split == pytest.approx(0.2)
-
-
-def test_full_example_is_valid_and_maps_to_train_cnn_arguments():
-    spec = load_spec(ROOT / "examples" / "job.yaml")
+    assert spec.augmentation.enabled and spec.augmentation.flip == "none"
+    assert spec.training.early_stopping_patience == 10 and spec.training.class_weight == "balanced"
     kwargs = spec.train_kwargs()
-    assert kwargs["target_size"] == (128, 128)
-    assert kwargs["num_epochs"] == 20 and kwargs["optimizer"] == "rmsprop"
+    assert kwargs["augmentation"]["rotation"] == pytest.approx(0.05) and kwargs["class_weight"] == "balanced"
+    assert kwargs["fine_tune_epochs"] == 0  # no pretrained weights, no fine-tuning phase
+
+
+def test_example_lists_exactly_the_defaults_and_maps_to_train_cnn_arguments():
+    spec = load_spec(ROOT / "examples" / "job.yaml")
+    assert spec.model_dump() == JobSpec().model_dump(), "examples/job.yaml must show the defaults"
     import inspect
 
     from trainer import train
 
     params = inspect.signature(train.train_cnn).parameters
+    kwargs = spec.train_kwargs()
     assert set(kwargs) <= set(params), set(kwargs) - set(params)
+
+
+def test_recipe_job_and_paths():
+    spec = parse_spec("model: {architecture: recipe, weights: w/backbone.weights.h5}\n"
+                      "data: {test: held_out, validation: val}\naugmentation: {enabled: false}\n"
+                      "training: {class_weight: none, early_stopping_patience: null}\nexports: [tflite]")
+    kwargs = spec.train_kwargs()
+    assert kwargs["architecture"] == "recipe" and kwargs["augmentation"] is None
+    assert kwargs["class_weight"] is None and kwargs["early_stopping_patience"] is None
+    assert kwargs["exports"] == ("tflite",)
+    assert spec.paths() == {"data.train": ".", "data.validation": "val", "data.test": "held_out",
+                            "model.weights": "w/backbone.weights.h5"}
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -49,7 +65,13 @@ def test_full_example_is_valid_and_maps_to_train_cnn_arguments():
     ("seed: 1\nepoch: 3", "job.yaml:2: epoch: unknown key (did you mean 'epochs'?)"),
     ("model:\n  filters: [16, 0]", "job.yaml:2: model.filters[1]: must be a positive integer, got 0"),
     ("optimizer: {name: adamw}", "optimizer.name: must be one of 'rmsprop', 'adam' or 'sgd', got 'adamw'"),
-    ("target_size: [4, 300]", "target_size[0]: must be >= 8, got 4"),
+    ("target_size: [4, 300]", "target_size: must be auto, one number, or [height, width], each from 8 to 4096, got"),
+    ("target_size: big", "target_size: must be auto, one number, or [height, width]"),
+    ("model: {weights: /etc/passwd}", "model.weights: must be a path relative to the job folder"),
+    ("model: {architecture: vgg}", "model.architecture: must be one of 'cnn', 'recipe', 'mobilenet_v3_small'"),
+    ("augmentation: {flip: diagonal}", "augmentation.flip: must be one of 'none', 'horizontal', 'vertical' or"),
+    ("exports: [onnx]", "exports[0]: must be one of 'savedmodel' or 'tflite', got 'onnx'"),
+    ("training: {early_stoping_patience: 3}", "training.early_stoping_patience: unknown key (did you mean "),
     ("data:\n  validation_split: 1.5", "job.yaml:2: data.validation_split: must be < 1.0, got 1.5"),
     ("model: {batch_norm: 'yes'}", "model.batch_norm: must be true or false, got 'yes'"),
     ("model: 3", "job.yaml:1: model: must be a mapping of keys to values, got 3"),
@@ -115,6 +137,7 @@ def test_file_level_errors(tmp_path):
 
 def test_square_target_size_and_defaults_merge():
     assert parse_spec("target_size: 64").target_size == (64, 64)
+    assert parse_spec("target_size: [64, 48]").train_kwargs()["target_size"] == (64, 48)
     spec = parse_spec("model: {dropout: 0.5}", defaults={"epochs": 3, "model": {"dense_units": 64}})
     assert (spec.epochs, spec.model.dense_units, spec.model.dropout) == (3, 64, 0.5)
 
@@ -129,7 +152,7 @@ def test_published_json_schema_is_current_and_checks_files(tmp_path):
                         text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     bad = tmp_path / "job.yaml"
-    bad.write_text("epochs: 0\nfoo: 1\ntarget_size: 64\n")
+    bad.write_text("epochs: 0\nfoo: 1\ntarget_size: auto\n")
     res = subprocess.run([checker, "--schemafile", schema, bad], capture_output=True, text=True)
     assert res.returncode == 1
     assert "epochs" in res.stdout and "foo" in res.stdout

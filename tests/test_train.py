@@ -17,8 +17,8 @@ from trainer.demo import draw_shape, make_shapes
 from trainer.predict import evaluate, load_model, predict
 from trainer.scan import DatasetError, Sample
 
-ARTIFACTS = ["model.keras", "labels.json", "metrics.csv", "history.png", "confusion_matrix.png", "report.json",
-             "dataset.json", "summary.json"]
+ARTIFACTS = ["model.keras", "labels.json", "metrics.csv", "history.png", "confusion_matrix.png", "errors.png",
+             "report.json", "report.html", "dataset.json", "summary.json"]
 
 
 def test_default_model_learns_the_shapes(trained):
@@ -48,7 +48,7 @@ def test_every_artifact_is_written_and_well_formed(trained):
     assert {"precision", "recall", "f1", "support"} <= set(report["per_class"]["circle"])
     assert np.asarray(report["confusion_matrix"]["matrix"]).sum() == report["images"] == 36
     dataset = json.loads((out / "dataset.json").read_text())
-    assert dataset["counts"]["circle"] == {"total": 60, "train": 48, "validation": 12}
+    assert dataset["counts"]["circle"] == {"total": 60, "train": 48, "validation": 12, "test": 0}
     skipped = {s["file"]: s["reason"] for s in dataset["skipped"]}
     assert set(skipped) == {f"circle/{n}" for n in ("zero.jpg", "notes.txt", "truncated.jpg", "truncated.png",
                                                      "garbage.png")}
@@ -175,7 +175,11 @@ def test_class_subset_csv_labels_and_validation_directory(shapes_dir, tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"num_epochs": 0}, "num_epochs must be a positive integer. Received: num_epochs=0"),
     ({"batch_size": -1}, "batch_size must be a positive integer. Received: batch_size=-1"),
-    ({"target_size": (200,)}, "target_size must be a (height, width) pair of integers >= 4"),
+    ({"target_size": (200,)}, "target_size must be 'auto' or a (height, width) pair of integers >= 4"),
+    ({"architecture": "vgg"}, "architecture must be one of ('cnn', 'recipe',"),
+    ({"test_split": 0.5, "validation_split": 0.5}, "validation_split + test_split must be below 1"),
+    ({"exports": ("onnx",)}, "exports must be a list of 'savedmodel' and/or 'tflite'"),
+    ({"class_weight": "auto"}, "class_weight must be 'balanced', None or a dict"),
     ({"validation_split": 1.0}, "validation_split must be a number in [0, 1). Received: validation_split=1.0"),
     ({"optimizer": "adamw"}, "optimizer must be one of ('rmsprop', 'adam', 'sgd')"),
     ({"classes": ["only"]}, "classes must be a list of at least 2 distinct class names"),

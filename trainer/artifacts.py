@@ -158,6 +158,36 @@ def plot_confusion(path: str | os.PathLike, matrix: list[list[int]], labels: lis
         plt.close(fig)
 
 
+def plot_errors(path: str | os.PathLike, errors: list[dict], target_size, color_mode: str = "rgb") -> Path:
+    """A grid of misclassified images, each titled with its true and predicted class."""
+    from trainer.images import BadImage, load_rgb
+
+    plt = _pyplot()
+    if not errors:
+        fig, ax = plt.subplots(figsize=(5, 1.6))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified held-out images", ha="center", va="center", fontsize=12)
+    else:
+        cols = min(5, len(errors))
+        rows = math.ceil(len(errors) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, e in zip(axes.flat, errors, strict=False):
+            try:
+                image = load_rgb(e["file"], 1 if color_mode == "grayscale" else 3)
+                ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if color_mode == "grayscale"
+                          else None)
+            except BadImage:
+                ax.text(0.5, 0.5, "unreadable", ha="center")
+            ax.set_title(f"true: {e['true']}\npred: {e['predicted']} ({e['probability']:.2f})", fontsize=8,
+                         color="firebrick")
+    try:
+        return write_bytes(path, _figure_bytes(fig))
+    finally:
+        plt.close(fig)
+
+
 def save_model(path: str | os.PathLike, model) -> Path:
     """Save a Keras model atomically."""
     with atomic_path(path) as tmp:

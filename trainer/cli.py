@@ -89,9 +89,7 @@ def cmd_run(args) -> int:
     events = EventStream.claim_stdout(job_id)
     try:
         spec = load_spec(job_dir / JOB_FILE)
-        train_dir = resolve_path(job_dir, spec.data.train, "data.train")
-        val_dir = resolve_path(job_dir, spec.data.validation, "data.validation") if spec.data.validation else None
-        labels = resolve_path(job_dir, spec.data.labels_csv, "data.labels_csv") if spec.data.labels_csv else None
+        paths = {field: resolve_path(job_dir, rel, field) for field, rel in spec.paths().items()}
     except SpecError as exc:
         log.error("invalid job spec:\n%s", exc)
         events.emit("error", kind="spec", message=str(exc))
@@ -100,14 +98,18 @@ def cmd_run(args) -> int:
     _import_tensorflow()
     stop = threading.Event()
     _install_stop_handlers(stop)
-    log.info("job %s: training on %s, output in %s", job_id, train_dir, args.out)
+    log.info("job %s: training on %s, output in %s", job_id, paths["data.train"], args.out)
     try:
         from trainer.scan import DatasetError
         from trainer.train import TrainingInterrupted, train_cnn
 
-        train_cnn(train_dir, **spec.train_kwargs(), verbose=0, validation_directory=val_dir, labels_csv=labels,
-                  output_dir=args.out, work_dir=args.work, on_event=events.emit, stop_event=stop,
-                  metadata={"job_id": job_id, "job_dir": str(job_dir.resolve()), "spec": spec.model_dump(mode="json")})
+        weights = paths.get("model.weights", spec.model.weights)
+        train_cnn(paths["data.train"], **spec.train_kwargs(), verbose=0, weights=weights,
+                  validation_directory=paths.get("data.validation"), test_directory=paths.get("data.test"),
+                  labels_csv=paths.get("data.labels_csv"), output_dir=args.out, work_dir=args.work,
+                  on_event=events.emit, stop_event=stop,
+                  metadata={"job_id": job_id, "job_dir": str(job_dir.resolve()),
+                            "spec": spec.model_dump(mode="json")})
     except TrainingInterrupted as exc:
         log.warning("%s", exc)
         events.emit("interrupted", completed_epochs=exc.completed_epochs, message=str(exc))
@@ -171,7 +173,17 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 # --- train: the recipe's two lines from a terminal ---------------------------------------------------------------
 
 def cmd_train(args) -> int:
+    """Train from a terminal with a progress bar: job.yaml's defaults, overridden by --spec FILE and the options."""
+    from trainer.spec import SpecError, load_spec, parse_yaml_model
+
     setup_logging(Path(args.data_dir).name)
+    overrides = _train_overrides(args)
+    try:
+        base = load_spec(args.spec).model_dump(mode="json") if args.spec else {}
+        spec = parse_yaml_model(json.dumps(_deep_merge(base, overrides)), _job_spec_class(), "command-line options")
+    except SpecError as exc:
+        print(f"error:\n{exc}", file=sys.stderr)
+        return EXIT_INVALID
     _import_tensorflow()
     from trainer.scan import DatasetError
     from trainer.train import TrainingInterrupted, train_cnn
@@ -180,12 +192,10 @@ def cmd_train(args) -> int:
     stop = threading.Event()
     _install_stop_handlers(stop)
     try:
-        model = train_cnn(args.data_dir, target_size=_size(args.target_size), classes=args.classes,
-                          batch_size=args.batch_size, num_epochs=args.epochs, verbose=1,
-                          validation_split=args.validation_split, validation_directory=args.validation_dir,
-                          labels_csv=args.labels_csv, color_mode=args.color_mode, seed=args.seed,
-                          optimizer=args.optimizer, learning_rate=args.learning_rate, output_dir=out,
-                          work_dir=args.work, stop_event=stop)
+        model = train_cnn(args.data_dir, **spec.train_kwargs(), verbose=1, weights=spec.model.weights,
+                          validation_directory=args.validation_dir, test_directory=args.test_dir,
+                          labels_csv=args.labels_csv, output_dir=out, work_dir=args.work, stop_event=stop,
+                          metadata={"spec": spec.model_dump(mode="json")})
     except TrainingInterrupted as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -195,13 +205,52 @@ def cmd_train(args) -> int:
     summary = json.loads((Path(out) / "summary.json").read_text())
     print(f"\nclasses: {', '.join(model.class_names)}")
     ev = summary["evaluation"]
-    print(f"{ev['split']} accuracy: {ev['accuracy']:.4f} on {ev['images']} images")
+    split = {"train": "training (not held out)"}.get(ev["split"], ev["split"])
+    print(f"{split} accuracy: {ev['accuracy']:.4f} on {ev['images']} images")
+    print(f"report: {Path(out) / 'report.html'}")
     print(f"artifacts: {out}")
     return EXIT_OK
 
 
-def _size(values: list[int]) -> tuple[int, int]:
-    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+def _job_spec_class():
+    from trainer.spec import JobSpec
+
+    return JobSpec
+
+
+def _train_overrides(args) -> dict:
+    """Only the options given on the command line, shaped like a job.yaml."""
+    spec: dict = {}
+
+    def put(path: str, value) -> None:
+        if value is None:
+            return
+        node = spec
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+
+    if args.target_size:
+        size = args.target_size
+        put("target_size", "auto" if size == ["auto"] else [int(v) for v in (size * 2)[:2]])
+    for path, value in (("epochs", args.epochs), ("batch_size", args.batch_size), ("data.classes", args.classes),
+                        ("data.validation_split", args.validation_split), ("data.test_split", args.test_split),
+                        ("color_mode", args.color_mode), ("seed", args.seed), ("model.architecture", args.architecture),
+                        ("model.weights", args.weights), ("optimizer.name", args.optimizer),
+                        ("optimizer.learning_rate", args.learning_rate), ("exports", args.export)):
+        put(path, value)
+    if args.no_augmentation:
+        put("augmentation.enabled", False)
+    return spec
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
 
 
 # --- predict / evaluate ------------------------------------------------------------------------------------------
@@ -304,20 +353,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-id", help="id shown in logs and events (default: the job folder's name)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("train", help="train on a class-per-folder dataset, with a progress bar")
+    p = sub.add_parser("train", help="train on a class-per-folder dataset, with a progress bar",
+                       description="Train with job.yaml's defaults; --spec and the options override them.")
     p.add_argument("data_dir")
-    p.add_argument("--target-size", type=int, nargs="+", default=[200, 200], metavar="PX",
-                   help="height [width] (default 200 200)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--spec", help="a job.yaml to take the settings from (paths in it are ignored)")
+    p.add_argument("--target-size", nargs="+", metavar="PX", help="auto, or height [width] (default auto)")
+    p.add_argument("--architecture", choices=("cnn", "recipe", "mobilenet_v3_small", "mobilenet_v3_large",
+                                              "efficientnet_b0", "resnet50"))
+    p.add_argument("--weights", help="backbone weights: imagenet or a .weights.h5 file")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
     p.add_argument("--classes", nargs="+")
-    p.add_argument("--validation-split", type=float, default=0.2)
+    p.add_argument("--validation-split", type=float)
+    p.add_argument("--test-split", type=float)
     p.add_argument("--validation-dir")
+    p.add_argument("--test-dir")
     p.add_argument("--labels-csv")
-    p.add_argument("--color-mode", choices=("rgb", "grayscale"), default="rgb")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--optimizer", choices=("rmsprop", "adam", "sgd"), default="rmsprop")
-    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--color-mode", choices=("rgb", "grayscale"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--optimizer", choices=("rmsprop", "adam", "sgd"))
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--no-augmentation", action="store_true")
+    p.add_argument("--export", nargs="+", choices=("savedmodel", "tflite"))
     p.add_argument("--out", help="output folder (default runs/<dataset>-<time>)")
     p.add_argument("--work", help="work folder for checkpoints (resumable)")
     p.set_defaults(func=cmd_train)

@@ -52,7 +52,7 @@ def resize(image: tf.Tensor, target_size: tuple[int, int]) -> tf.Tensor:
 
 def make_dataset(samples: list[Sample], *, num_classes: int, target_size: tuple[int, int], batch_size: int,
                  channels: int = 3, shuffle: bool = False, seed: int | None = None, cache: bool | str = True,
-                 failures: DecodeFailures | None = None) -> tf.data.Dataset:
+                 failures: DecodeFailures | None = None, with_index: bool = False) -> tf.data.Dataset:
     """Build a batched dataset of ``(uint8 images, one-hot labels)`` from scanned samples.
 
     Every sample is used each epoch; the last batch may be smaller than ``batch_size`` (and a dataset smaller than
@@ -61,16 +61,17 @@ def make_dataset(samples: list[Sample], *, num_classes: int, target_size: tuple[
     Args:
         cache: True caches decoded images in memory, a string caches to that file prefix, False decodes every epoch.
         failures: collects files that fail to decode; they are dropped instead of stopping training.
+        with_index: add a third element, each image's position in ``samples`` (to name misclassified files).
     """
     if not samples:
         raise ValueError("make_dataset needs at least one sample")
     height, width = target_size
 
-    def native(path, label):
+    def native(path, label, index):
         data = tf.io.read_file(path)
         image = tf.io.decode_image(data, channels=channels, expand_animations=False, dtype=tf.uint8)
         image.set_shape([None, None, channels])
-        return resize(image, target_size), label
+        return resize(image, target_size), label, index
 
     def pillow(path: bytes) -> np.ndarray:
         name = path.decode("utf-8", "surrogateescape")
@@ -81,33 +82,38 @@ def make_dataset(samples: list[Sample], *, num_classes: int, target_size: tuple[
                 failures.add(name, str(exc))
             return np.zeros((0, 0, channels), np.uint8)
 
-    def slow(path, label):
+    def slow(path, label, index):
         image = tf.numpy_function(pillow, [path], tf.uint8, stateful=False)
         image.set_shape([None, None, channels])
-        return image, label
+        return image, label, index
 
-    def decoded(items: list[Sample], fn, parallel) -> tf.data.Dataset:
-        paths = [s.path for s in items]
-        labels = np.asarray([s.label for s in items], np.int32)
-        return tf.data.Dataset.from_tensor_slices((paths, labels)).map(fn, num_parallel_calls=parallel)
+    def decoded(positions: list[int], fn) -> tf.data.Dataset:
+        paths = [samples[i].path for i in positions]
+        labels = np.asarray([samples[i].label for i in positions], np.int32)
+        indices = np.asarray(positions, np.int64)
+        return tf.data.Dataset.from_tensor_slices((paths, labels, indices)).map(fn, num_parallel_calls=AUTOTUNE)
 
     parts = []
-    fast = [s for s in samples if s.native]
+    fast = [i for i, s in enumerate(samples) if s.native]
     if fast:
         # The scan catches truncated files cheaply; ignore_errors is the backstop for the rare corrupt body.
-        parts.append(decoded(fast, native, AUTOTUNE).ignore_errors(log_warning=True))
-    other = [s for s in samples if not s.native]
+        parts.append(decoded(fast, native).ignore_errors(log_warning=True))
+    other = [i for i, s in enumerate(samples) if not s.native]
     if other:
-        slow_ds = decoded(other, slow, AUTOTUNE)
-        slow_ds = slow_ds.filter(lambda image, label: tf.size(image) > 0)
-        parts.append(slow_ds.map(lambda image, label: (resize(image, target_size), label),
+        slow_ds = decoded(other, slow).filter(lambda image, label, index: tf.size(image) > 0)
+        parts.append(slow_ds.map(lambda image, label, index: (resize(image, target_size), label, index),
                                  num_parallel_calls=AUTOTUNE))
     ds = parts[0] if len(parts) == 1 else parts[0].concatenate(parts[1])
-    ds = ds.map(lambda image, label: (tf.ensure_shape(image, [height, width, channels]), label))
+    ds = ds.map(lambda image, label, index: (tf.ensure_shape(image, [height, width, channels]), label, index))
     if cache:
         ds = ds.cache(cache if isinstance(cache, str) else "")
     if shuffle:
         ds = ds.shuffle(min(len(samples), SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
-    ds = ds.map(lambda images, labels: (images, tf.one_hot(labels, num_classes)), num_parallel_calls=AUTOTUNE)
+    if with_index:
+        ds = ds.map(lambda images, labels, index: (images, tf.one_hot(labels, num_classes), index),
+                    num_parallel_calls=AUTOTUNE)
+    else:
+        ds = ds.map(lambda images, labels, index: (images, tf.one_hot(labels, num_classes)),
+                    num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)

@@ -83,7 +83,7 @@ def make_shapes(root: str | os.PathLike, *, classes: int | list[str] = 3, per_cl
     return root
 
 
-DEMO_JOB = {"target_size": [64, 64], "epochs": 12, "batch_size": 16,
+DEMO_JOB = {"target_size": [64, 64], "epochs": 30, "batch_size": 16,
             "data": {"validation_split": 0.2}}
 
 

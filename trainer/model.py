@@ -1,7 +1,12 @@
-"""The network and its optimizer: the classic recipe CNN, with the rescaling built in and a depth that fits the input.
+"""The networks and their optimizer. Every model takes raw 0-255 pixels: scaling (and augmentation, active only in
+training) are layers inside it, so the saved model needs no preprocessing by its callers. Pure Keras 3.
 
-The recipe: five blocks of 3x3 Conv2D + ReLU and 2x2 MaxPool (16, 32, 64, 64, 64 filters), Flatten, Dense 512 ReLU,
-Dense softmax, RMSprop at 1e-3. Pure Keras 3, so it runs on any Keras backend.
+- ``recipe``: the classic network kept exactly — five blocks of 3x3 Conv2D + ReLU and 2x2 MaxPool (16, 32, 64, 64,
+  64 filters), Flatten, Dense 512 ReLU, Dense softmax; RMSprop at 1e-3.
+- ``cnn``: dropfit's default for training from scratch — blocks of two 3x3 convolutions with batch normalisation,
+  global average pooling and dropout (chosen by measurement: see bench/compare_models.py and the README).
+- ``mobilenet_v3_small``, ``mobilenet_v3_large``, ``efficientnet_b0``, ``resnet50``: `keras.applications` backbones
+  for transfer learning (see `trainer.backbones`).
 """
 
 from __future__ import annotations
@@ -13,27 +18,91 @@ import keras
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
+ARCHITECTURES = ("cnn", "recipe", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "resnet50")
+RECIPE_FILTERS = (16, 32, 64, 64, 64)
+CNN_FILTERS = (16, 32, 64, 128, 256)
+
+_RANDOM_STEPS = ("rotation", "zoom", "translation", "contrast")
+DEFAULT_AUGMENTATION = {"flip": "none", "rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.1}
 
 
-def fitting_blocks(size: int, blocks: int) -> int:
-    """How many conv(3x3, valid) + pool(2x2) blocks fit in ``size`` pixels before the feature map would vanish."""
+def fitting_blocks(size: int, blocks: int, padding: str = "valid") -> int:
+    """How many conv(3x3) + pool(2x2) blocks fit in ``size`` pixels before the feature map would vanish."""
     fit = 0
-    while fit < blocks and size - 2 >= 2:
-        size = (size - 2) // 2
+    while fit < blocks:
+        after_conv = size - 2 if padding == "valid" else size
+        if after_conv < 2:
+            break
+        size = after_conv // 2
         fit += 1
     return fit
 
 
-def build_model(input_shape: tuple[int, int, int], num_classes: int, *, filters=(16, 32, 64, 64, 64),
-                dense_units: int = 512, dropout: float = 0.0, batch_norm: bool = False,
-                name: str = "dropfit_recipe") -> keras.Model:
-    """The recipe CNN for raw 0-255 pixels of ``input_shape`` (height, width, channels).
+@keras.saving.register_keras_serializable(package="dropfit")
+class Augmentation(keras.layers.Layer):
+    """Random flip/rotation/zoom/translation/contrast, applied only when ``training`` is explicitly true.
 
-    Small inputs get fewer blocks instead of pooling below 1x1: a 28x28 image keeps three of the five.
-
-    Raises:
-        ValueError: if not even one block fits the input.
+    Keras' own random layers augment whenever they are called without ``training=False``; wrapped here, a plain
+    ``model(images)`` or a SavedModel export can never augment at inference.
     """
+
+    def __init__(self, options: dict, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.options, self.seed = dict(options), seed
+        self.steps = []
+        flip = options.get("flip", "none")
+        if flip and flip != "none":
+            mode = {"both": "horizontal_and_vertical"}.get(flip, flip)
+            self.steps.append(keras.layers.RandomFlip(mode, seed=seed, name="flip"))
+        if options.get("rotation"):
+            self.steps.append(keras.layers.RandomRotation(options["rotation"], fill_mode="reflect", seed=seed,
+                                                          name="rotation"))
+        if options.get("zoom"):
+            self.steps.append(keras.layers.RandomZoom(options["zoom"], fill_mode="reflect", seed=seed, name="zoom"))
+        if options.get("translation"):
+            t = options["translation"]
+            self.steps.append(keras.layers.RandomTranslation(t, t, fill_mode="reflect", seed=seed,
+                                                             name="translation"))
+        if options.get("contrast"):
+            self.steps.append(keras.layers.RandomContrast(options["contrast"], value_range=(0, 255), seed=seed,
+                                                          name="contrast"))
+
+    def call(self, inputs, training=None):
+        if not training:
+            return inputs
+        x = inputs
+        for step in self.steps:
+            x = step(x, training=True)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "options": self.options, "seed": self.seed}
+
+
+def augmentation_layers(options: dict | None, seed: int | None = None) -> list[keras.layers.Layer]:
+    """The augmentation layer for ``options`` (none if augmentation is off); it works on 0-255 pixels."""
+    if not options:
+        return []
+    if options.get("flip", "none") == "none" and not any(options.get(k) for k in _RANDOM_STEPS):
+        return []
+    return [Augmentation(options, seed, name="augmentation")]
+
+
+def _stem(input_shape, augmentation, seed):
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = inputs
+    # Augmentation works on 0-255 pixels, before scaling; both are part of the model.
+    for layer in augmentation_layers(augmentation, seed):
+        x = layer(x)
+    return inputs, x
+
+
+def build_recipe(input_shape, num_classes, *, filters=RECIPE_FILTERS, dense_units=512, dropout=0.0,
+                 batch_norm=False, augmentation=None, seed=None) -> keras.Model:
+    """The recipe CNN; small inputs get fewer blocks instead of pooling below 1x1 (28x28 keeps three of five)."""
     height, width, _ = input_shape
     blocks = fitting_blocks(min(height, width), len(filters))
     if blocks == 0:
@@ -42,9 +111,8 @@ def build_model(input_shape: tuple[int, int, int], num_classes: int, *, filters=
     if blocks < len(filters):
         log.info("input %dx%d fits %d of the %d conv blocks; using filters %s", height, width, blocks, len(filters),
                  list(filters[:blocks]))
-    inputs = keras.Input(shape=input_shape, name="image")
-    # Scaling inside the model: callers (and the saved model) feed raw pixels, exactly what image files hold.
-    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    inputs, x = _stem(input_shape, augmentation, seed)
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
     for i, f in enumerate(filters[:blocks]):
         if batch_norm:
             x = keras.layers.Conv2D(f, 3, use_bias=False, name=f"conv{i + 1}")(x)
@@ -57,9 +125,54 @@ def build_model(input_shape: tuple[int, int, int], num_classes: int, *, filters=
     x = keras.layers.Dense(dense_units, activation="relu", name="dense")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="dropout")(x)
-    # float32 output keeps softmax stable should a mixed-precision policy be active.
+    # float32 output keeps softmax stable under a mixed-precision policy.
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name=name)
+    return keras.Model(inputs, outputs, name="dropfit_recipe")
+
+
+def build_cnn(input_shape, num_classes, *, filters=CNN_FILTERS, dropout=0.3, augmentation=None, seed=None,
+              **_unused) -> keras.Model:
+    """dropfit's from-scratch default: [Conv-BN-ReLU x2, MaxPool] blocks, global average pooling, dropout."""
+    height, width, _ = input_shape
+    blocks = max(1, min(len(filters), fitting_blocks(min(height, width), len(filters), "same")))
+    inputs, x = _stem(input_shape, augmentation, seed)
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
+    for i, f in enumerate(filters[:blocks]):
+        for j in (1, 2):
+            x = keras.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"block{i + 1}_conv{j}")(x)
+            # momentum 0.9, not Keras' 0.99: small datasets give few steps per epoch, and with 0.99 the moving
+            # statistics lag so far behind that inference (validation, predict) sees garbage for many epochs.
+            x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{i + 1}_bn{j}")(x)
+            x = keras.layers.Activation("relu", name=f"block{i + 1}_relu{j}")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"block{i + 1}_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="dropfit_cnn")
+
+
+def build_model(input_shape: tuple[int, int, int], num_classes: int, *, architecture: str = "recipe",
+                filters=None, dense_units: int = 512, dropout: float | None = None, batch_norm: bool = False,
+                augmentation: dict | None = None, weights=None, seed: int | None = None) -> keras.Model:
+    """Build ``architecture`` for raw pixels of ``input_shape`` (height, width, channels).
+
+    Raises:
+        ValueError: for an unknown architecture or an input too small for it.
+    """
+    if architecture == "recipe":
+        return build_recipe(input_shape, num_classes, filters=tuple(filters or RECIPE_FILTERS),
+                            dense_units=dense_units, dropout=dropout or 0.0, batch_norm=batch_norm,
+                            augmentation=augmentation, seed=seed)
+    if architecture == "cnn":
+        return build_cnn(input_shape, num_classes, filters=tuple(filters or CNN_FILTERS),
+                         dropout=0.3 if dropout is None else dropout, augmentation=augmentation, seed=seed)
+    if architecture in ARCHITECTURES:
+        from trainer.backbones import build_transfer
+
+        return build_transfer(architecture, input_shape, num_classes, weights=weights,
+                              dropout=0.2 if dropout is None else dropout, augmentation=augmentation, seed=seed)
+    raise ValueError(f"architecture must be one of {ARCHITECTURES}. Received: architecture={architecture!r}")
 
 
 def make_optimizer(name: str = "rmsprop", learning_rate: float = 1e-3, momentum: float = 0.0):
@@ -73,9 +186,10 @@ def make_optimizer(name: str = "rmsprop", learning_rate: float = 1e-3, momentum:
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}. Received: optimizer={name!r}")
 
 
-def compile_model(model: keras.Model, optimizer: str = "rmsprop", learning_rate: float = 1e-3,
-                  momentum: float = 0.0) -> keras.Model:
+def compile_model(model: keras.Model, optimizer="rmsprop", learning_rate: float = 1e-3, momentum: float = 0.0,
+                  label_smoothing: float = 0.0) -> keras.Model:
     """Compile for one-hot labels with categorical cross-entropy and accuracy, as the recipe does."""
-    model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum), loss="categorical_crossentropy",
+    opt = make_optimizer(optimizer, learning_rate, momentum) if isinstance(optimizer, str) else optimizer
+    model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
                   metrics=["accuracy"])
     return model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import keras
@@ -13,7 +14,7 @@ import tensorflow as tf
 from trainer.data import make_dataset, resize
 from trainer.images import BadImage, load_rgb, probe
 from trainer.report import classification_report
-from trainer.scan import DatasetError, Sample, scan_directory
+from trainer.scan import DatasetError, scan_directory
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
@@ -131,7 +132,7 @@ def evaluate(model, data_dir: str | os.PathLike, *, batch_size: int = 32) -> dic
     if not scan.samples:
         raise DatasetError(f"data_dir {str(data_dir)!r} holds no usable image")
     index = {c: names.index(c) for c in scan.class_names}
-    samples = [Sample(s.path, index[scan.class_names[s.label]], s.native) for s in scan.samples]
+    samples = [replace(s, label=index[scan.class_names[s.label]]) for s in scan.samples]
     height, width, channels = model.input_shape[1:]
     ds = make_dataset(samples, num_classes=len(names), target_size=(height, width), batch_size=batch_size,
                       channels=channels, cache=False)
@@ -140,10 +141,23 @@ def evaluate(model, data_dir: str | os.PathLike, *, batch_size: int = 32) -> dic
     return report
 
 
-def labels_and_predictions(model: keras.Model, ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """True and predicted class indices over a dataset of ``(images, one-hot labels)`` batches."""
-    y_true, y_pred = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for images, labels in ds:
-        y_pred.append(np.argmax(np.asarray(model.predict_on_batch(images)), axis=-1))
-        y_true.append(np.argmax(labels.numpy(), axis=-1))
-    return np.concatenate(y_true), np.concatenate(y_pred)
+def labels_and_predictions(model: keras.Model, ds: tf.data.Dataset, with_details: bool = False):
+    """True and predicted class indices over a dataset of ``(images, one-hot labels[, index])`` batches.
+
+    With ``with_details`` (and a dataset made ``with_index``) also the probabilities and each image's index.
+    """
+    y_true, y_pred, probs, index = [], [], [], []
+    for batch in ds:
+        p = np.asarray(model.predict_on_batch(batch[0]))
+        probs.append(p)
+        y_pred.append(np.argmax(p, axis=-1))
+        y_true.append(np.argmax(batch[1].numpy(), axis=-1))
+        if len(batch) > 2:
+            index.append(batch[2].numpy())
+    if not y_true:
+        empty = np.zeros(0, np.int64)
+        return (empty, empty, np.zeros((0, model.output_shape[-1])), empty) if with_details else (empty, empty)
+    y_true, y_pred = np.concatenate(y_true), np.concatenate(y_pred)
+    if not with_details:
+        return y_true, y_pred
+    return y_true, y_pred, np.concatenate(probs), np.concatenate(index) if index else np.arange(len(y_true))

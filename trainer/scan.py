@@ -19,12 +19,13 @@ import csv
 import logging
 import os
 import random
+import statistics
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from trainer.images import MAX_PIXELS, BadImage, probe
+from trainer.images import MAX_PIXELS, BadImage, ImageInfo, probe
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Sample:
     path: str  # absolute
     label: int
     native: bool  # TensorFlow can decode it directly
+    size: tuple[int, int] | None = None  # (height, width) as stored, from the header
 
 
 @dataclass(frozen=True)
@@ -115,23 +117,27 @@ def _walk_files(root: str, folder: str, skipped: list[Skipped]) -> list[str]:
     return sorted(out)
 
 
-def _probe_all(root: str, paths: list[str], max_pixels: int) -> tuple[list[tuple[str, bool]], list[Skipped]]:
+def _probe_all(root: str, paths: list[str], max_pixels: int) -> tuple[list[tuple[str, ImageInfo]], list[Skipped]]:
     """Probe files in parallel (header reads are I/O bound); keep the input order."""
 
     def one(path: str):
         try:
-            return path, probe(path, max_pixels).native, None
+            return path, probe(path, max_pixels), None
         except BadImage as exc:
-            return path, False, str(exc)
+            return path, None, str(exc)
 
     good, bad = [], []
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 2) * 4)) as pool:
-        for path, native, reason in pool.map(one, paths, chunksize=64):
+        for path, info, reason in pool.map(one, paths, chunksize=64):
             if reason is None:
-                good.append((path, native))
+                good.append((path, info))
             else:
                 bad.append(Skipped(os.path.relpath(path, root), reason))
     return good, bad
+
+
+def _sample(path: str, label: int, info: ImageInfo) -> Sample:
+    return Sample(path, label, info.native, (info.height, info.width))
 
 
 def scan_directory(directory: str | os.PathLike, classes: list[str] | None = None, *,
@@ -184,7 +190,7 @@ def scan_directory(directory: str | os.PathLike, classes: list[str] | None = Non
             continue
         label = len(class_names)
         class_names.append(name)
-        samples.extend(Sample(path, label, native) for path, native in good)
+        samples.extend(_sample(path, label, info) for path, info in good)
     for w in warnings:
         log.warning("%s", w)
     if skipped:
@@ -250,7 +256,7 @@ def scan_csv(directory: str | os.PathLike, labels_csv: str | os.PathLike, classe
     paths = sorted(p for p, lab in entries.items() if lab in index)
     good, bad = _probe_all(root, paths, max_pixels)
     skipped.extend(bad)
-    samples = [Sample(p, index[entries[p]], native) for p, native in good]
+    samples = [_sample(p, index[entries[p]], info) for p, info in good]
     used = sorted({s.label for s in samples})
     if len(used) != len(names):  # drop classes left without images, keeping labels contiguous
         empty = [n for i, n in enumerate(names) if i not in used]
@@ -258,30 +264,44 @@ def scan_csv(directory: str | os.PathLike, labels_csv: str | os.PathLike, classe
             raise DatasetError(f"classes: label {empty[0]!r} has no usable image in {str(labels_csv)!r}")
         remap = {old: new for new, old in enumerate(used)}
         names = [names[i] for i in used]
-        samples = [Sample(s.path, remap[s.label], s.native) for s in samples]
+        samples = [replace(s, label=remap[s.label]) for s in samples]
     if len(names) < 2:
         raise DatasetError(f"labels_csv {str(labels_csv)!r} needs at least 2 labels with usable images, "
                            f"found {len(names)} ({names or 'none'})")
     return Scan(root, names, samples, skipped)
 
 
-def split(samples: list[Sample], validation_split: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Stratified, deterministic train/validation split: the same seed always holds out the same files.
+def split(samples: list[Sample], fraction: float, seed: int, salt: str = "") -> tuple[list[Sample], list[Sample]]:
+    """Stratified, deterministic split: the same seed always holds out the same files.
 
-    Each class keeps at least one training image and, when it has two or more, gives at least one to validation.
+    Returns ``(kept, held_out)``. Each class keeps at least one image and, when it has two or more, gives at least
+    one to the held-out part. ``salt`` makes independent splits (validation and test) from one seed.
     """
-    if validation_split <= 0:
+    if fraction <= 0:
         return list(samples), []
     by_class: dict[int, list[Sample]] = {}
     for s in sorted(samples, key=lambda s: s.path):
         by_class.setdefault(s.label, []).append(s)
-    train, val = [], []
+    kept, held = [], []
     for label, group in sorted(by_class.items()):
-        random.Random(f"{seed}/{label}").shuffle(group)
-        n_val = 0 if len(group) < 2 else min(max(round(len(group) * validation_split), 1), len(group) - 1)
-        val.extend(group[:n_val])
-        train.extend(group[n_val:])
-    return train, val
+        random.Random(f"{seed}/{salt}{label}").shuffle(group)
+        n_held = 0 if len(group) < 2 else min(max(round(len(group) * fraction), 1), len(group) - 1)
+        held.extend(group[:n_held])
+        kept.extend(group[n_held:])
+    return kept, held
+
+
+def auto_target_size(samples: list[Sample], cap: int = 224, floor: int = 28, multiple: int = 8) -> tuple[int, int]:
+    """A ``(height, width)`` that suits the images: their median size, scaled down to at most ``cap`` pixels on the
+    longer side, rounded to a multiple of ``multiple``, and at least ``floor`` — small images are never blown up
+    to 200x200 and trained many times slower."""
+    sizes = [s.size for s in samples if s.size]
+    if not sizes:
+        return (cap, cap)
+    height = float(statistics.median(h for h, _ in sizes))
+    width = float(statistics.median(w for _, w in sizes))
+    scale = min(1.0, cap / max(height, width))
+    return tuple(max(floor, multiple * round(v * scale / multiple)) for v in (height, width))
 
 
 def shuffled(samples: list[Sample], seed: int) -> list[Sample]:

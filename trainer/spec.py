@@ -2,17 +2,12 @@
 
 This module is deliberately free of TensorFlow: the daemon imports it to validate a dropped job before queueing it.
 
-A minimal ``job.yaml`` can be empty (every field has a default); a full one looks like::
+A ``job.yaml`` can be empty: every field has a default, and the defaults are dropfit's best general choice
+(``examples/job.yaml`` lists them all). A job that trains the classic recipe network instead::
 
-    version: 1
-    data:
-      train: .                 # folder with one subfolder per class, relative to the job folder
-      validation_split: 0.2
-    target_size: [128, 128]
-    batch_size: 32
-    epochs: 20
-    model: {architecture: recipe, filters: [16, 32, 64, 64, 64], dense_units: 512}
+    model: {architecture: recipe}
     optimizer: {name: rmsprop, learning_rate: 0.001}
+    augmentation: {enabled: false}
 """
 
 from __future__ import annotations
@@ -27,9 +22,9 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     Strict,
     ValidationError,
     WithJsonSchema,
@@ -44,7 +39,6 @@ JOB_FILE = "job.yaml"
 # A job.yaml is a few hundred bytes; anything this large is a mistake or an attack, not a spec.
 MAX_SPEC_BYTES = 256 * 1024
 
-RECIPE_FILTERS = (16, 32, 64, 64, 64)
 
 
 @dataclass(frozen=True)
@@ -84,21 +78,33 @@ def _relative_path(value: str) -> str:
     return value
 
 
-def _square(value: Any) -> Any:
-    # `target_size: 64` is the natural way to ask for a square input.
-    return [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+def _target_size(value: Any) -> Any:
+    if value == "auto":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]  # `target_size: 64` is the natural way to ask for a square input
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 4096 for v in value)):
+        return tuple(value)
+    raise ValueError("must be auto, one number, or [height, width], each from 8 to 4096")
+
+
+def _weights(value: Any) -> Any:
+    if value is None or value == "imagenet":
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be null, imagenet, or the path of a weights file in the job folder")
+    return _relative_path(value)
 
 
 PositiveInt = Annotated[int, Strict(), Field(gt=0)]
 RelativePath = Annotated[str, Strict(), AfterValidator(_relative_path)]
-Dimension = Annotated[int, Strict(), Field(ge=8, le=4096)]
 _DIMENSION_SCHEMA = {"type": "integer", "minimum": 8, "maximum": 4096}
-TargetSize = Annotated[
-    tuple[Dimension, Dimension],
-    BeforeValidator(_square),
-    WithJsonSchema({"anyOf": [_DIMENSION_SCHEMA, {"type": "array", "prefixItems": [_DIMENSION_SCHEMA] * 2,
-                                                  "minItems": 2, "maxItems": 2}]}),
-]
+TargetSize = Annotated[Any, PlainValidator(_target_size), WithJsonSchema({"anyOf": [
+    {"const": "auto"}, _DIMENSION_SCHEMA,
+    {"type": "array", "prefixItems": [_DIMENSION_SCHEMA] * 2, "minItems": 2, "maxItems": 2}]})]
+Weights = Annotated[Any, PlainValidator(_weights), WithJsonSchema({"anyOf": [
+    {"type": "null"}, {"const": "imagenet"}, {"type": "string", "description": "a file in the job folder"}]})]
 
 
 class _Section(BaseModel):
@@ -106,78 +112,154 @@ class _Section(BaseModel):
 
 
 class DataSpec(_Section):
-    """Where the images are and how to hold out validation data."""
+    """Where the images are and which of them are held out."""
 
     train: RelativePath = Field(".", description="Folder with one subfolder per class, relative to the job folder.")
     validation: RelativePath | None = Field(
         None, description="Optional folder of validation images (same class subfolders); overrides validation_split.")
+    test: RelativePath | None = Field(
+        None, description="Optional folder of test images (same class subfolders); overrides test_split.")
     labels_csv: RelativePath | None = Field(
         None, description="Optional CSV with columns filename,label; filenames are relative to `train`.")
     classes: list[Annotated[str, Strict(), Field(min_length=1)]] | None = Field(
         None, min_length=2, description="Train on these classes only (folder names or CSV labels).")
     validation_split: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
         0.2, description="Fraction of each class held out for validation (stratified, deterministic by seed).")
+    test_split: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0, description="Fraction of each class held out for the final test, never used in training.")
+
+
+class FineTuneSpec(_Section):
+    """Second phase of transfer learning: unfreeze the pretrained backbone and train on at a low learning rate."""
+
+    epochs: Annotated[int, Strict(), Field(ge=0, le=100_000)] = 10
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-5
+    layers: PositiveInt | None = Field(None, description="Unfreeze only the backbone's last N layers (null: all).")
 
 
 class ModelSpec(_Section):
-    """The network. `recipe` is the classic 5-block CNN; its sizes can be tuned here."""
+    """The network: `cnn` (dropfit's default), `recipe` (the classic network) or a pretrained backbone."""
 
-    architecture: Literal["recipe"] = "recipe"
-    filters: list[PositiveInt] = Field(list(RECIPE_FILTERS), min_length=1, max_length=12,
-                                       description="Filters of each Conv2D/MaxPool block.")
-    dense_units: PositiveInt = Field(512, description="Units of the hidden Dense layer.")
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.0, description="Dropout before the output layer.")
-    batch_norm: Annotated[bool, Strict()] = Field(False, description="Batch normalisation after each convolution.")
+    architecture: Literal["cnn", "recipe", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+                          "resnet50"] = "cnn"
+    filters: list[PositiveInt] | None = Field(
+        None, min_length=1, max_length=12,
+        description="Filters of each conv block (recipe: 16 32 64 64 64; cnn: 16 32 64 128 256).")
+    dense_units: PositiveInt = Field(512, description="Units of the recipe's hidden Dense layer.")
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        None, description="Dropout before the output layer (null: 0 for recipe, 0.3 for cnn, 0.2 for backbones).")
+    batch_norm: Annotated[bool, Strict()] = Field(False, description="Batch normalisation in the recipe's blocks.")
+    weights: Weights = Field(
+        None, description="Backbone weights: null (random), imagenet (downloaded by Keras on this host) or a "
+                          ".weights.h5 file relative to the job folder.")
+    fine_tune: FineTuneSpec = Field(default_factory=FineTuneSpec)
 
 
 class OptimizerSpec(_Section):
-    """Optimizer and learning rate (the recipe: RMSprop, 1e-3)."""
+    """Optimizer and learning rate (the recipe used RMSprop at 1e-3)."""
 
-    name: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
+    name: Literal["rmsprop", "adam", "sgd"] = "adam"
     learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.0, description="Momentum (sgd and rmsprop).")
 
 
+class TrainingSpec(_Section):
+    """How training adapts: early stopping, learning-rate reduction, class weights (all on validation loss)."""
+
+    early_stopping_patience: PositiveInt | None = Field(
+        10, description="Stop after this many epochs without a lower validation loss (null: never).")
+    reduce_lr_patience: PositiveInt | None = Field(
+        4, description="Halve the learning rate after this many epochs without improvement (null: never).")
+    reduce_lr_factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    min_learning_rate: Annotated[float, Field(ge=0.0)] = 1e-6
+    class_weight: Literal["balanced", "none"] = Field(
+        "balanced", description="balanced: weigh each class by its inverse frequency in the training images.")
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    restore_best_weights: Annotated[bool, Strict()] = Field(
+        True, description="Keep the weights of the epoch with the lowest validation loss, not the last epoch's.")
+
+
+class AugmentationSpec(_Section):
+    """Random changes to training images, as layers inside the model (on the GPU; inactive at inference)."""
+
+    enabled: Annotated[bool, Strict()] = True
+    flip: Literal["none", "horizontal", "vertical", "both"] = Field(
+        "none", description="Mirroring; only for images whose mirror image is the same class (not digits or text).")
+    rotation: Annotated[float, Field(ge=0.0, le=0.5)] = Field(0.05, description="Fraction of a full turn.")
+    zoom: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    translation: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.1, description="Fraction of width/height.")
+    contrast: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+
+    def options(self) -> dict | None:
+        return self.model_dump(exclude={"enabled"}) if self.enabled else None
+
+
 class JobSpec(_Section):
-    """A training job: everything `train_cnn` needs, in YAML."""
+    """A training job: everything `train_cnn` needs, in YAML. An empty file gives dropfit's defaults."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, title="dropfit job.yaml")
 
     version: Literal[1] = Field(1, description="Spec format version.")
     data: DataSpec = Field(default_factory=DataSpec)
     target_size: TargetSize = Field(
-        (200, 200), description="Height and width images are resized to (one number for a square).")
+        "auto", description="auto (from the images' median size, 28 to 224 px), [height, width], or one number.")
     color_mode: Literal["rgb", "grayscale"] = "rgb"
     batch_size: Annotated[int, Strict(), Field(gt=0, le=8192)] = 32
-    epochs: Annotated[int, Strict(), Field(gt=0, le=100_000)] = 20
+    epochs: Annotated[int, Strict(), Field(gt=0, le=100_000)] = Field(
+        50, description="Most epochs to train (early stopping usually ends sooner); for backbones, the head phase.")
     num_classes: PositiveInt | None = Field(
         None, description="Optional check: the job fails if the data holds a different number of classes.")
-    seed: Annotated[int, Strict(), Field(ge=0, lt=2**32)] = 1337
-    restore_best_weights: Annotated[bool, Strict()] = Field(
-        True, description="Keep the weights of the epoch with the lowest validation loss, not the last epoch's.")
+    seed: Annotated[int, Strict(), Field(ge=0, lt=2**32)] = Field(
+        1337, description="Fixes the splits, shuffling, augmentation and initialisation.")
     model: ModelSpec = Field(default_factory=ModelSpec)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    augmentation: AugmentationSpec = Field(default_factory=AugmentationSpec)
+    exports: list[Literal["savedmodel", "tflite"]] = Field(
+        default_factory=list, description="Also export the model as a TF SavedModel and/or TFLite (checked).")
 
     def train_kwargs(self) -> dict[str, Any]:
         """The `train_cnn` keyword arguments this spec stands for (paths still relative to the job folder)."""
+        t = self.training
         return {
-            "target_size": tuple(self.target_size),
+            "target_size": self.target_size if self.target_size == "auto" else tuple(self.target_size),
             "classes": self.data.classes,
             "batch_size": self.batch_size,
             "num_epochs": self.epochs,
             "num_classes": self.num_classes,
             "validation_split": self.data.validation_split,
+            "test_split": self.data.test_split,
             "color_mode": self.color_mode,
             "seed": self.seed,
-            "restore_best_weights": self.restore_best_weights,
-            "optimizer": self.optimizer.name,
-            "learning_rate": self.optimizer.learning_rate,
-            "momentum": self.optimizer.momentum,
-            "filters": tuple(self.model.filters),
+            "architecture": self.model.architecture,
+            "filters": tuple(self.model.filters) if self.model.filters else None,
             "dense_units": self.model.dense_units,
             "dropout": self.model.dropout,
             "batch_norm": self.model.batch_norm,
+            "fine_tune_epochs": self.model.fine_tune.epochs if self.model.weights else 0,
+            "fine_tune_learning_rate": self.model.fine_tune.learning_rate,
+            "fine_tune_layers": self.model.fine_tune.layers,
+            "optimizer": self.optimizer.name,
+            "learning_rate": self.optimizer.learning_rate,
+            "momentum": self.optimizer.momentum,
+            "augmentation": self.augmentation.options(),
+            "early_stopping_patience": t.early_stopping_patience,
+            "reduce_lr_patience": t.reduce_lr_patience,
+            "reduce_lr_factor": t.reduce_lr_factor,
+            "min_learning_rate": t.min_learning_rate,
+            "class_weight": None if t.class_weight == "none" else t.class_weight,
+            "label_smoothing": t.label_smoothing,
+            "restore_best_weights": t.restore_best_weights,
+            "exports": tuple(self.exports),
         }
+
+    def paths(self) -> dict[str, str]:
+        """Spec fields that name files or folders in the job folder, by field name (for `resolve_path`)."""
+        fields = {"data.train": self.data.train, "data.validation": self.data.validation,
+                  "data.test": self.data.test, "data.labels_csv": self.data.labels_csv}
+        if self.model.weights not in (None, "imagenet"):
+            fields["model.weights"] = self.model.weights
+        return {k: v for k, v in fields.items() if v is not None}
 
 
 # --- loading -----------------------------------------------------------------------------------------------------

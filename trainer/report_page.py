@@ -1,0 +1,152 @@
+"""report.html: one self-contained page (plots embedded as data URIs, no scripts, no external files) that shows
+whether a model is good and why: learning curves, confusion matrix, per-class metrics, the most confused pairs,
+misclassified images, the dataset and its skipped files, and the resolved job spec."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+_CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 0; color: #1d2330;
+       background: #f6f7f9; }
+main { max-width: 1100px; margin: 0 auto; padding: 24px; }
+h1 { font-size: 24px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 10px; }
+.sub { color: #5b6475; margin-bottom: 18px; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { background: #fff; border: 1px solid #e2e5ea; border-radius: 8px; padding: 12px 16px; min-width: 150px; }
+.card b { display: block; font-size: 22px; } .card span { color: #5b6475; font-size: 12px; }
+section { background: #fff; border: 1px solid #e2e5ea; border-radius: 8px; padding: 16px 20px; margin-top: 16px; }
+table { border-collapse: collapse; width: 100%; } th, td { text-align: left; padding: 5px 10px;
+        border-bottom: 1px solid #eef0f3; } th { background: #fafbfc; font-weight: 600; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; height: auto; } .warn { color: #9a5b00; } .bad { color: #b42318; }
+pre { background: #f3f4f6; padding: 12px; border-radius: 6px; overflow-x: auto; font-size: 12.5px; }
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _img(path: Path, alt: str) -> str:
+    if not path.exists():
+        return f"<p><i>{_e(alt)}: not available</i></p>"
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}">'
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _table(headers: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
+    head = "".join(f'<th class="num">{_e(h)}</th>' if i in numeric else f"<th>{_e(h)}</th>"
+                   for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if i in numeric else f"<td>{_e(c)}</td>"
+                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_report(out: Path, report: dict, dataset: dict, summary: dict, history: list[dict]) -> str:
+    """The page's HTML; images are read from ``out`` (history.png, confusion_matrix.png, errors.png)."""
+    ev = summary["evaluation"]
+    title = summary.get("job_id") or Path(dataset.get("root", "")).name or "dropfit run"
+    split_name = {"test": "test", "validation": "validation", "train": "training (not held out)"}[ev["split"]]
+    cards = [
+        (_pct(ev["accuracy"]), f"{split_name} accuracy ({ev['images']} images)"),
+        (f"{ev['macro_f1']:.3f}", "macro F1"),
+        (_pct(summary.get("best_val_accuracy")), "best validation accuracy"),
+        (f"{summary['epochs_trained']}/{summary['epochs']}", "epochs" + (" (stopped early)"
+                                                                         if summary.get("stopped_early") else "")),
+        (f"{summary['durations']['total_seconds']:.0f} s", "training time"),
+        (str(summary["architecture"]), f"{summary.get('parameters', 0):,} parameters"),
+    ]
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>dropfit report: {_e(title)}</title>"
+             f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{_CSS}</style></head>"
+             f"<body><main><h1>dropfit report: {_e(title)}</h1>"
+             f"<div class='sub'>{len(summary['classes'])} classes · target size "
+             f"{'×'.join(map(str, summary['config']['target_size']))} · seed {_e(summary['seed'])} · "
+             f"TensorFlow {_e(summary['versions'].get('tensorflow', '?'))}, "
+             f"Keras {_e(summary['versions'].get('keras', '?'))}</div>",
+             "<div class='cards'>" + "".join(f"<div class='card'><b>{_e(v)}</b><span>{_e(k)}</span></div>"
+                                             for v, k in cards) + "</div>"]
+    warnings = list(dataset.get("warnings", []))
+    if warnings:
+        parts.append("<section><h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{_e(w)}</li>" for w in warnings)
+                     + "</ul></section>")
+
+    parts.append(f"<section><h2>Learning curves</h2>{_img(out / 'history.png', 'learning curves')}")
+    if history:
+        best = summary.get("best_epoch")
+        parts.append(_table(["epoch", "loss", "accuracy", "val loss", "val accuracy", "learning rate", "seconds"],
+                            [[f"{r['epoch']}{' ★' if r['epoch'] == best else ''}", _f(r.get("loss")),
+                              _f(r.get("accuracy")), _f(r.get("val_loss")), _f(r.get("val_accuracy")),
+                              f"{r.get('learning_rate', 0):.2g}", _f(r.get("seconds"), 1)] for r in history],
+                            numeric={1, 2, 3, 4, 5, 6}))
+        if summary.get("restored_best_weights"):
+            parts.append(f"<p>The model keeps the weights of epoch {best} (★), the lowest validation loss.</p>")
+    parts.append("</section>")
+
+    per_class = report["per_class"]
+    parts.append(f"<section><h2>Per class ({_e(split_name)} images)</h2>" + _table(
+        ["class", "precision", "recall", "F1", "images"],
+        [[name, _f(m["precision"]), _f(m["recall"]), _f(m["f1"]), m["support"]] for name, m in per_class.items()],
+        numeric={1, 2, 3, 4}))
+    if report.get("splits"):
+        parts.append("<p>" + " · ".join(f"{_e(name)}: accuracy {_pct(s['accuracy'])} on {s['images']} images"
+                                        for name, s in report["splits"].items()) + "</p>")
+    parts.append("</section>")
+
+    parts.append(f"<section><h2>Confusion matrix</h2>{_img(out / 'confusion_matrix.png', 'confusion matrix')}")
+    if report.get("most_confused"):
+        parts.append("<h2>Most confused pairs</h2>" + _table(
+            ["true class", "predicted as", "images"],
+            [[c["true"], c["predicted"], c["count"]] for c in report["most_confused"]], numeric={2}))
+    parts.append("</section>")
+
+    errors = report.get("misclassified", [])
+    parts.append(f"<section><h2>Misclassified images ({len(errors)}{'+' if len(errors) >= 100 else ''})</h2>"
+                 f"{_img(out / 'errors.png', 'misclassified images')}")
+    if errors:
+        parts.append(_table(["file", "true", "predicted", "probability"],
+                            [[_short(e["file"], dataset.get("root")), e["true"], e["predicted"],
+                              _f(e["probability"])] for e in errors[:50]], numeric={3}))
+    parts.append("</section>")
+
+    counts = dataset.get("counts", {})
+    parts.append("<section><h2>Dataset</h2>" + _table(
+        ["class", "train", "validation", "test", "total"],
+        [[name, c["train"], c["validation"], c.get("test", 0), c["total"]] for name, c in counts.items()],
+        numeric={1, 2, 3, 4}))
+    sizes = dataset.get("image_sizes")
+    if sizes:
+        parts.append(f"<p>Image sizes (height × width): median {_size(sizes['median'])}, smallest "
+                     f"{_size(sizes['min'])}, largest {_size(sizes['max'])}.</p>")
+    skipped = dataset.get("skipped", [])
+    parts.append(f"<h2>Skipped files ({len(skipped)})</h2>")
+    parts.append(_table(["file", "reason"], [[s["file"], s["reason"]] for s in skipped[:200]]) if skipped
+                 else "<p>None: every file was a usable image.</p>")
+    parts.append("</section>")
+
+    spec = summary.get("spec") or summary.get("config")
+    parts.append("<section><h2>Resolved job spec</h2><pre>" + _e(json.dumps(spec, indent=2)) + "</pre>"
+                 "<h2>Versions</h2><pre>" + _e(json.dumps(summary.get("versions", {}), indent=2)) + "</pre>"
+                 + ("<h2>Exports</h2><pre>" + _e(json.dumps(summary["exports"], indent=2)) + "</pre>"
+                    if summary.get("exports") else "") + "</section>")
+    parts.append("</main></body></html>\n")
+    return "\n".join(parts)
+
+
+def _f(value, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _size(hw) -> str:
+    return f"{hw[0]:g} × {hw[1]:g}"
+
+
+def _short(path: str, root: str | None) -> str:
+    return path[len(root) + 1:] if root and path.startswith(root + "/") else path

@@ -1,0 +1,120 @@
+"""The results of a run in ``output_dir``: what goes in each file, and writing them all.
+
+Layout (every file written atomically)::
+
+    model.keras            the trained model (takes raw 0-255 pixels)
+    labels.json            class names in output order, input size, colour mode
+    metrics.csv            one row per epoch
+    history.png            loss and accuracy curves, train and validation
+    confusion_matrix.png   on the held-out images (test, else validation)
+    errors.png             a grid of misclassified held-out images, true and predicted labels
+    report.json            accuracy, per-class precision/recall/F1, most confused pairs, misclassified files
+    report.html            all of the above on one self-contained page
+    dataset.json           images per class and split, image sizes, skipped files with reasons, warnings
+    summary.json           final metrics, durations, resolved configuration, seed, library versions
+    savedmodel/, model.tflite   exports, when asked for
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from trainer import artifacts
+from trainer.scan import Sample, Scan, relative
+
+TINY_CLASS = 10
+IMBALANCE_RATIO = 3.0
+
+
+def dataset_info(scan: Scan, extra_scans: dict[str, Scan], train: list[Sample], val: list[Sample],
+                 test: list[Sample]) -> dict:
+    """dataset.json: counts per class and split, image sizes, skipped files and warnings."""
+    info = scan.to_json()
+    counts = {name: {"total": 0, "train": 0, "validation": 0, "test": 0} for name in scan.class_names}
+    for part, samples in (("train", train), ("validation", val), ("test", test)):
+        for s in samples:
+            entry = counts[scan.class_names[s.label]]
+            entry[part] += 1
+            entry["total"] += 1
+    info["counts"] = counts
+    info["train_images"], info["validation_images"], info["test_images"] = len(train), len(val), len(test)
+    sizes = [s.size for s in (*train, *val, *test) if s.size]
+    if sizes:
+        heights, widths = [h for h, _ in sizes], [w for _, w in sizes]
+        info["image_sizes"] = {"median": [statistics.median(heights), statistics.median(widths)],
+                               "min": [min(heights), min(widths)], "max": [max(heights), max(widths)]}
+    for name, side in extra_scans.items():
+        info[f"{name}_root"] = side.root
+        info["skipped"] += [{"file": relative(side.root, s.path), "reason": s.reason} for s in side.skipped]
+        info["warnings"] += side.warnings
+    train_counts = {name: c["train"] for name, c in counts.items()}
+    for name, n in train_counts.items():
+        if n < TINY_CLASS:
+            info["warnings"].append(f"class {name!r} has only {n} training image(s); expect unreliable results "
+                                    f"for it (aim for 50 or more)")
+    smallest, largest = min(train_counts.values(), default=0), max(train_counts.values(), default=0)
+    if smallest and largest / smallest > IMBALANCE_RATIO:
+        info["warnings"].append(f"classes are imbalanced: {largest} vs {smallest} training images "
+                                f"(class_weight: balanced compensates)")
+    return info
+
+
+def misclassified(samples: list[Sample], y_true, y_pred, probs, index, class_names: list[str]) -> list[dict]:
+    """Misclassified images, most confident mistakes first."""
+    out = []
+    for t, p, prob, i in zip(y_true, y_pred, probs, index, strict=True):
+        if t != p:
+            out.append({"file": samples[int(i)].path, "true": class_names[int(t)], "predicted": class_names[int(p)],
+                        "probability": float(prob[int(p)])})
+    out.sort(key=lambda e: -e["probability"])
+    return out
+
+
+def write_all(out: Path, model, class_names, target_size, color_mode, history_rows, report, errors, dataset,
+              summary, exports=(), sample_images=()) -> dict[str, Path]:
+    """Write every artifact of a finished run into ``out``; returns their paths by name."""
+    from trainer.report_page import render_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    cm = report["confusion_matrix"]
+    split = report["split"] if report["held_out"] else "training, not held out"
+    paths = {
+        "model": artifacts.save_model(out / "model.keras", model),
+        "labels": artifacts.write_json(out / "labels.json", {"classes": class_names, "target_size": list(target_size),
+                                                             "color_mode": color_mode}),
+        "metrics": artifacts.write_metrics_csv(out / "metrics.csv", history_rows),
+        "history_plot": artifacts.plot_history(out / "history.png", history_rows),
+        "confusion_matrix": artifacts.plot_confusion(out / "confusion_matrix.png", cm["matrix"], cm["labels"],
+                                                     f"confusion matrix ({split} images)"),
+        "errors_plot": artifacts.plot_errors(out / "errors.png", errors[:25], target_size, color_mode),
+    }
+    if exports:
+        from trainer.exports import export_model
+
+        summary["exports"] = {}
+        images = _sample_batch(sample_images, target_size, color_mode)
+        for fmt in exports:
+            path, check = export_model(model, fmt, out, images)
+            paths[fmt] = path
+            summary["exports"][fmt] = {"path": str(path), **check}
+    paths["report"] = artifacts.write_json(out / "report.json", report)
+    paths["dataset"] = artifacts.write_json(out / "dataset.json", dataset)
+    paths["summary"] = artifacts.write_json(out / "summary.json", summary)
+    paths["report_html"] = artifacts.write_text(out / "report.html", render_report(out, report, dataset, summary,
+                                                                                    history_rows))
+    return paths
+
+
+def _sample_batch(paths, target_size, color_mode) -> np.ndarray:
+    """A few real images, as the model sees them, to check exports against."""
+    from trainer.data import resize
+    from trainer.predict import decode_file
+
+    channels = 1 if color_mode == "grayscale" else 3
+    images = [np.asarray(resize(decode_file(p, channels), target_size)) for p in paths]
+    if not images:
+        images = [np.random.default_rng(0).integers(0, 256, (*target_size, channels), dtype=np.uint8)]
+    return np.stack(images)
