@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo/shapes
 
-.PHONY: run test lint venv demo train-demo schemas docker-smoke compare clean
+.PHONY: run test lint venv demo train-demo schemas docker-smoke compare bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ test: $(STAMP)
 compare: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/compare_models.py --json bench/results/compare.json
+
+## bench: input pipeline, training throughput and daemon overhead against the recipe; writes bench/results/latest.*
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/run.py
+
+## bench-quick: the same measurements on a smaller dataset (a few minutes)
+bench-quick: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/run.py --quick
 
 ## docker-smoke: build the image on a debootstrap base and run a job through the compose service (root, Debian)
 docker-smoke: $(STAMP)

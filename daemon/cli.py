@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import sqlite3
 import sys
 import time
 
@@ -75,11 +76,16 @@ def cmd_status(args) -> int:
     if not path.exists():
         print("no jobs yet" if not args.json else "[]")
         return EXIT_OK
-    ledger = Ledger(path, readonly=True)
     try:
-        jobs = ledger.jobs()
-    finally:
-        ledger.close()
+        ledger = Ledger(path, readonly=True)
+        try:
+            jobs = ledger.jobs()
+        finally:
+            ledger.close()
+    except sqlite3.DatabaseError as exc:
+        print(f"error: the ledger {path} is unreadable ({exc}); starting the daemon moves it aside and rebuilds it "
+              "from the outbox", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         print(json.dumps([j.to_json() for j in jobs], indent=2))
         return EXIT_OK

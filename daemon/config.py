@@ -39,6 +39,19 @@ class ObserverConfig(_Section):
     interval: Annotated[float, Field(gt=0, le=3600)] = Field(2.0, description="Seconds between polls (polling).")
 
 
+class LimitsConfig(_Section):
+    """What one drop may ask of the daemon: anyone who can write to the inbox can drop anything."""
+
+    max_classes: Annotated[int, Strict(), Field(ge=2)] = Field(
+        1000, description="More class folders than this and the job is rejected before it runs.")
+    archive_max_bytes: Annotated[int, Strict(), Field(ge=1)] = Field(
+        20 << 30, description="A dropped .zip/.tar.gz may extract to at most this many bytes.")
+    archive_max_files: Annotated[int, Strict(), Field(ge=1)] = Field(
+        200_000, description="... and hold at most this many files.")
+    archive_max_ratio: Annotated[float, Field(gt=1)] = Field(
+        200.0, description="... at a compression ratio of at most this (decompression bombs).")
+
+
 class Config(_Section):
     """dropfit daemon configuration."""
 
@@ -50,6 +63,7 @@ class Config(_Section):
     archive_dir: str = Field("archive", description="Datasets of succeeded jobs are moved here.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     observer: ObserverConfig = Field(default_factory=ObserverConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     settle_seconds: Annotated[float, Field(ge=0, le=3600)] = Field(
         5.0, description="A dropped folder must be quiet this long before its job starts (copies in progress).")
     max_concurrent_jobs: Annotated[int, Strict(), Field(ge=1, le=256)] = 1

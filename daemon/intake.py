@@ -48,43 +48,50 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def copy_into_place(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` via a temporary sibling, so ``dst`` exists only once complete."""
+    """Copy ``src`` (a folder or a file) to ``dst`` via a temporary sibling, so ``dst`` exists only once complete."""
     tmp = dst.with_name(f".{dst.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, symlinks=True)
+    _remove(tmp)
+    if src.is_dir():
+        shutil.copytree(src, tmp, symlinks=True)
+    else:
+        shutil.copy2(src, tmp)
     os.rename(tmp, dst)
     _fsync_dir(dst.parent)
 
 
-def claim(source: Path, hidden: Path, dataset: Path) -> bool:
-    """Move a dropped folder to ``dataset``; safe to call again after a crash at any point.
+def claim(source: Path, hidden: Path, target: Path) -> bool:
+    """Move a dropped folder (or archive file) to ``target``; safe to call again after a crash at any point.
 
-    Returns False if the folder is gone (removed or renamed by the user before it could be claimed).
+    Returns False if it is gone (removed or renamed by the user before it could be claimed).
     """
-    dataset.parent.mkdir(parents=True, exist_ok=True)
-    if dataset.exists():
-        shutil.rmtree(hidden, ignore_errors=True)  # an earlier attempt finished the copy
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        _remove(hidden)  # an earlier attempt finished the copy
         return True
-    if hidden.exists():
-        copy_into_place(hidden, dataset)
-        shutil.rmtree(hidden)
-        return True
-    try:
-        os.rename(source, dataset)
-        _fsync_dir(dataset.parent)
-        return True
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-    try:
-        os.rename(source, hidden)
-    except FileNotFoundError:
-        return False
-    copy_into_place(hidden, dataset)
-    shutil.rmtree(hidden)
+    if not hidden.exists():
+        try:
+            os.rename(source, target)
+            _fsync_dir(target.parent)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+        try:
+            os.rename(source, hidden)
+        except FileNotFoundError:
+            return False
+    copy_into_place(hidden, target)
+    _remove(hidden)
     return True
 
 
@@ -104,17 +111,38 @@ def move_tree(src: Path, dst: Path) -> None:
     shutil.rmtree(src)
 
 
-def validate(dataset: Path, defaults: dict | None = None, display: str | None = None
-             ) -> tuple[JobSpec | None, str | None]:
+def validate(dataset: Path, defaults: dict | None = None, display: str | None = None,
+             max_classes: int | None = None) -> tuple[JobSpec | None, str | None]:
     """Load and check a claimed job's ``job.yaml``; returns ``(spec, None)`` or ``(None, error text)``.
 
     ``display`` replaces the claimed folder's path in messages (the name the user dropped it under).
+    ``max_classes`` rejects datasets with more class folders than that before any trainer is started.
     """
     try:
         spec = load_spec(dataset / JOB_FILE, defaults)
-        for field, relative in spec.paths().items():
-            resolve_path(dataset, relative, field)
+        paths = {field: resolve_path(dataset, relative, field) for field, relative in spec.paths().items()}
     except SpecError as exc:
         # Name the file as the user knows it (inside the folder they dropped), not by our state path.
         return None, str(exc).replace(str(dataset), display) if display else str(exc)
+    if max_classes is not None:
+        error = _check_class_count(paths["data.train"], spec, max_classes)
+        if error:
+            return None, error.replace(str(dataset), display) if display else error
     return spec, None
+
+
+def _check_class_count(train: Path, spec: JobSpec, max_classes: int) -> str | None:
+    if spec.data.labels_csv or not train.is_dir():
+        return None  # the trainer checks CSV labels and missing folders with its own messages
+    if spec.data.classes:
+        count = len(spec.data.classes)
+    else:
+        count = 0
+        with os.scandir(train) as entries:
+            for entry in entries:
+                if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                    count += 1
+    if count > max_classes:
+        return (f"data.train: {train} holds {count} class folders; the limit is {max_classes} "
+                "(limits.max_classes in the daemon's config.yaml)")
+    return None

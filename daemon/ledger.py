@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_kind TEXT,
     error TEXT,
     pid INTEGER,
-    gpu TEXT
+    gpu TEXT,
+    multi_gpu INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
 """
@@ -102,12 +103,14 @@ class Job:
     error: str | None = None
     pid: int | None = None
     gpu: str | None = None
+    multi_gpu: bool = False
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
         data = dict(row)
         data["state"] = JobState(data["state"])
         data["metrics"] = json.loads(data["metrics"]) if data["metrics"] else None
+        data["multi_gpu"] = bool(data.get("multi_gpu"))
         return cls(**data)
 
     def to_json(self) -> dict:
@@ -132,7 +135,21 @@ class Ledger:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
+            self._migrate()
         self.db.row_factory = sqlite3.Row
+
+    def check(self) -> None:
+        """Raise sqlite3.DatabaseError unless the file is a sound SQLite database with our table."""
+        result = self.db.execute("PRAGMA quick_check").fetchone()[0]
+        if result != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {result}")
+        self.db.execute("SELECT COUNT(*) FROM jobs").fetchone()
+
+    def _migrate(self) -> None:
+        """Add columns that newer versions know to a ledger written by an older one."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        if "multi_gpu" not in have:
+            self.db.execute("ALTER TABLE jobs ADD COLUMN multi_gpu INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()
@@ -197,6 +214,16 @@ class Ledger:
         assignments = ", ".join(f"{k} = ?" for k in changes)
         self.db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*changes.values(), job_id])
         return self.get(job_id)
+
+    def restore(self, record: dict) -> Job:
+        """Insert a job as recorded elsewhere (its outbox status.json), when rebuilding a lost ledger."""
+        row = {k: v for k, v in record.items() if k in _COLUMNS | {"id", "created_at"}}
+        if row.get("metrics") is not None:
+            row["metrics"] = json.dumps(row["metrics"])
+        row.setdefault("updated_at", time.time())
+        names = ", ".join(row)
+        self.db.execute(f"INSERT INTO jobs ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        return self.get(row["id"])
 
     def delete(self, job_id: str) -> None:
         """Forget a job that never really existed (its folder vanished before it was claimed)."""

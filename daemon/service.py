@@ -23,10 +23,12 @@ from daemon.config import Config
 from daemon.intake import claim, claim_hidden_path, move_tree, new_job_id, validate
 from daemon.ledger import Job, JobState, Ledger
 from daemon.metrics import Metrics, MetricsServer
+from daemon.repair import open_ledger, status_is_readable
 from daemon.runner import EXIT_INTERRUPTED, EXIT_INVALID, TrainerProcess, describe_exit, stop_orphan
+from daemon.unpack import ArchiveError, Limits, archive_kind, extract
 from daemon.watch import CANCEL_FILE, Watcher, ignored_name, inbox_entries
 from trainer.artifacts import write_json
-from trainer.spec import JOB_FILE
+from trainer.spec import FINISHED_FILE, JOB_FILE
 
 log = logging.getLogger(__name__)
 LEDGER_FILE = "ledger.sqlite3"
@@ -87,7 +89,7 @@ class Daemon:
 
     def run(self, install_signals: bool = True) -> int:
         self._check_folders()
-        self.ledger = Ledger(self.state / LEDGER_FILE)
+        self.ledger = open_ledger(self.state / LEDGER_FILE, self.outbox, self.state / "jobs")
         self.server = MetricsServer(self.metrics.registry, self.config.metrics.host, self.config.metrics.port,
                                     self.health)
         try:
@@ -99,7 +101,8 @@ class Daemon:
             self.watcher.start()
             # Whatever arrived while we were down settles like a new drop (a copy may still be going on).
             for name in inbox_entries(self.inbox):
-                self.pending[name] = time.monotonic()
+                if self._may_be_a_job(name):
+                    self.pending[name] = time.monotonic()
             if install_signals:
                 signal.signal(signal.SIGTERM, self._on_signal)
                 signal.signal(signal.SIGINT, self._on_signal)
@@ -151,15 +154,22 @@ class Daemon:
             except queue.Empty:
                 message = None
             while message is not None:
-                self._dispatch(message)
+                self._guarded(self._dispatch, message)
                 try:
                     message = self.messages.get_nowait()
                 except queue.Empty:
                     message = None
-            self._tick()
-            self._refresh_gauges()
+            self._guarded(self._tick)
+            self._guarded(self._refresh_gauges)
             if self.stopping and not self.running:
                 return
+
+    def _guarded(self, fn, *args) -> None:
+        # The daemon outlives its own bugs: a failure handling one message is logged, the loop goes on.
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("unexpected error in %s%s; carrying on", fn.__name__, args[:1])
 
     def _timeout(self) -> float | None:
         now = time.monotonic()
@@ -177,7 +187,7 @@ class Daemon:
         kind = message[0]
         if kind == "activity":
             # Events also come for folders leaving the inbox (our own claims among them): only present ones wait.
-            if not self.stopping and os.path.lexists(self.inbox / message[1]):
+            if not self.stopping and self._may_be_a_job(message[1]):
                 self.pending[message[1]] = time.monotonic()
         elif kind == "event":
             self._on_event(message[1], message[2])
@@ -237,22 +247,37 @@ class Daemon:
 
     def _set(self, job_id: str, state: JobState, **changes) -> Job:
         job = self.ledger.transition(job_id, state, **changes)
-        outbox.write_status(self.outbox, job)
+        self._publish(job)
         return job
 
     def _update(self, job_id: str, **changes) -> Job:
         job = self.ledger.update(job_id, **changes)
-        outbox.write_status(self.outbox, job)
+        self._publish(job)
         return job
+
+    def _publish(self, job: Job) -> None:
+        # The ledger is the truth and is already written; a full or broken outbox must not stop the state change
+        # that follows (failing the job, freeing its GPU): status.json is rewritten at the next change.
+        try:
+            outbox.write_status(self.outbox, job)
+        except OSError as exc:
+            _jlog(job.id).error("could not write outbox/%s/status.json: %s", job.id, exc.strerror or exc)
 
     # --- intake ----------------------------------------------------------------------------------------------
 
+    def _may_be_a_job(self, name: str) -> bool:
+        """A folder or an archive file (not a link); anything else in the inbox is ignored, and never waited on."""
+        path = self.inbox / name
+        if ignored_name(name) or path.is_symlink():
+            return False
+        return path.is_dir() or (archive_kind(name) is not None and path.is_file())
+
     def intake(self, name: str) -> None:
-        """Claim ``inbox/<name>`` as a new job if it is a folder with a job.yaml (after it settled)."""
+        """Claim ``inbox/<name>`` as a new job if it is a folder with a job.yaml or an archive (after it settled)."""
         source = self.inbox / name
-        if ignored_name(name) or not source.is_dir() or source.is_symlink():
+        if not self._may_be_a_job(name):
             return
-        if not (source / JOB_FILE).is_file():
+        if source.is_dir() and not (source / JOB_FILE).is_file():
             log.info("inbox/%s has no %s yet; waiting for one", name, JOB_FILE)
             return
         job_id = new_job_id(name)
@@ -261,8 +286,12 @@ class Daemon:
 
     def _finish_claim(self, job: Job) -> None:
         jl = _jlog(job.id)
+        dataset = Path(job.path)
+        kept = dataset.parent / job.name  # a dropped archive, kept with its job
+        is_archive = archive_kind(job.name) is not None and not Path(job.source).is_dir()
         try:
-            claimed = claim(Path(job.source), claim_hidden_path(self.inbox, job.id), Path(job.path))
+            hidden = claim_hidden_path(self.inbox, job.id)
+            claimed = claim(Path(job.source), hidden, kept if is_archive else dataset)
         except OSError as exc:
             # The dataset is still in the inbox (or our hidden copy of it); nothing is lost, the job fails.
             jl.error("could not claim inbox/%s: %s", job.name, exc)
@@ -272,32 +301,52 @@ class Daemon:
             jl.info("inbox/%s disappeared before it could be claimed", job.name)
             self.ledger.delete(job.id)
             return
-        spec, error = validate(Path(job.path), self.config.job_defaults, display=job.name)
+        if is_archive and not dataset.exists():
+            limits = self.config.limits
+            try:
+                extract(kept, dataset, Limits(limits.archive_max_bytes, limits.archive_max_files,
+                                              limits.archive_max_ratio))
+            except (ArchiveError, OSError) as exc:
+                jl.warning("archive refused: %s", exc)
+                self._update(job.id, path=str(kept))
+                self._fail(job.id, "archive", f"{job.name}: {exc}", outcome="rejected")
+                return
+        spec, error = validate(dataset, self.config.job_defaults, display=job.name,
+                               max_classes=self.config.limits.max_classes)
         if error:
             jl.warning("invalid job spec:\n%s", error)
             self._fail(job.id, "spec", error, outcome="rejected")
             return
-        self._set(job.id, JobState.QUEUED, epochs=spec.epochs)
+        self._set(job.id, JobState.QUEUED, epochs=spec.epochs, multi_gpu=spec.hardware.multi_gpu)
         jl.info("queued inbox/%s (%d epochs)", job.name, spec.epochs)
 
     def _fail(self, job_id: str, kind: str, message: str, outcome: str = "failed", seconds: float | None = None):
         job = self._set(job_id, JobState.FAILED, outcome=outcome, error_kind=kind, error=message,
                         finished_at=time.time(), pid=None)
-        outbox.write_error(self.outbox, job)
+        try:
+            outbox.write_error(self.outbox, job)
+        except OSError as exc:
+            _jlog(job_id).error("could not write outbox/%s/error.txt: %s", job_id, exc.strerror or exc)
         self.metrics.job_ended(job.id, job.name, outcome, seconds, self.config.metrics_retention_seconds)
 
     # --- running ---------------------------------------------------------------------------------------------
 
     def schedule(self) -> None:
         """Start queued jobs, oldest first, while slots are free."""
-        while not self.stopping and len(self.running) < self.slots:
+        while not self.stopping and (self.free_gpus if self.gpus else len(self.running) < self.slots):
             job = self.ledger.next_queued()
             if job is None:
                 return
+            if job.multi_gpu and self.gpus and len(self.free_gpus) < len(self.gpus):
+                return  # it waits for every GPU; first in, first out, so the jobs behind it wait too
             self._start(job)
 
     def _start(self, job: Job) -> None:
-        gpu = self.free_gpus.pop(0) if self.gpus else None
+        if job.multi_gpu and self.gpus:
+            gpu = ",".join(self.free_gpus)
+            self.free_gpus.clear()
+        else:
+            gpu = self.free_gpus.pop(0) if self.gpus else None
         attempt = job.attempt + 1
         out = self.outbox / job.id
         argv = [*self.config.trainer_argv(), "run", job.path, "--out", str(out), "--work",
@@ -310,7 +359,7 @@ class Daemon:
             proc.start(attempt)
         except OSError as exc:
             if gpu is not None:
-                self.free_gpus.append(gpu)
+                self.free_gpus.extend(gpu.split(","))
             self.ledger.transition(job.id, JobState.RUNNING, attempt=attempt)
             self._fail(job.id, "internal", f"could not start the trainer ({argv[0]}): {exc}")
             return
@@ -324,7 +373,7 @@ class Daemon:
 
     def _release(self, r: Running) -> None:
         if r.gpu is not None:
-            self.free_gpus.append(r.gpu)
+            self.free_gpus.extend(r.gpu.split(","))
 
     def _on_event(self, job_id: str, event: dict) -> None:
         r = self.running.get(job_id)
@@ -378,12 +427,17 @@ class Daemon:
             reason = describe_exit(rc)
             if r.error and r.error.get("message") and rc != EXIT_INTERRUPTED:
                 reason += f": {r.error['message']}"
-            if job.attempt <= self.config.retries:
+            error_kind = (r.error or {}).get("kind")
+            # Retrying helps a crash, not a full disk, a spec or data problem, or too little memory for the batch.
+            if job.attempt <= self.config.retries and error_kind in (None, "internal"):
                 jl.warning("attempt %d failed (%s); retrying from the last checkpoint", job.attempt, reason)
                 self._set(job_id, JobState.QUEUED, pid=None, error_kind="retry", error=f"attempt {job.attempt}: "
                                                                                        f"{reason}")
             else:
-                kind = (r.error or {}).get("kind") or ("crash" if rc < 0 else "internal")
+                kind = error_kind or ("crash" if rc < 0 else "internal")
+                if kind == "io":
+                    # Whatever the failed write left (checkpoints, disk cache) only takes space the next job needs.
+                    shutil.rmtree(self.state / "jobs" / job_id / "work", ignore_errors=True)
                 self._fail(job_id, kind, reason, seconds=seconds)
         self.schedule()
 
@@ -400,14 +454,24 @@ class Daemon:
         job_state = self.state / "jobs" / job.id
         shutil.rmtree(job_state / "work", ignore_errors=True)
         dataset = Path(job.path)
+        kept = job_state / job.name
+        target = self.archive / job.id
+        if archive_kind(job.name) and kept.is_file() and dataset.is_relative_to(job_state) and \
+                self.config.after_success != "keep":
+            # The dropped archive is the dataset to keep; its extracted copy can always be made again.
+            shutil.rmtree(dataset, ignore_errors=True)
+            dataset, target = kept, self.archive / job.id / job.name
         try:
             if self.config.after_success == "archive" and dataset.is_relative_to(job_state):
-                target = self.archive / job.id
-                move_tree(dataset, target)
+                if dataset.is_file():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(dataset, target)
+                else:
+                    move_tree(dataset, target)
                 self._update(job.id, path=str(target))
                 jl.info("dataset archived in %s", target)
             elif self.config.after_success == "delete" and dataset.exists():
-                shutil.rmtree(dataset)
+                shutil.rmtree(dataset) if dataset.is_dir() else dataset.unlink()
                 self._update(job.id, path="")
         except OSError as exc:
             jl.error("could not %s the dataset (%s); it stays in %s", self.config.after_success, exc, dataset)
@@ -437,12 +501,21 @@ class Daemon:
 
     def recover(self) -> None:
         """Finish what a crash or stop left half done, before anything new is looked at."""
+        for job in self.ledger.jobs():
+            if job.state != JobState.CLAIMING and not status_is_readable(self.outbox, job):
+                _jlog(job.id).warning("outbox/%s/status.json was missing or unreadable; rewritten from the ledger",
+                                      job.id)
+                self._publish(job)
         for job in self.ledger.jobs(JobState.CLAIMING):
             _jlog(job.id).info("finishing an interrupted claim of inbox/%s", job.name)
             self._finish_claim(job)
         for job in self.ledger.jobs(JobState.RUNNING, JobState.INTERRUPTED):
             if job.pid and stop_orphan(job.pid, job.id, self.config.stop_grace_seconds):
                 _jlog(job.id).warning("stopped trainer pid %d left running by the previous daemon", job.pid)
+            if job.state == JobState.RUNNING and (self.outbox / job.id / FINISHED_FILE).is_file():
+                _jlog(job.id).info("its trainer finished while the daemon was down; not running it again")
+                self._succeed(job, time.time() - job.started_at if job.started_at else None)
+                continue
             _jlog(job.id).info("re-queued after a restart; resumes from its last completed epoch (%d)", job.epoch)
             self._set(job.id, JobState.QUEUED, pid=None)
         for job in self.ledger.jobs(JobState.QUEUED):

@@ -46,6 +46,13 @@ def main() -> int:
     parser.add_argument("--job-id")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, on_term)
+    if os.environ.get("DROPFIT_PARENT_PID") and sys.platform.startswith("linux"):
+        # Like the real trainer: SIGTERM (stop at a safe point) when the daemon dies.
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+        if str(os.getppid()) != os.environ["DROPFIT_PARENT_PID"]:
+            return 75
     job, out, work = Path(args.job_dir), Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -83,6 +90,10 @@ def main() -> int:
              val_loss=1.2 / epoch, val_accuracy=0.4 + epoch / 100, learning_rate=0.001, seconds=0.05,
              images_per_second=200.0)
     (out / "model.keras").write_bytes(b"fake model")
+    (out / "finished.json.tmp").write_text(json.dumps({"job": args.job_id}))
+    os.replace(out / "finished.json.tmp", out / "finished.json")
+    with (out / "fake_finished.jsonl").open("a") as f:
+        f.write(json.dumps({"job": args.job_id, "attempt": attempt}) + "\n")
     emit("finished", job=args.job_id, artifacts={"model": str(out / "model.keras")})
     return 0
 

@@ -110,9 +110,9 @@ def test_spec_path_through_a_symlink_out_of_the_job_is_refused(tmp_path):
     assert "data.train: resolves to" in events(proc.stdout)[0]["message"]
 
 
-def _start(job_dir: Path, out: Path, work: Path) -> subprocess.Popen:
+def _start(job_dir: Path, out: Path, work: Path, stderr=subprocess.DEVNULL) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "trainer", "run", str(job_dir), "--out", str(out), "--work",
-                             str(work)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             str(work)], stdout=subprocess.PIPE, stderr=stderr, text=True,
                             env=env_for_subprocess(), cwd=ROOT)
 
 
@@ -166,6 +166,22 @@ def test_sigterm_stops_at_a_safe_point_with_exit_75_and_resumes(long_job, tmp_pa
     rerun = run_trainer("run", long_job, "--out", out, "--work", work, timeout=600)
     assert rerun.returncode == 0
     assert events(rerun.stdout)[0]["resumed_from"] == completed
+
+
+def test_closed_event_pipe_stops_the_trainer_at_a_safe_point_instead_of_crashing(long_job, tmp_path):
+    # What the trainer sees when the daemon is killed: its stdout reader disappears. It must checkpoint and stop
+    # (exit 75), not die of BrokenPipeError mid-epoch or train on as an orphan.
+    out, work = tmp_path / "out", tmp_path / "work"
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err:
+        proc = _start(long_job, out, work, stderr=err)
+    _read_until_epoch(proc, 2)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 75
+    stderr = log.read_text()
+    assert "event stream closed (the daemon is gone): stopping after the current batch" in stderr
+    assert "BrokenPipeError" not in stderr
+    assert json.loads((work / "backup1" / "training_metadata.json").read_text())["epoch"] >= 2
 
 
 def test_train_command_from_a_terminal(tmp_path):

@@ -260,6 +260,23 @@ def test_one_job_per_gpu(tmp_path):
         daemon.stop()
 
 
+def test_a_multi_gpu_job_waits_for_every_gpu_and_gets_them_all(tmp_path):
+    daemon = DaemonProcess(tmp_path / "d", gpus=["0", "1"]).start()
+    try:
+        daemon.drop("single", {"epochs": 30}, fake={"sleep": 0.1})
+        daemon.drop("all", {"epochs": 2, "hardware": {"multi_gpu": True}})
+        daemon.drop("after", {"epochs": 1})
+        wait_for(lambda: (j := daemon.jobs()) and len(j) == 3 and j[0]["state"] == "running", 30, what="first job")
+        time.sleep(0.5)
+        assert [j["state"] for j in daemon.jobs()] == ["running", "queued", "queued"]  # FIFO: nobody jumps ahead
+        jobs = daemon.wait_jobs(3)
+        cuda = [daemon.runs(j["id"])[0]["cuda"] for j in jobs]
+        assert cuda[1] in ("0,1", "1,0")
+        assert daemon.runs(jobs[1]["id"])[0]["time"] > daemon.runs(jobs[0]["id"])[0]["time"] + 0.5
+    finally:
+        daemon.stop()
+
+
 def test_lines_that_are_not_events_are_logged_and_ignored(daemon):
     daemon.start()
     daemon.drop("noisy", {"epochs": 2}, fake={"garbage": True})

@@ -89,3 +89,27 @@ def test_truncated_files_are_detected(tmp_path):
         probe(png)
     with pytest.raises(BadImage, match="cannot decode"):
         load_rgb(jpg)
+
+
+def test_fast_header_parsing_agrees_with_pillow(tmp_path):
+    from trainer.images import _parse_header, _probe_pillow
+
+    rng = np.random.default_rng(3)
+    rgb = Image.fromarray(rng.integers(0, 255, (37, 53, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    cases = [("a.jpg", rgb, "JPEG", {}), ("p.jpg", rgb, "JPEG", {"progressive": True}),
+             ("g.jpg", rgb.convert("L"), "JPEG", {}), ("c.jpg", rgb.convert("CMYK"), "JPEG", {}),
+             ("r.jpg", rgb, "JPEG", {"exif": exif}), ("big-exif.jpg", rgb, "JPEG", {"icc_profile": b"x" * 30000}),
+             ("l.png", rgb.convert("L"), "PNG", {}), ("rgb.png", rgb, "PNG", {}),
+             ("p.png", rgb.convert("P"), "PNG", {}),
+             ("rgba.png", rgb.convert("RGBA"), "PNG", {}), ("la.png", rgb.convert("LA"), "PNG", {}),
+             ("i16.png", Image.new("I;16", (9, 7), 3000), "PNG", {})]
+    for name, im, fmt, kw in cases:
+        path = tmp_path / name
+        im.save(path, fmt, **kw)
+        fast = _parse_header(path.read_bytes()[:65536])
+        slow = _probe_pillow(path, path.stat().st_size, 10**8)
+        assert fast is not None, name
+        assert (fast.format, fast.width, fast.height, fast.native) == (slow.format, slow.width, slow.height,
+                                                                      slow.native), name

@@ -68,11 +68,17 @@ def test_augmentation_is_inside_the_model_and_only_acts_in_training(tmp_path):
         "augmentation"
 
 
-def test_early_stopping_and_learning_rate_reduction(small, tmp_path):
+def test_early_stopping_and_learning_rate_reduction(tmp_path):
+    # Noise images with random labels and a learning rate far too high: validation loss has nothing to learn, so it
+    # cannot keep improving and both controls must kick in. (On real shapes the halved rate can rescue training.)
+    rng = np.random.default_rng(11)
+    for c in range(3):
+        (tmp_path / "noise" / f"c{c}").mkdir(parents=True)
+        for i in range(15):
+            Image.fromarray(rng.integers(0, 256, (24, 24, 3), np.uint8)).save(tmp_path / "noise" / f"c{c}" / f"{i}.png")
     out = tmp_path / "out"
-    # A learning rate so high that validation loss cannot keep improving: both controls must kick in.
-    train_cnn(small, (24, 24), num_epochs=30, architecture="recipe", optimizer="sgd", learning_rate=0.5,
-              early_stopping_patience=3, reduce_lr_patience=1, reduce_lr_factor=0.5, output_dir=out)
+    train_cnn(tmp_path / "noise", (24, 24), num_epochs=30, architecture="recipe", optimizer="sgd", learning_rate=0.5,
+              early_stopping_patience=3, reduce_lr_patience=1, reduce_lr_factor=0.5, output_dir=out, seed=5)
     summary = summary_of(out)
     assert summary["stopped_early"] and summary["epochs_trained"] < 30
     rates = [float(r["learning_rate"]) for r in csv.DictReader((out / "metrics.csv").open())]

@@ -54,7 +54,7 @@ def _quiet_tensorflow() -> None:
 # Lines TensorFlow's C++ side prints while starting on a machine without a GPU; they alarm users and mean nothing.
 _STARTUP_NOISE = ("All log messages before absl::InitializeLog", "cudart_stub.cc", "cuda_platform.cc",
                   "cpu_feature_guard.cc", "To enable the following instructions", "cuda_executor.cc",
-                  "Unable to register cu", "computation_placer.cc")
+                  "Unable to register cu", "computation_placer.cc", "oneDNN custom operations are on")
 
 
 def _import_tensorflow() -> None:
@@ -80,7 +80,7 @@ def _import_tensorflow() -> None:
 
 def cmd_run(args) -> int:
     from trainer.events import EventStream
-    from trainer.spec import JOB_FILE, SpecError, load_spec, resolve_path
+    from trainer.spec import FINISHED_FILE, JOB_FILE, SpecError, load_spec, resolve_path
 
     _die_with_parent()
     job_dir = Path(args.job_dir)
@@ -98,6 +98,22 @@ def cmd_run(args) -> int:
     _import_tensorflow()
     stop = threading.Event()
     _install_stop_handlers(stop)
+
+    def daemon_gone() -> None:
+        if not stop.is_set():
+            log.warning("event stream closed (the daemon is gone): stopping after the current batch")
+            stop.set()
+
+    events.on_closed = daemon_gone
+
+    def on_event(event: str, payload: dict | None = None, **fields) -> None:
+        if event == "finished":
+            # Written before the event: if the daemon dies before it hears of the success, the marker tells its
+            # next start that this job is done, so it is not run a second time.
+            from trainer.artifacts import write_json
+
+            write_json(Path(args.out) / FINISHED_FILE, {"job": job_id, "time": time.time(), **(payload or {})})
+        events.emit(event, payload, **fields)
     log.info("job %s: training on %s, output in %s", job_id, paths["data.train"], args.out)
     try:
         from trainer.scan import DatasetError
@@ -107,7 +123,7 @@ def cmd_run(args) -> int:
         train_cnn(paths["data.train"], **spec.train_kwargs(), verbose=0, weights=weights,
                   validation_directory=paths.get("data.validation"), test_directory=paths.get("data.test"),
                   labels_csv=paths.get("data.labels_csv"), output_dir=args.out, work_dir=args.work,
-                  on_event=events.emit, stop_event=stop,
+                  on_event=on_event, stop_event=stop,
                   metadata={"job_id": job_id, "job_dir": str(job_dir.resolve()),
                             "spec": spec.model_dump(mode="json")})
     except TrainingInterrupted as exc:
@@ -157,12 +173,18 @@ def _die_with_parent() -> None:
 
 
 def _install_stop_handlers(stop: threading.Event) -> None:
-    """First SIGTERM/SIGINT: stop at the next safe point; a second one: exit at once."""
+    """First SIGTERM/SIGINT: stop at the next safe point; a second one: exit at once.
+
+    Only signals count: a stop asked for otherwise (the event pipe closing when the daemon dies, which races with the
+    parent-death SIGTERM) must not turn that SIGTERM into a "second" one that skips the checkpoint.
+    """
+    received = []
 
     def handler(signum, frame):
-        if stop.is_set():
+        if received:
             log.error("second %s: exiting now", signal.Signals(signum).name)
             os._exit(128 + signum)
+        received.append(signum)
         log.warning("%s received: stopping after the current batch", signal.Signals(signum).name)
         stop.set()
 

@@ -14,11 +14,13 @@ warning) is sent to stderr too, so stdout carries events only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 from trainer.artifacts import clean_json
@@ -30,9 +32,11 @@ PROTOCOL_VERSION = 1
 class EventStream:
     """Writes events as single JSON lines, flushed at once, safe to call from any thread."""
 
-    def __init__(self, stream: TextIO, job_id: str | None = None):
+    def __init__(self, stream: TextIO, job_id: str | None = None, on_closed: Callable[[], None] | None = None):
         self.stream = stream
         self.job_id = job_id
+        self.on_closed = on_closed
+        self.closed = False
         self._lock = threading.Lock()
 
     @classmethod
@@ -52,5 +56,20 @@ class EventStream:
         record.update(fields)
         line = json.dumps(clean_json(record), ensure_ascii=False, allow_nan=False)
         with self._lock:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+            if self.closed:
+                return
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                # The reader (the daemon) is gone. Training on would waste the GPU, and crashing here would lose the
+                # epoch in progress: drop later events and let the trainer stop at its next safe point instead.
+                self.closed = True
+                self._silence()
+        if self.closed and self.on_closed is not None:
+            self.on_closed()
+
+    def _silence(self) -> None:
+        # Point the dead stream at /dev/null so the interpreter's final flush does not raise BrokenPipeError again.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())

@@ -187,9 +187,9 @@ def make_optimizer(name: str = "rmsprop", learning_rate: float = 1e-3, momentum:
 
 
 def compile_model(model: keras.Model, optimizer="rmsprop", learning_rate: float = 1e-3, momentum: float = 0.0,
-                  label_smoothing: float = 0.0) -> keras.Model:
+                  label_smoothing: float = 0.0, jit_compile: bool = False) -> keras.Model:
     """Compile for one-hot labels with categorical cross-entropy and accuracy, as the recipe does."""
     opt = make_optimizer(optimizer, learning_rate, momentum) if isinstance(optimizer, str) else optimizer
     model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-                  metrics=["accuracy"])
+                  metrics=["accuracy"], jit_compile=jit_compile)
     return model

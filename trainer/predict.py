@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import make_dataset, resize
+from trainer.data import decode_native, make_dataset, resize
 from trainer.images import BadImage, load_rgb, probe
 from trainer.report import classification_report
 from trainer.scan import DatasetError, scan_directory
@@ -48,8 +48,9 @@ def _class_names(model: keras.Model) -> list[str]:
     return list(names) if names else [str(i) for i in range(model.output_shape[-1])]
 
 
-def decode_file(path: str | os.PathLike, channels: int = 3) -> tf.Tensor:
-    """Decode an image file to a uint8 tensor the way the training pipeline does (native decoders when it can).
+def decode_file(path: str | os.PathLike, channels: int = 3, target_size: tuple[int, int] | None = None) -> tf.Tensor:
+    """Decode an image file to a uint8 tensor the way the training pipeline does (native decoders when it can;
+    with ``target_size``, large JPEGs are decoded at reduced scale as in training).
 
     Raises:
         BadImage: if the file is not a readable image.
@@ -57,7 +58,7 @@ def decode_file(path: str | os.PathLike, channels: int = 3) -> tf.Tensor:
     if probe(path).native:
         data = tf.io.read_file(str(path))
         try:
-            return tf.io.decode_image(data, channels=channels, expand_animations=False, dtype=tf.uint8)
+            return decode_native(data, channels, target_size or (1, 1))
         except tf.errors.OpError as exc:
             raise BadImage(f"cannot decode: {exc.message}") from None
     return tf.convert_to_tensor(load_rgb(path, channels))
@@ -105,7 +106,7 @@ def predict(model, images, *, top_k: int = 1, batch_size: int = 32) -> list[dict
                 if image.shape[-1] != channels:
                     image = tf.image.rgb_to_grayscale(image) if channels == 1 else tf.image.grayscale_to_rgb(image)
             else:
-                image = decode_file(item, channels)
+                image = decode_file(item, channels, (height, width))
         except (BadImage, OSError) as exc:
             results[i]["error"] = str(exc)
             continue

@@ -114,7 +114,7 @@ def _sample_batch(paths, target_size, color_mode) -> np.ndarray:
     from trainer.predict import decode_file
 
     channels = 1 if color_mode == "grayscale" else 3
-    images = [np.asarray(resize(decode_file(p, channels), target_size)) for p in paths]
+    images = [np.asarray(resize(decode_file(p, channels, target_size), target_size)) for p in paths]
     if not images:
         images = [np.random.default_rng(0).integers(0, 256, (*target_size, channels), dtype=np.uint8)]
     return np.stack(images)

@@ -36,6 +36,9 @@ __all__ = ["JOB_FILE", "MAX_SPEC_BYTES", "DataSpec", "JobSpec", "ModelSpec", "Op
 M = TypeVar("M", bound=BaseModel)
 
 JOB_FILE = "job.yaml"
+# Written by the trainer into its output folder just before it reports success: the daemon\'s proof, after a crash,
+# that a job finished (so it is not run again).
+FINISHED_FILE = "finished.json"
 # A job.yaml is a few hundred bytes; anything this large is a mistake or an attack, not a spec.
 MAX_SPEC_BYTES = 256 * 1024
 
@@ -127,6 +130,9 @@ class DataSpec(_Section):
         0.2, description="Fraction of each class held out for validation (stratified, deterministic by seed).")
     test_split: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
         0.0, description="Fraction of each class held out for the final test, never used in training.")
+    cache: Literal["auto", "memory", "disk", "none"] = Field(
+        "auto", description="Decoded images between epochs: auto (memory, or disk in the work folder when they "
+                            "would fill more than half the available memory), memory, disk or none.")
 
 
 class FineTuneSpec(_Section):
@@ -194,6 +200,18 @@ class AugmentationSpec(_Section):
         return self.model_dump(exclude={"enabled"}) if self.enabled else None
 
 
+class HardwareSpec(_Section):
+    """How the job uses the machine; `auto` picks what measured fastest for the device."""
+
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = Field(
+        "auto", description="auto: mixed float16 on Tensor Core GPUs (compute capability 7.0+), else float32.")
+    jit_compile: Literal["auto"] | Annotated[bool, Strict()] = Field(
+        "auto", description="XLA compilation; auto: on GPUs, off on CPUs (measured slower there).")
+    multi_gpu: Annotated[bool, Strict()] = Field(
+        False, description="Train this one job on all GPUs (MirroredStrategy) instead of one job per GPU; "
+                           "batch_size is then the global batch.")
+
+
 class JobSpec(_Section):
     """A training job: everything `train_cnn` needs, in YAML. An empty file gives dropfit's defaults."""
 
@@ -215,6 +233,7 @@ class JobSpec(_Section):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     augmentation: AugmentationSpec = Field(default_factory=AugmentationSpec)
+    hardware: HardwareSpec = Field(default_factory=HardwareSpec)
     exports: list[Literal["savedmodel", "tflite"]] = Field(
         default_factory=list, description="Also export the model as a TF SavedModel and/or TFLite (checked).")
 
@@ -251,6 +270,10 @@ class JobSpec(_Section):
             "label_smoothing": t.label_smoothing,
             "restore_best_weights": t.restore_best_weights,
             "exports": tuple(self.exports),
+            "precision": self.hardware.precision,
+            "jit_compile": self.hardware.jit_compile,
+            "multi_gpu": self.hardware.multi_gpu,
+            "cache": self.data.cache,
         }
 
     def paths(self) -> dict[str, str]:
@@ -270,6 +293,15 @@ def load_spec(path: str | os.PathLike, defaults: dict | None = None) -> JobSpec:
     Raises:
         SpecError: naming the file, the line and the field of every problem found.
     """
+    path = Path(path)
+    if path.is_symlink():
+        # A job's content must not make us read anything outside its folder (a link to someone's secrets).
+        target = path.resolve()
+        if not target.is_relative_to(path.parent.resolve()):
+            raise SpecError(str(path), [Problem("", f"is a symbolic link to {target}, outside the job folder; "
+                                                    "expected a regular file")])
+    if path.exists() and not path.is_file():
+        raise SpecError(str(path), [Problem("", "is not a regular file; expected a YAML file")])
     return load_yaml_model(path, JobSpec, defaults,
                            missing_hint=f"every job folder needs a {JOB_FILE} (it may be empty)")
 

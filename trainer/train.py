@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -24,7 +25,8 @@ from trainer.callbacks import (
     TrainingInterrupted,
     load_json,
 )
-from trainer.data import DecodeFailures, make_dataset
+from trainer.data import DecodeFailures, make_dataset, plan_cache
+from trainer.hardware import PRECISIONS, configure
 from trainer.model import ARCHITECTURES, DEFAULT_AUGMENTATION, OPTIMIZERS, build_model, compile_model
 from trainer.predict import labels_and_predictions
 from trainer.report import classification_report
@@ -51,7 +53,8 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
               augmentation=None, weights=None, fine_tune_epochs=0, fine_tune_learning_rate=1e-5,
               fine_tune_layers=None, early_stopping_patience=None, reduce_lr_patience=None, reduce_lr_factor=0.5,
               min_learning_rate=1e-6, class_weight=None, label_smoothing=0.0, restore_best_weights=True,
-              exports=(), callbacks: Sequence | None = None, output_dir=None, work_dir=None, cache=True,
+              exports=(), precision="auto", jit_compile="auto", multi_gpu=False,
+              callbacks: Sequence | None = None, output_dir=None, work_dir=None, cache="auto",
               on_event: EventHook | None = None, stop_event: threading.Event | None = None,
               metadata: dict | None = None) -> keras.Model:
     """Train an image classifier on a folder with one subfolder of images per class.
@@ -118,7 +121,12 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
         callbacks: extra ``keras.callbacks.Callback`` objects for ``fit``.
         output_dir: if given, every artifact is written there (see `trainer.results`).
         work_dir: if given, training state is backed up there after each epoch and a rerun resumes from it.
-        cache: cache decoded images in memory (True), in files under this path prefix (str), or not at all.
+        precision: ``"auto"`` (mixed float16 on Tensor Core GPUs, else float32), ``"float32"``,
+            ``"mixed_float16"`` or ``"mixed_bfloat16"``.
+        jit_compile: XLA: ``"auto"`` (on GPUs; measured slower on CPU), True or False.
+        multi_gpu: train on all visible GPUs with ``MirroredStrategy`` (``batch_size`` is then the global batch).
+        cache: where decoded images are kept between epochs: ``"auto"`` (memory, or files in ``work_dir`` when
+            they would take more than half the available memory), ``"memory"``, ``"disk"`` or ``"none"``.
         on_event: called as ``on_event(name, payload)`` for ``started``, ``epoch_end`` and ``finished``.
         stop_event: when set, training stops at the next batch and raises `TrainingInterrupted`.
         metadata: extra JSON-ready fields recorded in ``summary.json`` (the command line records the job spec).
@@ -134,7 +142,8 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
               verbose=verbose, validation_split=validation_split, test_split=test_split, color_mode=color_mode,
               seed=seed, architecture=architecture, optimizer=optimizer, learning_rate=learning_rate,
               filters=filters, dense_units=dense_units, dropout=dropout, callbacks=callbacks, classes=classes,
-              class_weight=class_weight, fine_tune_epochs=fine_tune_epochs, exports=exports, output_dir=output_dir)
+              class_weight=class_weight, fine_tune_epochs=fine_tune_epochs, exports=exports, output_dir=output_dir,
+              precision=precision, cache=cache)
     emit = on_event or (lambda name, payload: None)
     started = time.time()
     channels = 1 if color_mode == "grayscale" else 3
@@ -169,20 +178,29 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
              len(train_samples), len(val_samples), len(test_samples), len(dataset_info["skipped"]))
 
     keras.utils.set_random_seed(seed)
+    runtime = configure(precision, jit_compile, multi_gpu)
     failures = DecodeFailures(scan.root)
+    scratch = None
+    if work_dir is None and cache in ("auto", "disk"):
+        scratch = tempfile.TemporaryDirectory(prefix="dropfit-cache-")
+    cache_mode, cache_dir = plan_cache(cache, len(train_samples) + len(val_samples), target_size, channels,
+                                       Path(work_dir) / "cache" if work_dir is not None else
+                                       (scratch.name if scratch else None))
 
-    def dataset(samples, name, shuffle=False, cached=True):
+    def dataset(samples, name, shuffle=False):
+        where = {"memory": True, "none": False}.get(cache_mode) or str(Path(cache_dir) / name)
         return make_dataset(shuffled(samples, seed) if shuffle else samples, num_classes=len(class_names),
                             target_size=target_size, batch_size=batch_size, channels=channels, shuffle=shuffle,
-                            seed=seed, cache=_cache_arg(cache, name) if cached else False, failures=failures)
+                            seed=seed, cache=where, failures=failures)
 
     train_ds = dataset(train_samples, "train", shuffle=True)
     val_ds = dataset(val_samples, "val") if val_samples else None
 
     # --- model -------------------------------------------------------------------------------------------------
-    model = build_model((*target_size, channels), len(class_names), architecture=architecture, filters=filters,
-                        dense_units=dense_units, dropout=dropout, batch_norm=batch_norm, augmentation=augmentation,
-                        weights=weights, seed=seed)
+    with runtime.building():
+        model = build_model((*target_size, channels), len(class_names), architecture=architecture,
+                            filters=filters, dense_units=dense_units, dropout=dropout, batch_norm=batch_norm,
+                            augmentation=augmentation, weights=weights, seed=seed)
     pretrained = has_backbone(model) and weights is not None
     phases = [Phase("train" if not pretrained else "head", num_epochs, learning_rate, not pretrained)]
     if pretrained and fine_tune_epochs:
@@ -212,7 +230,8 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
     stopped_early = False
     for index, phase in enumerate(phases[done_phases:], start=done_phases):
         set_backbone_trainable(model, phase.backbone_trainable, phase.fine_tune_layers)
-        compile_model(model, optimizer, phase.learning_rate, momentum, label_smoothing)
+        with runtime.building():
+            compile_model(model, optimizer, phase.learning_rate, momentum, label_smoothing, runtime.jit_compile)
         end_epoch = first_epoch + phase.epochs
         fit_callbacks = [recorder]
         if work is not None:
@@ -247,10 +266,12 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
         # An early-stopped phase ends before end_epoch; the next one continues the epoch count from there.
         first_epoch = recorder.completed
     fit_seconds = time.time() - fit_started
-    if augmentation:
-        # The model users get (and model.keras) is the same network without the training-only augmentation:
-        # built-in layers only, so plain keras.models.load_model() reads it, and nothing random at inference.
-        # It is left uncompiled: it is for predicting (trainer.evaluate does not need compile either).
+    if scratch is not None:
+        scratch.cleanup()
+    if augmentation or runtime.precision != "float32" or runtime.replicas > 1:
+        # The model users get (and model.keras) is the same network without the training-only augmentation, in
+        # float32 and on one device: built-in layers only, so plain keras.models.load_model() reads it anywhere,
+        # and nothing random at inference. It is left uncompiled: it is for predicting.
         trained = model
         model = build_model((*target_size, channels), len(class_names), architecture=architecture, filters=filters,
                             dense_units=dense_units, dropout=dropout, batch_norm=batch_norm, augmentation=None,
@@ -319,8 +340,10 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
                    "class_weight": class_weight if isinstance(class_weight, (str, type(None))) else "custom",
                    "class_weights": {class_names[i]: w for i, w in (weights_by_class or {}).items()},
                    "label_smoothing": label_smoothing, "restore_best_weights": restore_best_weights,
-                   "exports": list(exports)},
+                   "exports": list(exports), "precision": precision, "jit_compile": jit_compile,
+                   "multi_gpu": multi_gpu, "cache": cache if isinstance(cache, (str, bool)) else str(cache)},
         "parameters": int(model.count_params()),
+        "runtime": {**runtime.to_json(), "cache": cache_mode},
         "versions": artifacts.library_versions(),
         **(metadata or {}),
     }
@@ -370,13 +393,9 @@ def _resume_point(work: Path, phases: list[Phase]) -> tuple[int, int, int]:
     return done, phase_start, completed
 
 
-def _cache_arg(cache, name: str):
-    return f"{cache}-{name}" if isinstance(cache, str) else bool(cache)
-
-
 def _validate(*, target_size, batch_size, num_epochs, num_classes, verbose, validation_split, test_split, color_mode,
               seed, architecture, optimizer, learning_rate, filters, dense_units, dropout, callbacks, classes,
-              class_weight, fine_tune_epochs, exports, output_dir) -> None:
+              class_weight, fine_tune_epochs, exports, output_dir, precision, cache) -> None:
     def positive_int(name, value, zero_ok=False):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if zero_ok else 1):
             kind = "a non-negative" if zero_ok else "a positive"
@@ -428,4 +447,8 @@ def _validate(*, target_size, batch_size, num_epochs, num_classes, verbose, vali
         raise ValueError(f"exports must be a list of 'savedmodel' and/or 'tflite'. Received: exports={exports!r}")
     if exports and output_dir is None:
         raise ValueError("exports need an output_dir to write to")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}. Received: precision={precision!r}")
+    if cache not in ("auto", "memory", "disk", "none", True, False):
+        raise ValueError(f"cache must be 'auto', 'memory', 'disk' or 'none'. Received: cache={cache!r}")
 

@@ -1,0 +1,110 @@
+"""Daemon overhead: settle-to-start latency, idle CPU, resident memory, scanning and validating 100,000 files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _start(folder: Path, **config) -> tuple[subprocess.Popen, dict]:
+    (folder / "config.yaml").write_text(yaml.safe_dump({"metrics": {"port": 0}, **config}))
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "serve", "--config", str(folder / "config.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=(folder / "daemon.log").open("w"), cwd=ROOT)
+    for _ in range(300):
+        try:
+            info = json.loads((folder / "state" / "daemon.json").read_text())
+            if info["pid"] == proc.pid:
+                return proc, info
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("daemon did not start")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def idle(seconds: float = 60.0) -> dict:
+    """CPU% and resident memory of a daemon with nothing to do."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, _ = _start(Path(tmp))
+        try:
+            time.sleep(2)
+            before, start = _cpu_seconds(proc.pid), time.monotonic()
+            time.sleep(seconds)
+            cpu = 100 * (_cpu_seconds(proc.pid) - before) / (time.monotonic() - start)
+            return {"idle_cpu_percent": round(cpu, 3), "rss_mb": round(_rss_mb(proc.pid), 1)}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+
+def latency(settle: float = 1.0) -> dict:
+    """From the moment a dropped folder has settled (last write + settle_seconds) to the trainer process starting,
+    and to its first epoch starting (the trainer's log line before fit; TensorFlow's import is in there)."""
+    from trainer.demo import make_shapes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        proc, _ = _start(folder, settle_seconds=settle)
+        try:
+            staging = make_shapes(folder / "staging" / "drop", classes=2, per_class=8, size_range=(24, 32),
+                                  job={"target_size": 24, "epochs": 1, "model": {"architecture": "recipe"}})
+            os.rename(staging, folder / "inbox" / "drop")
+            settled = time.time() + settle
+            status = None
+            for _ in range(1200):
+                found = list((folder / "outbox").glob("*/status.json"))
+                if found:
+                    status = json.loads(found[0].read_text())
+                    if status["state"] in ("succeeded", "failed"):
+                        break
+                time.sleep(0.05)
+            log = (found[0].parent / "train.log").read_text()
+            match = re.search(r"^(\S+ \S+) INFO \S+ trainer\.train: phase ", log, re.M)
+            first_epoch = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() if match else None
+            return {"settle_to_trainer_start_s": round(status["started_at"] - settled, 3),
+                    "settle_to_first_epoch_s": round(first_epoch - settled, 2) if first_epoch else None,
+                    "job_state": status["state"]}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+
+def scan_and_validate(root: Path) -> dict:
+    """The trainer's scan of every file plus the daemon's spec validation, on a 100,000-file dataset, twice: the first
+    pass reads from disk unless the files are in the page cache (a dataset just copied in usually is), the second
+    from the page cache."""
+    from daemon.intake import validate
+    from trainer.scan import scan_directory
+
+    out = {}
+    for key in ("scan_validate_s", "scan_validate_warm_s"):
+        start = time.perf_counter()
+        _spec, error = validate(root)
+        scan = scan_directory(root)
+        out[key] = round(time.perf_counter() - start, 2)
+    files = len(scan.samples) + len(scan.skipped)
+    return {"files": files, **out, "files_per_second": round(files / out["scan_validate_s"]),
+            "files_per_second_warm": round(files / out["scan_validate_warm_s"]), "valid": error is None}

@@ -1,0 +1,189 @@
+"""`make bench`: dropfit against the recipe and against the machine's own limits, measured in one run.
+
+Prints a markdown table and writes bench/results/latest.json and latest.md (machine, versions, figures). Rates
+are best-of-N (this is a shared 2-core VM whose speed varies from run to run); ratios compare figures taken in
+the same run. See pipeline.py, training.py and daemon_bench.py for what each figure measures.
+
+    python bench/run.py [--quick] [--skip daemon]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import trainer  # noqa: E402,F401 - sets TensorFlow's environment (oneDNN) before anything imports it
+
+RESULTS = HERE / "results"
+
+
+def machine() -> dict:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from importlib import metadata
+
+    import tensorflow as tf
+
+    gpus = [tf.config.experimental.get_device_details(g).get("device_name", g.name)
+            for g in tf.config.list_physical_devices("GPU")]
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PHYS_PAGES")
+                                                                     * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
+            "gpus": gpus, "python": platform.python_version(), "tensorflow": tf.__version__,
+            "keras": metadata.version("keras"), "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def best(fn, repeats: int):
+    results = [fn() for _ in range(repeats)]
+    return max(results, key=lambda r: r[0] if isinstance(r, tuple) else r)
+
+
+def bound_without_onednn() -> float:
+    """The compute bound again in a fresh process with oneDNN off: TensorFlow's default on this CPU."""
+    code = (f"import sys; sys.path[:0] = [{str(HERE)!r}, {str(HERE.parent)!r}]; import training; "
+            "print(training.bound())")
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and a 100-per-class dataset")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["pipeline", "training", "daemon"])
+    args = parser.parse_args()
+    import daemon_bench
+    import pipeline
+    import training
+    from datasets import many_files, photo_dataset
+
+    repeats = 1 if args.quick else 3
+    root = photo_dataset(100 if args.quick else 800)
+    files = pipeline.files_of(root)
+    out = {"machine": machine(), "dataset": {"images": len(files), "classes": 5, "target": "200x200",
+                                             "batch": 32}}
+    print(json.dumps(out["machine"]), flush=True)
+
+    if "pipeline" not in args.skip:
+        p = {"limit_pillow": best(lambda: pipeline.limit_pillow(files), repeats),
+             "limit_tensorflow": best(lambda: pipeline.limit_tensorflow(files), repeats)}
+        first, cached, _ = best(lambda: pipeline.dropfit_pipeline(root), repeats)
+        p.update(dropfit_first_epoch=first, dropfit_cached=cached,
+                 recipe_generator=best(lambda: pipeline.recipe_generator(root), min(repeats, 2)))
+        p["limit"] = max(p["limit_pillow"], p["limit_tensorflow"])
+        p["first_epoch_vs_limit"] = p["dropfit_first_epoch"] / p["limit"]
+        p["cached_vs_recipe"] = p["dropfit_cached"] / p["recipe_generator"]
+        p["first_epoch_vs_recipe"] = p["dropfit_first_epoch"] / p["recipe_generator"]
+        out["pipeline"] = p
+        print(json.dumps({"pipeline": p}), flush=True)
+
+    if "training" not in args.skip:
+        steps = 15 if args.quick else 40
+        t = {"bound": best(lambda: training.bound(steps), repeats),
+             "dropfit": best(lambda: training.dropfit(root, steps), repeats),
+             "recipe": best(lambda: training.recipe(root, steps), min(repeats, 2)),
+             "bound_without_onednn": bound_without_onednn()}
+        t["efficiency"] = t["dropfit"] / t["bound"]
+        t["dropfit_vs_recipe"] = t["dropfit"] / t["recipe"]
+        t["onednn_speedup"] = t["bound"] / t["bound_without_onednn"]
+        out["training"] = t
+        print(json.dumps({"training": t}), flush=True)
+
+    if "daemon" not in args.skip:
+        d = {**daemon_bench.idle(10 if args.quick else 60), **daemon_bench.latency()}
+        d.update(daemon_bench.scan_and_validate(many_files(10_000 if args.quick else 100_000)))
+        out["daemon"] = d
+        print(json.dumps({"daemon": d}), flush=True)
+
+    name = "quick" if args.quick else "latest"
+    previous = RESULTS / f"{name}.json"
+    if args.skip and previous.exists():
+        # A partial run updates its sections and keeps the others from the last full run.
+        kept = json.loads(previous.read_text())
+        out = {**{k: v for k, v in kept.items() if k in args.skip}, **out}
+    table = render(out)
+    print("\n" + table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+    if name == "latest":
+        quote_in_readme(table)
+    return 0
+
+
+def quote_in_readme(table: str) -> None:
+    """Put the table between the README's bench markers, so the README always shows the latest full run."""
+    readme = HERE.parent / "README.md"
+    text = readme.read_text()
+    begin, end = "<!-- bench:begin -->\n", "<!-- bench:end -->"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        readme.write_text(head + begin + table + "\n" + end + rest.split(end, 1)[1])
+
+
+def _r(v) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:,.1f}"
+
+
+def render(out: dict) -> str:
+    m = out["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB"
+             f"{', GPU ' + ', '.join(m['gpus']) if m['gpus'] else ', no GPU'}; TensorFlow {m['tensorflow']}, "
+             f"Keras {m['keras']}, Python {m['python']}; {m['date']}. Dataset: {out['dataset']['images']} JPEGs "
+             "(~320x240, 5 classes), target 200x200, batch 32.", "",
+             "| measurement | images/s | ratio | target |", "| --- | ---: | ---: | --- |"]
+    p = out.get("pipeline")
+    if p:
+        lines += [
+            f"| input: machine limit, decode+resize on all cores | {_r(p['limit'])} | 1.00 | |",
+            f"| input: recipe `flow_from_directory` | {_r(p['recipe_generator'])} | "
+            f"{p['recipe_generator'] / p['limit']:.2f} of limit | |",
+            f"| input: dropfit first epoch (scan + decode) | {_r(p['dropfit_first_epoch'])} | "
+            f"{p['first_epoch_vs_limit']:.2f} of limit | >= 0.90 of limit "
+            f"{'met' if p['first_epoch_vs_limit'] >= 0.9 else 'missed'} |",
+            f"| input: dropfit cached epochs | {_r(p['dropfit_cached'])} | {p['cached_vs_recipe']:.0f}x recipe | "
+            f">= 50x recipe {'met' if p['cached_vs_recipe'] >= 50 else 'missed'} |"]
+    t = out.get("training")
+    if t:
+        lines += [
+            f"| training, recipe model: compute bound (in-memory tensors) | {_r(t['bound'])} | 1.00 | |",
+            f"| training: dropfit pipeline | {_r(t['dropfit'])} | {t['efficiency']:.2f} of bound | >= 0.95 of bound "
+            f"{'met' if t['efficiency'] >= 0.95 else 'missed'} |",
+            f"| training: recipe generator | {_r(t['recipe'])} | {t['recipe'] / t['bound']:.2f} of bound | |",
+            f"| training: compute bound with TensorFlow's default (oneDNN off) | {_r(t['bound_without_onednn'])} | "
+            f"dropfit's bound is {t['onednn_speedup']:.2f}x | raise the bound |"]
+    d = out.get("daemon")
+    if d:
+        lines += ["", "| daemon | value | target |", "| --- | ---: | --- |",
+                  f"| idle CPU | {d['idle_cpu_percent']:.2f}% | < 0.5% |",
+                  f"| resident memory | {d['rss_mb']:.0f} MB | < 80 MB |",
+                  f"| settled to trainer started | {d['settle_to_trainer_start_s']:.2f} s | < 1 s |",
+                  f"| settled to first epoch (trainer start-up, TensorFlow import) | "
+                  f"{d['settle_to_first_epoch_s']} s | |",
+                  f"| scan + validate {d['files']:,} files, first pass | {d['scan_validate_s']:.1f} s "
+                  f"({d['files_per_second']:,}/s) | seconds |"]
+        if "scan_validate_warm_s" in d:
+            lines.append(f"| scan + validate {d['files']:,} files, again (page cache) | "
+                         f"{d['scan_validate_warm_s']:.1f} s ({d['files_per_second_warm']:,}/s) | seconds |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

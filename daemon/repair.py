@@ -1,0 +1,75 @@
+"""Opening the ledger safely: a corrupt ledger is moved aside and rebuilt from what the outbox and state folders
+still say, loudly — never silently reset, which would forget queued jobs or run finished ones again.
+
+The outbox holds a ``status.json`` for every job that got past its claim (the ledger's record at its last change);
+``state/jobs/<id>/`` holds every claimed dataset. Together they give back every job: finished ones as they ended,
+unfinished ones queued again (they resume from their checkpoints), claimed ones that never reached the queue
+validated again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from daemon.ledger import Job, JobState, Ledger
+
+log = logging.getLogger(__name__)
+
+
+def open_ledger(path: Path, outbox: Path, jobs_dir: Path) -> Ledger:
+    """The ledger at ``path``; if it is unreadable, moved aside and rebuilt (logged as an error)."""
+    try:
+        ledger = Ledger(path)
+        ledger.check()
+        return ledger
+    except sqlite3.DatabaseError as exc:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(str(path) + suffix)
+            if source.exists():
+                os.replace(source, Path(str(aside) + suffix))
+        log.error("the ledger %s is unreadable (%s); moved it to %s and rebuilding it from %s/*/status.json and %s",
+                  path, exc, aside, outbox, jobs_dir)
+    ledger = Ledger(path)
+    restored = rebuild(ledger, outbox, jobs_dir)
+    log.error("ledger rebuilt: %d job(s) restored; check `dropfit status`", restored)
+    return ledger
+
+
+def rebuild(ledger: Ledger, outbox: Path, jobs_dir: Path) -> int:
+    records = []
+    for status in outbox.glob("*/status.json"):
+        try:
+            record = json.loads(status.read_text())
+            records.append({**record, "name": record["dataset"], "path": record.get("dataset_path") or "",
+                            "source": "", "state": JobState(record["state"]).value})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("cannot read %s (%s); that job is rebuilt from its dataset folder if it has one", status, exc)
+    known = set()
+    for record in sorted(records, key=lambda r: (r.get("created_at") or 0, r["id"])):
+        state = JobState(record["state"])
+        if state in (JobState.RUNNING, JobState.INTERRUPTED, JobState.CLAIMING):
+            record["state"], record["pid"] = JobState.QUEUED.value, None  # recover() takes it from here
+        ledger.restore(record)
+        known.add(record["id"])
+    # Claimed datasets whose job never wrote a status (the crash came between claim and queue): validate again.
+    for folder in sorted(jobs_dir.glob("*/dataset")):
+        job_id = folder.parent.name
+        if job_id not in known:
+            name = job_id.rsplit("-", 2)[0]
+            ledger.restore({"id": job_id, "name": name, "state": JobState.CLAIMING.value, "attempt": 0,
+                            "source": "", "path": str(folder), "created_at": folder.stat().st_mtime})
+            known.add(job_id)
+    return len(known)
+
+
+def status_is_readable(outbox: Path, job: Job) -> bool:
+    try:
+        return json.loads((outbox / job.id / "status.json").read_text())["id"] == job.id
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

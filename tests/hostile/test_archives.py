@@ -1,0 +1,149 @@
+"""Datasets dropped as .zip / .tar.gz: extracted safely or refused with the reason, and the archive kept."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from daemon.unpack import ArchiveError, Limits, extract
+from daemon_harness import DaemonProcess
+from trainer.demo import make_shapes
+
+
+def dataset(tmp_path: Path, name="pets") -> Path:
+    return make_shapes(tmp_path / "src" / name, classes=2, per_class=3, size_range=(16, 20), job={"epochs": 2})
+
+
+def zip_folder(folder: Path, archive: Path, top: str | None = None) -> Path:
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            zf.write(path, str(Path(top) / rel) if top else str(rel))
+    return archive
+
+
+def tar_folder(folder: Path, archive: Path, top: str | None = None) -> Path:
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(folder, arcname=top or ".")
+    return archive
+
+
+def add_zip_member(archive: Path, name: str, data: bytes = b"x", mode: int | None = None) -> None:
+    with zipfile.ZipFile(archive, "a") as zf:
+        info = zipfile.ZipInfo(name)
+        if mode is not None:
+            info.external_attr = mode << 16
+        zf.writestr(info, data)
+
+
+def add_tar_member(archive: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
+    out = archive.with_name("with-" + archive.name)
+    with tarfile.open(archive) as src, tarfile.open(out, "w:gz") as dst:
+        for m in src:
+            dst.addfile(m, src.extractfile(m) if m.isreg() else None)
+        dst.addfile(member, io.BytesIO(data) if data else None)
+    return out
+
+
+def test_zip_and_tar_extract_with_a_single_top_folder_descended_into(tmp_path):
+    src = dataset(tmp_path)
+    for archive in (zip_folder(src, tmp_path / "a.zip", top="pets"), tar_folder(src, tmp_path / "b.tar.gz"),
+                    tar_folder(src, tmp_path / "c.tgz", top="pets")):
+        target = tmp_path / f"out-{archive.name}"
+        extract(archive, target)
+        assert sorted(p.name for p in target.iterdir()) == ["circle", "job.yaml", "square"], archive
+        assert len(list(target.rglob("*.png"))) + len(list(target.rglob("*.jpg"))) == 6
+        assert not list(tmp_path.glob(".out-*"))  # no partial folder left behind
+
+
+@pytest.mark.parametrize("name, mode, expected", [
+    ("../../evil.txt", None, "would be written outside the dataset folder"),
+    ("/etc/evil.txt", None, "would be written outside the dataset folder"),
+    ("pets/../../evil.txt", None, "would be written outside the dataset folder"),
+    ("C:/evil.txt", None, "would be written outside the dataset folder"),
+    ("pets/link", stat.S_IFLNK | 0o777, "is a symbolic link"),
+])
+def test_hostile_zip_members_are_refused(tmp_path, name, mode, expected):
+    archive = zip_folder(dataset(tmp_path), tmp_path / "evil.zip", top="pets")
+    add_zip_member(archive, name, b"/etc/passwd" if mode else b"pwned", mode)
+    target = tmp_path / "out"
+    with pytest.raises(ArchiveError, match=expected):
+        extract(archive, target)
+    assert not target.exists() and not (tmp_path / "evil.txt").exists() and not Path("/etc/evil.txt").exists()
+    assert not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("kind, expected", [
+    (tarfile.SYMTYPE, "is a link"), (tarfile.LNKTYPE, "is a link"), (tarfile.CHRTYPE, "not a regular file"),
+    (tarfile.FIFOTYPE, "not a regular file"),
+])
+def test_tar_links_and_devices_are_refused(tmp_path, kind, expected):
+    member = tarfile.TarInfo("pets/circle/evil")
+    member.type, member.linkname = kind, "/etc/passwd"
+    archive = add_tar_member(tar_folder(dataset(tmp_path), tmp_path / "t.tar.gz", top="pets"), member)
+    with pytest.raises(ArchiveError, match=expected):
+        extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_limits_on_size_count_ratio_and_duplicates(tmp_path):
+    src = dataset(tmp_path)
+    archive = zip_folder(src, tmp_path / "a.zip")
+    with pytest.raises(ArchiveError, match=r"more than 3 files \(limit archive.max_files\)"):
+        extract(archive, tmp_path / "o1", Limits(max_files=3))
+    with pytest.raises(ArchiveError, match=r"extracts to more than 1000 bytes \(limit archive.max_bytes\)"):
+        extract(archive, tmp_path / "o2", Limits(max_bytes=1000))
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("job.yaml", "epochs: 1\n")
+        zf.writestr("a/zeros.png", b"\0" * (64 << 20))
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(ArchiveError, match=r"compression ratio above 200:1 .*decompression bomb"):
+        extract(bomb, tmp_path / "o3")
+    dup = zip_folder(src, tmp_path / "dup.zip")
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        add_zip_member(dup, "job.yaml", b"epochs: 5\n")
+    with pytest.raises(ArchiveError, match="appears twice"):
+        extract(dup, tmp_path / "o4")
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(archive.read_bytes()[:200])
+    with pytest.raises(ArchiveError, match="unreadable archive"):
+        extract(broken, tmp_path / "o5")
+    empty = tmp_path / "empty.tar.gz"
+    tarfile.open(empty, "w:gz").close()
+    with pytest.raises(ArchiveError, match="the archive is empty"):
+        extract(empty, tmp_path / "o6")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".o", "o"))]
+
+
+def test_the_daemon_trains_from_an_archive_and_refuses_a_hostile_one_keeping_both(tmp_path):
+    d = DaemonProcess(tmp_path / "d")
+    try:
+        d.start()
+        good = zip_folder(dataset(tmp_path, "cats"), tmp_path / "cats.zip", top="cats")
+        evil = zip_folder(dataset(tmp_path, "dogs"), tmp_path / "dogs.zip", top="dogs")
+        add_zip_member(evil, "../../../escaped.txt")
+        evil_bytes = evil.read_bytes()
+        os.rename(good, d.inbox / "cats.zip")
+        os.rename(evil, d.inbox / "dogs.tar.gz.zip")
+        (d.inbox / "notes.txt").write_text("not a job, ignored")
+        jobs = {j["name"]: j for j in d.wait_jobs(2, timeout=60)}
+        cats, dogs = jobs["cats.zip"], jobs["dogs.tar.gz.zip"]
+        assert cats["state"] == "succeeded", cats
+        assert Path(cats["path"]) == d.archive / cats["id"] / "cats.zip" and Path(cats["path"]).is_file()
+        assert dogs["state"] == "failed" and dogs["outcome"] == "rejected"
+        assert "'../../../escaped.txt' would be written outside the dataset folder" in dogs["error"]
+        kept = Path(dogs["path"])
+        assert kept.read_bytes() == evil_bytes  # the archive as dropped, byte for byte
+        assert str(kept) in (d.outbox / dogs["id"] / "error.txt").read_text()
+        assert not list(tmp_path.rglob("escaped.txt"))
+        assert (d.inbox / "notes.txt").exists() and len(d.jobs()) == 2
+    finally:
+        d.stop(signal.SIGKILL)
