@@ -7,7 +7,6 @@ sleeps in ``get()`` until a message or its next deadline: no polling.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -20,10 +19,11 @@ from pathlib import Path
 
 from daemon import outbox
 from daemon.config import Config
-from daemon.intake import claim, claim_hidden_path, move_tree, new_job_id, validate
+from daemon.intake import claim, claim_hidden_path, new_job_id, validate
 from daemon.ledger import Job, JobState, Ledger
 from daemon.metrics import Metrics, MetricsServer
 from daemon.repair import open_ledger, status_is_readable
+from daemon.retention import put_away
 from daemon.runner import EXIT_INTERRUPTED, EXIT_INVALID, TrainerProcess, describe_exit, stop_orphan
 from daemon.unpack import ArchiveError, Limits, archive_kind, extract
 from daemon.watch import CANCEL_FILE, Watcher, ignored_name, inbox_entries
@@ -288,9 +288,11 @@ class Daemon:
         jl = _jlog(job.id)
         dataset = Path(job.path)
         kept = dataset.parent / job.name  # a dropped archive, kept with its job
-        is_archive = archive_kind(job.name) is not None and not Path(job.source).is_dir()
+        hidden = claim_hidden_path(self.inbox, job.id)
+        # Decided by what is on disk (a folder may be named x.zip), wherever a crash left it: inbox, hidden, kept.
+        where = next((p for p in (Path(job.source), hidden, kept) if job.source and p.exists()), None)
+        is_archive = archive_kind(job.name) is not None and where is not None and where.is_file()
         try:
-            hidden = claim_hidden_path(self.inbox, job.id)
             claimed = claim(Path(job.source), hidden, kept if is_archive else dataset)
         except OSError as exc:
             # The dataset is still in the inbox (or our hidden copy of it); nothing is lost, the job fails.
@@ -451,32 +453,15 @@ class Daemon:
 
     def _after_success(self, job: Job) -> None:
         jl = _jlog(job.id)
-        job_state = self.state / "jobs" / job.id
-        shutil.rmtree(job_state / "work", ignore_errors=True)
-        dataset = Path(job.path)
-        kept = job_state / job.name
-        target = self.archive / job.id
-        if archive_kind(job.name) and kept.is_file() and dataset.is_relative_to(job_state) and \
-                self.config.after_success != "keep":
-            # The dropped archive is the dataset to keep; its extracted copy can always be made again.
-            shutil.rmtree(dataset, ignore_errors=True)
-            dataset, target = kept, self.archive / job.id / job.name
+        policy = self.config.after_success
         try:
-            if self.config.after_success == "archive" and dataset.is_relative_to(job_state):
-                if dataset.is_file():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(dataset, target)
-                else:
-                    move_tree(dataset, target)
-                self._update(job.id, path=str(target))
-                jl.info("dataset archived in %s", target)
-            elif self.config.after_success == "delete" and dataset.exists():
-                shutil.rmtree(dataset) if dataset.is_dir() else dataset.unlink()
-                self._update(job.id, path="")
+            moved = put_away(self.state / "jobs" / job.id, Path(job.path), job.name, self.archive / job.id, policy)
         except OSError as exc:
-            jl.error("could not %s the dataset (%s); it stays in %s", self.config.after_success, exc, dataset)
-        with contextlib.suppress(OSError):
-            job_state.rmdir()
+            jl.error("could not %s the dataset (%s); it stays in %s", policy, exc, job.path)
+            return
+        if moved is not None:
+            self._update(job.id, path=str(moved))
+            jl.info("dataset %s", f"archived in {moved}" if moved else "deleted")
 
     # --- cancel ----------------------------------------------------------------------------------------------
 

@@ -147,3 +147,24 @@ def test_the_daemon_trains_from_an_archive_and_refuses_a_hostile_one_keeping_bot
         assert (d.inbox / "notes.txt").exists() and len(d.jobs()) == 2
     finally:
         d.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("policy", ["keep", "delete"])
+def test_after_success_keep_or_delete_for_folders_and_archives(tmp_path, policy):
+    d = DaemonProcess(tmp_path / "d", after_success=policy)
+    try:
+        d.start()
+        os.rename(zip_folder(dataset(tmp_path, "cats"), tmp_path / "cats.zip"), d.inbox / "cats.zip")
+        d.drop("dogs", {"epochs": 1})
+        jobs = {j["name"]: j for j in d.wait_jobs(2, timeout=60)}
+        assert all(j["state"] == "succeeded" for j in jobs.values())
+        cats, dogs = jobs["cats.zip"], jobs["dogs"]
+        if policy == "keep":
+            assert Path(dogs["path"]).is_dir() and Path(cats["path"]).is_dir()
+            assert (Path(cats["path"]).parent / "cats.zip").is_file()  # the archive stays beside its extraction
+        else:
+            assert dogs["path"] == "" and cats["path"] == ""
+            assert not list((d.state / "jobs").iterdir()) and not list(d.archive.iterdir())
+        assert not [p for p in (d.state / "jobs").rglob("work")]  # checkpoints are not kept after success
+    finally:
+        d.stop(signal.SIGKILL)

@@ -109,18 +109,18 @@ def test_hostile_specs_are_rejected_one_by_one_and_nothing_is_lost_or_touched(da
 
 def test_odd_names_and_vanishing_folders(daemon):
     daemon.start()
-    for name in ("with spaces", "ünïcödé-数据", "-rf", "--help", "new\nline"):
+    for name in ("with spaces", "ünïcödé-数据", "-rf", "--help", "new\nline", "a-folder.zip"):
         daemon.drop(name, {"epochs": 1})
     # A folder that disappears while settling, and one renamed while settling.
     daemon.drop("vanishing", {"epochs": 1})
     shutil.rmtree(daemon.inbox / "vanishing")
     daemon.drop("renamed-before", {"epochs": 1})
     os.rename(daemon.inbox / "renamed-before", daemon.inbox / "renamed-after")
-    jobs = daemon.wait_jobs(6, timeout=60)
+    jobs = daemon.wait_jobs(7, timeout=60)
     time.sleep(1.5)  # longer than settle_seconds: no late job for the vanished or renamed-away names
     jobs = daemon.jobs()
     assert sorted(j["name"] for j in jobs) == sorted(["with spaces", "ünïcödé-数据", "-rf", "--help", "new\nline",
-                                                      "renamed-after"])
+                                                      "a-folder.zip", "renamed-after"])
     assert all(j["state"] == "succeeded" for j in jobs), jobs
     for job in jobs:  # ids are safe file names whatever the folder was called
         assert "\n" not in job["id"] and not job["id"].startswith("-") and " " not in job["id"]
