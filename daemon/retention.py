@@ -31,9 +31,10 @@ def put_away(job_state: Path, dataset: Path, name: str, archive: Path, policy: s
         if dataset.is_file():
             archive.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(dataset, archive)
-        else:
+        elif dataset.exists():
             move_tree(dataset, archive)
-        result = archive
+        if archive.exists():  # also when a crash came after the move, before the ledger heard of it
+            result = archive
     elif policy == "delete" and dataset.exists():
         shutil.rmtree(dataset) if dataset.is_dir() else dataset.unlink()
         result = ""

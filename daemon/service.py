@@ -7,6 +7,7 @@ sleeps in ``get()`` until a message or its next deadline: no polling.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -463,6 +464,13 @@ class Daemon:
             self._update(job.id, path=str(moved))
             jl.info("dataset %s", f"archived in {moved}" if moved else "deleted")
 
+    def _finished_marker(self, job: Job) -> dict | None:
+        try:
+            data = json.loads((self.outbox / job.id / FINISHED_FILE).read_text())
+        except (OSError, ValueError):
+            return None  # absent, or cut short by the crash: the job runs again (it resumes from its checkpoint)
+        return data if isinstance(data, dict) else None
+
     # --- cancel ----------------------------------------------------------------------------------------------
 
     def cancel(self, job_id: str) -> None:
@@ -497,8 +505,11 @@ class Daemon:
         for job in self.ledger.jobs(JobState.RUNNING, JobState.INTERRUPTED):
             if job.pid and stop_orphan(job.pid, job.id, self.config.stop_grace_seconds):
                 _jlog(job.id).warning("stopped trainer pid %d left running by the previous daemon", job.pid)
-            if job.state == JobState.RUNNING and (self.outbox / job.id / FINISHED_FILE).is_file():
+            finished = self._finished_marker(job)
+            if job.state == JobState.RUNNING and finished is not None:
                 _jlog(job.id).info("its trainer finished while the daemon was down; not running it again")
+                # The last epochs' events may have been lost with the daemon: the marker has the final count.
+                job = self._update(job.id, epoch=int(finished.get("epochs_trained") or job.epoch))
                 self._succeed(job, time.time() - job.started_at if job.started_at else None)
                 continue
             _jlog(job.id).info("re-queued after a restart; resumes from its last completed epoch (%d)", job.epoch)
@@ -507,6 +518,6 @@ class Daemon:
             if (self.outbox / job.id / CANCEL_FILE).exists():
                 self.cancel(job.id)
         for job in self.ledger.jobs(JobState.SUCCEEDED):
-            if self.config.after_success != "keep" and job.path and \
-                    Path(job.path).is_relative_to(self.state / "jobs" / job.id) and Path(job.path).exists():
+            # A crash during the clean-up after success leaves the job's state folder behind: finish it.
+            if self.config.after_success != "keep" and (self.state / "jobs" / job.id).exists():
                 self._after_success(job)

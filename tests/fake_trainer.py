@@ -90,11 +90,11 @@ def main() -> int:
              val_loss=1.2 / epoch, val_accuracy=0.4 + epoch / 100, learning_rate=0.001, seconds=0.05,
              images_per_second=200.0)
     (out / "model.keras").write_bytes(b"fake model")
-    (out / "finished.json.tmp").write_text(json.dumps({"job": args.job_id}))
+    (out / "finished.json.tmp").write_text(json.dumps({"job": args.job_id, "epochs_trained": epochs}))
     os.replace(out / "finished.json.tmp", out / "finished.json")
     with (out / "fake_finished.jsonl").open("a") as f:
         f.write(json.dumps({"job": args.job_id, "attempt": attempt}) + "\n")
-    emit("finished", job=args.job_id, artifacts={"model": str(out / "model.keras")})
+    emit("finished", job=args.job_id, artifacts={"model": str(out / "model.keras")}, epochs_trained=epochs)
     return 0
 
 

@@ -353,6 +353,7 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
                                   report, errors, dataset_info, summary, exports,
                                   sample_images=[s.path for s in (test_samples or val_samples or train_samples)[:8]])
     emit("finished", {"artifacts": {k: str(v) for k, v in paths.items()}, "final": summary["final"],
+                      "epochs_trained": summary["epochs_trained"],
                       "best_val_accuracy": summary["best_val_accuracy"], "evaluation": summary["evaluation"],
                       "seconds": summary["durations"]["total_seconds"]})
     return model
