@@ -196,13 +196,13 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
 def cmd_train(args) -> int:
     """Train from a terminal with a progress bar: job.yaml's defaults, overridden by --spec FILE and the options."""
-    from trainer.spec import SpecError, load_spec, parse_yaml_model
+    from trainer.spec import SpecError, deep_merge, load_spec, parse_yaml_model
 
     setup_logging(Path(args.data_dir).name)
     overrides = _train_overrides(args)
     try:
         base = load_spec(args.spec).model_dump(mode="json") if args.spec else {}
-        spec = parse_yaml_model(json.dumps(_deep_merge(base, overrides)), _job_spec_class(), "command-line options")
+        spec = parse_yaml_model(json.dumps(deep_merge(base, overrides)), _job_spec_class(), "command-line options")
     except SpecError as exc:
         print(f"error:\n{exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -265,14 +265,6 @@ def _train_overrides(args) -> dict:
     if args.no_augmentation:
         put("augmentation.enabled", False)
     return spec
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
-    return out
 
 
 # --- predict / evaluate ------------------------------------------------------------------------------------------

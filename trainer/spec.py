@@ -348,7 +348,7 @@ def parse_yaml_model(text: str, model: type[M], source: str, defaults: dict | No
         raise SpecError(source, [Problem("", f"the top level must be a mapping of keys to values, "
                                              f"got {_type_name(data)}", 1)])
     if defaults:
-        data = _merge(defaults, data)
+        data = deep_merge(defaults, data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -421,10 +421,11 @@ def _walk(node: yaml.Node, path: tuple, lines: dict[tuple, int], source: str, se
             _walk(item, (*path, i), lines, source, seen)
 
 
-def _merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` on top of ``base``, mapping by mapping (job defaults under a job.yaml, options over a spec)."""
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
+        merged[key] = deep_merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
             else value
     return merged
 
