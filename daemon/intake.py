@@ -1,8 +1,10 @@
-"""Taking a dropped folder in: job ids, moving it out of the inbox without ever losing it, validating its spec.
+"""Taking a dropped folder or archive in: job ids, moving it out of the inbox without ever losing it, extracting an
+archive (`daemon.unpack`), validating its spec and limits (`take_in`).
 
 Every step is idempotent so that recovery after a crash is simply "do it again":
 
-- same filesystem: one ``rename`` from ``inbox/<name>`` to ``state/jobs/<id>/dataset``;
+- same filesystem: one ``rename`` from ``inbox/<name>`` to ``state/jobs/<id>/dataset`` (an archive file: to
+  ``state/jobs/<id>/<name>``, then extracted beside it);
 - across filesystems (separate bind mounts): ``rename`` to a hidden ``inbox/.dropfit-claim-<id>`` (atomic, and the
   watcher ignores hidden names), copy to a temporary folder beside the target, ``rename`` it into place, and only
   then delete the hidden source.
@@ -17,11 +19,59 @@ import re
 import secrets
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.unpack import ArchiveError, Limits, archive_kind, extract
+from daemon.watch import ignored_name
 from trainer.spec import JOB_FILE, JobSpec, SpecError, load_spec, resolve_path
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Intake:
+    """How taking in a claimed job ended: ``queued`` (with its spec), ``gone``, ``failed`` or ``rejected``."""
+
+    outcome: str
+    spec: JobSpec | None = None
+    kind: str | None = None  # the error kind, for failed and rejected
+    message: str | None = None
+    kept: Path | None = None  # where the data is kept, when not at the job's dataset path
+
+
+def may_be_a_job(inbox: Path, name: str) -> bool:
+    """A folder or an archive file (not a link); anything else in the inbox is ignored, and never waited on."""
+    path = inbox / name
+    if ignored_name(name) or path.is_symlink():
+        return False
+    return path.is_dir() or (archive_kind(name) is not None and path.is_file())
+
+
+def take_in(name: str, source: Path, hidden: Path, dataset: Path, defaults: dict, limits) -> Intake:
+    """Claim a dropped folder or archive into ``dataset``, extract it if need be, and validate its spec.
+
+    Safe to call again for the same job after a crash at any point. ``limits`` is the config's ``limits`` section.
+    """
+    kept = dataset.parent / name  # a dropped archive, kept with its job
+    # Decided by what is on disk (a folder may be named x.zip), wherever a crash left it: inbox, hidden, kept.
+    where = next((p for p in (source, hidden, kept) if str(source) not in ("", ".") and p.exists()), None)
+    is_archive = archive_kind(name) is not None and where is not None and where.is_file()
+    try:
+        if not claim(source, hidden, kept if is_archive else dataset):
+            return Intake("gone")
+    except OSError as exc:
+        # The dataset is still in the inbox (or our hidden copy of it); nothing is lost, the job fails.
+        return Intake("failed", kind="io", message=f"could not move the dataset out of the inbox: {exc}")
+    if is_archive and not dataset.exists():
+        try:
+            extract(kept, dataset, Limits(limits.archive_max_bytes, limits.archive_max_files, limits.archive_max_ratio))
+        except (ArchiveError, OSError) as exc:
+            return Intake("rejected", kind="archive", message=f"{name}: {exc}", kept=kept)
+    spec, error = validate(dataset, defaults, display=name, max_classes=limits.max_classes)
+    if error:
+        return Intake("rejected", kind="spec", message=error)
+    return Intake("queued", spec=spec)
 
 
 def new_job_id(name: str, now: float | None = None) -> str:

@@ -20,14 +20,13 @@ from pathlib import Path
 
 from daemon import outbox
 from daemon.config import Config
-from daemon.intake import claim, claim_hidden_path, new_job_id, validate
+from daemon.intake import claim_hidden_path, may_be_a_job, new_job_id, take_in
 from daemon.ledger import Job, JobState, Ledger
 from daemon.metrics import Metrics, MetricsServer
 from daemon.repair import open_ledger, status_is_readable
 from daemon.retention import put_away
 from daemon.runner import EXIT_INTERRUPTED, EXIT_INVALID, TrainerProcess, describe_exit, stop_orphan
-from daemon.unpack import ArchiveError, Limits, archive_kind, extract
-from daemon.watch import CANCEL_FILE, Watcher, ignored_name, inbox_entries
+from daemon.watch import CANCEL_FILE, Watcher, inbox_entries
 from trainer.artifacts import write_json
 from trainer.spec import FINISHED_FILE, JOB_FILE
 
@@ -102,7 +101,7 @@ class Daemon:
             self.watcher.start()
             # Whatever arrived while we were down settles like a new drop (a copy may still be going on).
             for name in inbox_entries(self.inbox):
-                if self._may_be_a_job(name):
+                if may_be_a_job(self.inbox, name):
                     self.pending[name] = time.monotonic()
             if install_signals:
                 signal.signal(signal.SIGTERM, self._on_signal)
@@ -188,7 +187,7 @@ class Daemon:
         kind = message[0]
         if kind == "activity":
             # Events also come for folders leaving the inbox (our own claims among them): only present ones wait.
-            if not self.stopping and self._may_be_a_job(message[1]):
+            if not self.stopping and may_be_a_job(self.inbox, message[1]):
                 self.pending[message[1]] = time.monotonic()
         elif kind == "event":
             self._on_event(message[1], message[2])
@@ -266,17 +265,10 @@ class Daemon:
 
     # --- intake ----------------------------------------------------------------------------------------------
 
-    def _may_be_a_job(self, name: str) -> bool:
-        """A folder or an archive file (not a link); anything else in the inbox is ignored, and never waited on."""
-        path = self.inbox / name
-        if ignored_name(name) or path.is_symlink():
-            return False
-        return path.is_dir() or (archive_kind(name) is not None and path.is_file())
-
     def intake(self, name: str) -> None:
         """Claim ``inbox/<name>`` as a new job if it is a folder with a job.yaml or an archive (after it settled)."""
         source = self.inbox / name
-        if not self._may_be_a_job(name):
+        if not may_be_a_job(self.inbox, name):
             return
         if source.is_dir() and not (source / JOB_FILE).is_file():
             log.info("inbox/%s has no %s yet; waiting for one", name, JOB_FILE)
@@ -287,41 +279,19 @@ class Daemon:
 
     def _finish_claim(self, job: Job) -> None:
         jl = _jlog(job.id)
-        dataset = Path(job.path)
-        kept = dataset.parent / job.name  # a dropped archive, kept with its job
-        hidden = claim_hidden_path(self.inbox, job.id)
-        # Decided by what is on disk (a folder may be named x.zip), wherever a crash left it: inbox, hidden, kept.
-        where = next((p for p in (Path(job.source), hidden, kept) if job.source and p.exists()), None)
-        is_archive = archive_kind(job.name) is not None and where is not None and where.is_file()
-        try:
-            claimed = claim(Path(job.source), hidden, kept if is_archive else dataset)
-        except OSError as exc:
-            # The dataset is still in the inbox (or our hidden copy of it); nothing is lost, the job fails.
-            jl.error("could not claim inbox/%s: %s", job.name, exc)
-            self._fail(job.id, "io", f"could not move the dataset out of the inbox: {exc}", outcome="failed")
-            return
-        if not claimed:
+        result = take_in(job.name, Path(job.source), claim_hidden_path(self.inbox, job.id), Path(job.path),
+                         self.config.job_defaults, self.config.limits)
+        if result.outcome == "gone":
             jl.info("inbox/%s disappeared before it could be claimed", job.name)
             self.ledger.delete(job.id)
-            return
-        if is_archive and not dataset.exists():
-            limits = self.config.limits
-            try:
-                extract(kept, dataset, Limits(limits.archive_max_bytes, limits.archive_max_files,
-                                              limits.archive_max_ratio))
-            except (ArchiveError, OSError) as exc:
-                jl.warning("archive refused: %s", exc)
-                self._update(job.id, path=str(kept))
-                self._fail(job.id, "archive", f"{job.name}: {exc}", outcome="rejected")
-                return
-        spec, error = validate(dataset, self.config.job_defaults, display=job.name,
-                               max_classes=self.config.limits.max_classes)
-        if error:
-            jl.warning("invalid job spec:\n%s", error)
-            self._fail(job.id, "spec", error, outcome="rejected")
-            return
-        self._set(job.id, JobState.QUEUED, epochs=spec.epochs, multi_gpu=spec.hardware.multi_gpu)
-        jl.info("queued inbox/%s (%d epochs)", job.name, spec.epochs)
+        elif result.outcome == "queued":
+            self._set(job.id, JobState.QUEUED, epochs=result.spec.epochs, multi_gpu=result.spec.hardware.multi_gpu)
+            jl.info("queued inbox/%s (%d epochs)", job.name, result.spec.epochs)
+        else:
+            jl.warning("inbox/%s %s (%s):\n%s", job.name, result.outcome, result.kind, result.message)
+            if result.kept is not None:
+                self._update(job.id, path=str(result.kept))
+            self._fail(job.id, result.kind, result.message, outcome=result.outcome)
 
     def _fail(self, job_id: str, kind: str, message: str, outcome: str = "failed", seconds: float | None = None):
         job = self._set(job_id, JobState.FAILED, outcome=outcome, error_kind=kind, error=message,
