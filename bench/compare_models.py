@@ -64,7 +64,7 @@ def run(name: str, data: Path, overrides: dict, seed: int) -> dict:
     spec = JobSpec.model_validate(_merge(_merge(COMMON, overrides), {"seed": seed}))
     with tempfile.TemporaryDirectory() as out:
         started = time.time()
-        train_cnn(data, **spec.train_kwargs(), output_dir=out, verbose=0)
+        train_cnn(data, options=spec.train_options(), output_dir=out, verbose=0)
         summary = json.loads((Path(out) / "summary.json").read_text())
     return {"candidate": name, "test_accuracy": summary["evaluations"].get("test", {}).get("accuracy"),
             "val_accuracy": summary["evaluations"].get("validation", {}).get("accuracy"),

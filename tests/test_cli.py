@@ -207,3 +207,31 @@ def test_validate_schema_and_the_dropfit_command(tmp_path):
     assert dropfit, "the dropfit console script is installed with the package"
     schema = subprocess.run([dropfit, "schema"], capture_output=True, text=True, check=True)
     assert json.loads(schema.stdout)["title"] == "dropfit job.yaml"
+
+
+def test_run_trains_the_resolved_spec_it_is_given_and_mirrors_events_to_a_file(tmp_path):
+    job_dir = job(tmp_path, {"epochs": 1}, per_class=6, size_range=(16, 24))
+    (job_dir / "job.yaml").write_text("epochs: [this is not read]\n")  # --spec replaces it entirely
+    spec = {**FIXED_LENGTH, "epochs": 2, "target_size": 16, "batch_size": 8}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    events_file = tmp_path / "events.jsonl"
+    proc = run_trainer("run", job_dir, "--spec", tmp_path / "spec.json", "--out", tmp_path / "out",
+                       "--events-file", events_file, "--job-id", "spec-job")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stream = events(proc.stdout)
+    assert [e["event"] for e in stream] == ["started", "epoch_end", "epoch_end", "finished"]
+    assert events_file.read_text() == proc.stdout  # the same lines, for runners that cannot read stdout
+    assert all(e["v"] == 2 for e in stream)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["spec"]["epochs"] == 2 and summary["config"]["target_size"] == [16, 16]
+    finished = json.loads((tmp_path / "out" / "finished.json").read_text())
+    assert finished["job"] == "spec-job" and finished["epochs_trained"] == 2
+
+
+def test_an_invalid_resolved_spec_is_refused_with_its_location(tmp_path):
+    job_dir = job(tmp_path, {"epochs": 1}, per_class=2)
+    (tmp_path / "spec.json").write_text(json.dumps({"epochs": 0}))
+    proc = run_trainer("run", job_dir, "--spec", tmp_path / "spec.json", "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    [error] = events(proc.stdout)
+    assert error["kind"] == "spec" and "spec.json:1: epochs: must be a positive integer, got 0" in error["message"]

@@ -28,31 +28,37 @@ def test_empty_spec_means_dropfit_defaults():
     assert spec.optimizer.learning_rate == pytest.approx(1e-3) and spec.data.validation_split == pytest.approx(0.2)
     assert spec.augmentation.enabled and spec.augmentation.flip == "none"
     assert spec.training.early_stopping_patience == 10 and spec.training.class_weight == "balanced"
-    kwargs = spec.train_kwargs()
-    assert kwargs["augmentation"]["rotation"] == pytest.approx(0.05) and kwargs["class_weight"] == "balanced"
-    assert kwargs["fine_tune_epochs"] == 0  # no pretrained weights, no fine-tuning phase
+    options = spec.train_options()
+    assert options.augmentation["rotation"] == pytest.approx(0.05) and options.class_weight == "balanced"
+    assert options.fine_tune_epochs == 0  # no pretrained weights, no fine-tuning phase
 
 
-def test_example_lists_exactly_the_defaults_and_maps_to_train_cnn_arguments():
+def test_example_lists_exactly_the_defaults_and_every_option_is_one_train_cnn_takes():
     spec = load_spec(ROOT / "examples" / "job.yaml")
     assert spec.model_dump() == JobSpec().model_dump(), "examples/job.yaml must show the defaults"
+    import dataclasses
     import inspect
 
     from trainer import train
+    from trainer.options import TrainOptions
 
-    params = inspect.signature(train.train_cnn).parameters
-    kwargs = spec.train_kwargs()
-    assert set(kwargs) <= set(params), set(kwargs) - set(params)
+    options = spec.train_options()
+    recipe = {"target_size", "classes", "batch_size", "num_epochs", "num_classes"}
+    params = set(inspect.signature(train.train_cnn).parameters)
+    assert recipe <= params  # the recipe's signature is kept
+    # Every option is recorded whole in summary.json (one list, not six that disagree).
+    assert set(options.to_json()) == {f.name for f in dataclasses.fields(TrainOptions)}
+    assert options.to_json()["fine_tune_layers"] is None
 
 
 def test_recipe_job_and_paths():
     spec = parse_spec("model: {architecture: recipe, weights: w/backbone.weights.h5}\n"
                       "data: {test: held_out, validation: val}\naugmentation: {enabled: false}\n"
                       "training: {class_weight: none, early_stopping_patience: null}\nexports: [tflite]")
-    kwargs = spec.train_kwargs()
-    assert kwargs["architecture"] == "recipe" and kwargs["augmentation"] is None
-    assert kwargs["class_weight"] is None and kwargs["early_stopping_patience"] is None
-    assert kwargs["exports"] == ("tflite",)
+    options = spec.train_options()
+    assert options.architecture == "recipe" and options.augmentation is None
+    assert options.class_weight is None and options.early_stopping_patience is None
+    assert options.exports == ("tflite",)
     assert spec.paths() == {"data.train": ".", "data.validation": "val", "data.test": "held_out",
                             "model.weights": "w/backbone.weights.h5"}
 
@@ -137,7 +143,7 @@ def test_file_level_errors(tmp_path):
 
 def test_square_target_size_and_defaults_merge():
     assert parse_spec("target_size: 64").target_size == (64, 64)
-    assert parse_spec("target_size: [64, 48]").train_kwargs()["target_size"] == (64, 48)
+    assert parse_spec("target_size: [64, 48]").train_options().target_size == (64, 48)
     spec = parse_spec("model: {dropout: 0.5}", defaults={"epochs": 3, "model": {"dense_units": 64}})
     assert (spec.epochs, spec.model.dense_units, spec.model.dropout) == (3, 64, 0.5)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 import threading
 
 import keras
@@ -225,3 +226,18 @@ def test_stop_request_interrupts_safely_and_work_dir_resumes(tmp_path):
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     assert json.loads((out / "summary.json").read_text())["resumed_from"] == 2
+
+
+def test_a_temporary_disk_cache_is_removed_however_training_ends(tmp_path, monkeypatch):
+    root = make_shapes(tmp_path / "d", classes=2, per_class=6, size_range=(20, 30))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where tempfile puts the cache (stdlib setting)
+    stop = threading.Event()
+    with pytest.raises(TrainingInterrupted) as info:
+        train_cnn(root, (16, 16), num_epochs=3, batch_size=4, cache="disk", stop_event=stop,
+                  callbacks=[_SetAfter(stop, 1)])
+    # Removed when train_cnn raised, not whenever the garbage collector gets to it: the caller still holds the
+    # exception (a notebook keeps the last traceback, and with it every frame and the cache folder).
+    assert info.value.completed_epochs == 1
+    assert list(scratch.glob("dropfit-cache-*")) == []

@@ -17,73 +17,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import math
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp creates 0600 files; results should get the permissions any other new file would.
-_FILE_MODE = 0o666 & ~_umask()
+# Re-exported: the trainer's modules write through `artifacts`; the daemon imports `trainer.atomic` itself.
+from trainer.atomic import atomic_path, clean_json, write_bytes, write_json, write_text  # noqa: F401
 
 METRIC_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds",
                   "images_per_second")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path beside ``path`` (same suffix) and move it into place only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the whole name as the suffix: Keras checks endings such as `.keras` and `.weights.h5`.
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{path.name}", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, _FILE_MODE)
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Atomically write ``data`` to ``path`` (fsync'd, so a power cut leaves the old file or the new one)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return Path(path)
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    return write_bytes(path, text.encode("utf-8"))
-
-
-def clean_json(value):
-    """Make a value strict-JSON safe: NaN/inf become null, tuples lists, numpy scalars Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): clean_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean_json(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalar
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def write_json(path: str | os.PathLike, obj) -> Path:
-    return write_text(path, json.dumps(clean_json(obj), indent=2, ensure_ascii=False) + "\n")
 
 
 def write_metrics_csv(path: str | os.PathLike, rows: list[dict]) -> Path:

@@ -13,7 +13,7 @@ import os
 import keras
 import numpy as np
 
-from trainer.model import augmentation_layers
+from trainer.augment import augmentation_layers
 from trainer.scan import DatasetError
 
 MIN_SIZE = 32

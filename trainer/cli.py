@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 75
+from trainer.protocol import ExitCode
 
 log = logging.getLogger("trainer.cli")
 
@@ -80,20 +80,22 @@ def _import_tensorflow() -> None:
 
 def cmd_run(args) -> int:
     from trainer.events import EventStream
-    from trainer.spec import FINISHED_FILE, JOB_FILE, SpecError, load_spec, resolve_path
+    from trainer.protocol import write_finished
+    from trainer.spec import JOB_FILE, SpecError, load_spec, resolve_path
 
     _die_with_parent()
     job_dir = Path(args.job_dir)
     job_id = args.job_id or job_dir.resolve().name
     setup_logging(job_id)
-    events = EventStream.claim_stdout(job_id)
+    events = EventStream.claim_stdout(job_id, args.events_file)
     try:
-        spec = load_spec(job_dir / JOB_FILE)
+        # Under the daemon, the spec it validated at intake (job_defaults merged); job.yaml is not read again.
+        spec = load_spec(args.spec if args.spec else job_dir / JOB_FILE)
         paths = {field: resolve_path(job_dir, rel, field) for field, rel in spec.paths().items()}
     except SpecError as exc:
         log.error("invalid job spec:\n%s", exc)
         events.emit("error", kind="spec", message=str(exc))
-        return EXIT_INVALID
+        return ExitCode.INVALID
 
     _import_tensorflow()
     stop = threading.Event()
@@ -106,41 +108,37 @@ def cmd_run(args) -> int:
 
     events.on_closed = daemon_gone
 
-    def on_event(event: str, payload: dict | None = None, **fields) -> None:
+    def on_event(event: str, payload: dict) -> None:
         if event == "finished":
             # Written before the event: if the daemon dies before it hears of the success, the marker tells its
             # next start that this job is done, so it is not run a second time.
-            from trainer.artifacts import write_json
-
-            write_json(Path(args.out) / FINISHED_FILE, {"job": job_id, "time": time.time(), **(payload or {})})
-        events.emit(event, payload, **fields)
+            write_finished(args.out, job_id, payload.get("epochs_trained", 0))
+        events.emit(event, payload)
     log.info("job %s: training on %s, output in %s", job_id, paths["data.train"], args.out)
     try:
         from trainer.scan import DatasetError
         from trainer.train import TrainingInterrupted, train_cnn
 
-        weights = paths.get("model.weights", spec.model.weights)
-        train_cnn(paths["data.train"], **spec.train_kwargs(), verbose=0, weights=weights,
-                  validation_directory=paths.get("data.validation"), test_directory=paths.get("data.test"),
-                  labels_csv=paths.get("data.labels_csv"), output_dir=args.out, work_dir=args.work,
+        options = spec.train_options(paths)
+        train_cnn(paths["data.train"], options=options, verbose=0, output_dir=args.out, work_dir=args.work,
                   on_event=on_event, stop_event=stop,
                   metadata={"job_id": job_id, "job_dir": str(job_dir.resolve()),
                             "spec": spec.model_dump(mode="json")})
     except TrainingInterrupted as exc:
         log.warning("%s", exc)
         events.emit("interrupted", completed_epochs=exc.completed_epochs, message=str(exc))
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     except DatasetError as exc:
         log.error("unusable data: %s", exc)
         events.emit("error", kind="data", message=str(exc))
-        return EXIT_INVALID
+        return ExitCode.INVALID
     except BaseException as exc:
         # Whatever breaks (out of memory, disk full, a bug), the daemon must get an event with a readable reason.
         kind, message = _classify(exc)
         log.error("job failed (%s): %s\n%s", kind, message, traceback.format_exc())
         events.emit("error", kind=kind, message=message)
-        return EXIT_FAILED
-    return EXIT_OK
+        return ExitCode.FAILED
+    return ExitCode.OK
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:
@@ -152,7 +150,7 @@ def _classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, OSError):
         return "io", f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted", "interrupted"
+        return "internal", "interrupted from the keyboard"
     return "internal", f"{name}: {exc}"
 
 
@@ -205,7 +203,7 @@ def cmd_train(args) -> int:
         spec = parse_yaml_model(json.dumps(deep_merge(base, overrides)), _job_spec_class(), "command-line options")
     except SpecError as exc:
         print(f"error:\n{exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     _import_tensorflow()
     from trainer.scan import DatasetError
     from trainer.train import TrainingInterrupted, train_cnn
@@ -214,16 +212,17 @@ def cmd_train(args) -> int:
     stop = threading.Event()
     _install_stop_handlers(stop)
     try:
-        model = train_cnn(args.data_dir, **spec.train_kwargs(), verbose=1, weights=spec.model.weights,
-                          validation_directory=args.validation_dir, test_directory=args.test_dir,
-                          labels_csv=args.labels_csv, output_dir=out, work_dir=args.work, stop_event=stop,
-                          metadata={"spec": spec.model_dump(mode="json")})
+        # Paths come from the command line (relative to the current folder), never from a --spec file.
+        options = spec.train_options().replace(validation_directory=args.validation_dir,
+                                               test_directory=args.test_dir, labels_csv=args.labels_csv)
+        model = train_cnn(args.data_dir, options=options, verbose=1, output_dir=out, work_dir=args.work,
+                          stop_event=stop, metadata={"spec": spec.model_dump(mode="json")})
     except TrainingInterrupted as exc:
         print(f"stopped: {exc}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     except (DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     summary = json.loads((Path(out) / "summary.json").read_text())
     print(f"\nclasses: {', '.join(model.class_names)}")
     ev = summary["evaluation"]
@@ -231,7 +230,7 @@ def cmd_train(args) -> int:
     print(f"{split} accuracy: {ev['accuracy']:.4f} on {ev['images']} images")
     print(f"report: {Path(out) / 'report.html'}")
     print(f"artifacts: {out}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _job_spec_class():
@@ -290,7 +289,7 @@ def cmd_predict(args) -> int:
         model = load_model(args.model_dir)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     results = predict(model, _expand(args.images), top_k=args.top_k)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -301,7 +300,7 @@ def cmd_predict(args) -> int:
             else:
                 ranked = "  ".join(f"{t['label']}:{t['probability']:.3f}" for t in r["top_k"])
                 print(f"{r['file']}\t{r['label']}\t{r['probability']:.4f}" + (f"\t{ranked}" if args.top_k > 1 else ""))
-    return EXIT_FAILED if any("error" in r for r in results) else EXIT_OK
+    return ExitCode.FAILED if any("error" in r for r in results) else ExitCode.OK
 
 
 def cmd_evaluate(args) -> int:
@@ -314,15 +313,15 @@ def cmd_evaluate(args) -> int:
         report = evaluate(load_model(args.model_dir), args.data_dir, batch_size=args.batch_size)
     except (FileNotFoundError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     if args.json:
         print(json.dumps(report, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     print(f"accuracy: {report['accuracy']:.4f} on {report['images']} images")
     print(f"{'class':<24}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
     for name, m in report["per_class"].items():
         print(f"{name:<24}{m['precision']:>10.3f}{m['recall']:>10.3f}{m['f1']:>10.3f}{m['support']:>10d}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # --- small helpers -----------------------------------------------------------------------------------------------
@@ -335,16 +334,16 @@ def cmd_validate(args) -> int:
         spec = load_spec(path / JOB_FILE if path.is_dir() else path)
     except SpecError as exc:
         print(exc, file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     print(json.dumps(spec.model_dump(mode="json"), indent=2))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_schema(args) -> int:
     from trainer.spec import json_schema
 
     print(json.dumps(json_schema(), indent=2))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_demo(args) -> int:
@@ -352,19 +351,19 @@ def cmd_demo(args) -> int:
 
     root = make_demo(args.directory, seed=args.seed)
     print(root)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trainer.protocol import add_run_arguments
+    from trainer.spec import ARCHITECTURES, COLOR_MODES, EXPORT_FORMATS, OPTIMIZERS
+
     parser = argparse.ArgumentParser(prog="dropfit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run a job folder (job.yaml + images); JSON-lines events on stdout")
-    p.add_argument("job_dir")
-    p.add_argument("--out", required=True, help="output folder for the artifacts")
-    p.add_argument("--work", help="work folder for checkpoints; rerunning with it resumes")
-    p.add_argument("--job-id", help="id shown in logs and events (default: the job folder's name)")
+    p = add_run_arguments(sub.add_parser("run", help="run a job folder (job.yaml + images); JSON-lines events on "
+                                                     "stdout"))
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train on a class-per-folder dataset, with a progress bar",
@@ -372,8 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir")
     p.add_argument("--spec", help="a job.yaml to take the settings from (paths in it are ignored)")
     p.add_argument("--target-size", nargs="+", metavar="PX", help="auto, or height [width] (default auto)")
-    p.add_argument("--architecture", choices=("cnn", "recipe", "mobilenet_v3_small", "mobilenet_v3_large",
-                                              "efficientnet_b0", "resnet50"))
+    p.add_argument("--architecture", choices=ARCHITECTURES)
     p.add_argument("--weights", help="backbone weights: imagenet or a .weights.h5 file")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -383,12 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-dir")
     p.add_argument("--test-dir")
     p.add_argument("--labels-csv")
-    p.add_argument("--color-mode", choices=("rgb", "grayscale"))
+    p.add_argument("--color-mode", choices=COLOR_MODES)
     p.add_argument("--seed", type=int)
-    p.add_argument("--optimizer", choices=("rmsprop", "adam", "sgd"))
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--no-augmentation", action="store_true")
-    p.add_argument("--export", nargs="+", choices=("savedmodel", "tflite"))
+    p.add_argument("--export", nargs="+", choices=EXPORT_FORMATS)
     p.add_argument("--out", help="output folder (default runs/<dataset>-<time>)")
     p.add_argument("--work", help="work folder for checkpoints (resumable)")
     p.set_defaults(func=cmd_train)

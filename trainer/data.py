@@ -111,7 +111,8 @@ def make_dataset(samples: list[Sample], *, num_classes: int, target_size: tuple[
         return image, label, index
 
     def decoded(positions: list[int], fn) -> tf.data.Dataset:
-        paths = [samples[i].path for i in positions]
+        # As bytes: a name that is not valid UTF-8 (an old archive, a Samba share) cannot become a string tensor.
+        paths = [os.fsencode(samples[i].path) for i in positions]
         labels = np.asarray([samples[i].label for i in positions], np.int32)
         indices = np.asarray(positions, np.int64)
         return tf.data.Dataset.from_tensor_slices((paths, labels, indices)).map(fn, num_parallel_calls=AUTOTUNE)

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 import keras
 import tensorflow as tf
 
+from trainer.spec import PRECISIONS
+
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclass

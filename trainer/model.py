@@ -15,16 +15,14 @@ import logging
 
 import keras
 
+from trainer.augment import augmentation_layers
+from trainer.backbones import build_transfer
+from trainer.spec import ARCHITECTURES, BACKBONES, OPTIMIZERS
+
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("rmsprop", "adam", "sgd")
-ARCHITECTURES = ("cnn", "recipe", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "resnet50")
 RECIPE_FILTERS = (16, 32, 64, 64, 64)
 CNN_FILTERS = (16, 32, 64, 128, 256)
-
-_RANDOM_STEPS = ("rotation", "zoom", "translation", "contrast")
-DEFAULT_AUGMENTATION = {"flip": "none", "rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.1}
-
 
 def fitting_blocks(size: int, blocks: int, padding: str = "valid") -> int:
     """How many conv(3x3) + pool(2x2) blocks fit in ``size`` pixels before the feature map would vanish."""
@@ -36,59 +34,6 @@ def fitting_blocks(size: int, blocks: int, padding: str = "valid") -> int:
         size = after_conv // 2
         fit += 1
     return fit
-
-
-@keras.saving.register_keras_serializable(package="dropfit")
-class Augmentation(keras.layers.Layer):
-    """Random flip/rotation/zoom/translation/contrast, applied only when ``training`` is explicitly true.
-
-    Keras' own random layers augment whenever they are called without ``training=False``; wrapped here, a plain
-    ``model(images)`` or a SavedModel export can never augment at inference.
-    """
-
-    def __init__(self, options: dict, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.options, self.seed = dict(options), seed
-        self.steps = []
-        flip = options.get("flip", "none")
-        if flip and flip != "none":
-            mode = {"both": "horizontal_and_vertical"}.get(flip, flip)
-            self.steps.append(keras.layers.RandomFlip(mode, seed=seed, name="flip"))
-        if options.get("rotation"):
-            self.steps.append(keras.layers.RandomRotation(options["rotation"], fill_mode="reflect", seed=seed,
-                                                          name="rotation"))
-        if options.get("zoom"):
-            self.steps.append(keras.layers.RandomZoom(options["zoom"], fill_mode="reflect", seed=seed, name="zoom"))
-        if options.get("translation"):
-            t = options["translation"]
-            self.steps.append(keras.layers.RandomTranslation(t, t, fill_mode="reflect", seed=seed,
-                                                             name="translation"))
-        if options.get("contrast"):
-            self.steps.append(keras.layers.RandomContrast(options["contrast"], value_range=(0, 255), seed=seed,
-                                                          name="contrast"))
-
-    def call(self, inputs, training=None):
-        if not training:
-            return inputs
-        x = inputs
-        for step in self.steps:
-            x = step(x, training=True)
-        return x
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "options": self.options, "seed": self.seed}
-
-
-def augmentation_layers(options: dict | None, seed: int | None = None) -> list[keras.layers.Layer]:
-    """The augmentation layer for ``options`` (none if augmentation is off); it works on 0-255 pixels."""
-    if not options:
-        return []
-    if options.get("flip", "none") == "none" and not any(options.get(k) for k in _RANDOM_STEPS):
-        return []
-    return [Augmentation(options, seed, name="augmentation")]
 
 
 def _stem(input_shape, augmentation, seed):
@@ -167,9 +112,7 @@ def build_model(input_shape: tuple[int, int, int], num_classes: int, *, architec
     if architecture == "cnn":
         return build_cnn(input_shape, num_classes, filters=tuple(filters or CNN_FILTERS),
                          dropout=0.3 if dropout is None else dropout, augmentation=augmentation, seed=seed)
-    if architecture in ARCHITECTURES:
-        from trainer.backbones import build_transfer
-
+    if architecture in BACKBONES:
         return build_transfer(architecture, input_shape, num_classes, weights=weights,
                               dropout=0.2 if dropout is None else dropout, augmentation=augmentation, seed=seed)
     raise ValueError(f"architecture must be one of {ARCHITECTURES}. Received: architecture={architecture!r}")

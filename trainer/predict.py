@@ -56,7 +56,7 @@ def decode_file(path: str | os.PathLike, channels: int = 3, target_size: tuple[i
         BadImage: if the file is not a readable image.
     """
     if probe(path).native:
-        data = tf.io.read_file(str(path))
+        data = tf.io.read_file(os.fsencode(path))
         try:
             return decode_native(data, channels, target_size or (1, 1))
         except tf.errors.OpError as exc:

@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from trainer.atomic import display_path
 from trainer.images import MAX_PIXELS, BadImage, ImageInfo, probe
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,9 @@ def scan_directory(directory: str | os.PathLike, classes: list[str] | None = Non
             warnings.append(f"class folder {name!r} holds no usable image and was left out")
             continue
         label = len(class_names)
-        class_names.append(name)
+        # Named as text everywhere (labels.json, plots, events); a folder name that is not UTF-8 shows its odd bytes
+        # as \xNN escapes. Its files keep their real names.
+        class_names.append(display_path(name))
         samples.extend(_sample(path, label, info) for path, info in good)
     for w in warnings:
         log.warning("%s", w)

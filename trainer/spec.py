@@ -30,18 +30,27 @@ from pydantic import (
     WithJsonSchema,
 )
 
-__all__ = ["JOB_FILE", "MAX_SPEC_BYTES", "DataSpec", "JobSpec", "ModelSpec", "OptimizerSpec", "SpecError",
-           "json_schema", "load_spec", "load_yaml_model", "parse_spec", "parse_yaml_model", "resolve_path"]
+__all__ = ["ARCHITECTURES", "CACHE_MODES", "COLOR_MODES", "EXPORT_FORMATS", "JOB_FILE", "MAX_SPEC_BYTES", "OPTIMIZERS",
+           "PRECISIONS", "DataSpec", "JobSpec", "ModelSpec", "OptimizerSpec", "SpecError", "json_schema", "load_spec",
+           "load_yaml_model", "parse_spec", "parse_yaml_model", "resolve_path", "resolved_yaml"]
 
 M = TypeVar("M", bound=BaseModel)
 
 JOB_FILE = "job.yaml"
-# Written by the trainer into its output folder just before it reports success: the daemon\'s proof, after a crash,
-# that a job finished (so it is not run again).
-FINISHED_FILE = "finished.json"
 # A job.yaml is a few hundred bytes; anything this large is a mistake or an attack, not a spec.
 MAX_SPEC_BYTES = 256 * 1024
 
+# Every choice a job can make, defined here once; the spec's fields, `train_cnn`'s checks and the command line's
+# choices are derived from these.
+ARCHITECTURES = ("cnn", "recipe", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "resnet50")
+BACKBONES = ARCHITECTURES[2:]
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+CACHE_MODES = ("auto", "memory", "disk", "none")
+EXPORT_FORMATS = ("savedmodel", "tflite")
+COLOR_MODES = ("rgb", "grayscale")
+FLIPS = ("none", "horizontal", "vertical", "both")
+CLASS_WEIGHTS = ("balanced", "none")
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,7 @@ class DataSpec(_Section):
         0.2, description="Fraction of each class held out for validation (stratified, deterministic by seed).")
     test_split: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
         0.0, description="Fraction of each class held out for the final test, never used in training.")
-    cache: Literal["auto", "memory", "disk", "none"] = Field(
+    cache: Literal[CACHE_MODES] = Field(
         "auto", description="Decoded images between epochs: auto (memory, or disk in the work folder when they "
                             "would fill more than half the available memory), memory, disk or none.")
 
@@ -146,8 +155,7 @@ class FineTuneSpec(_Section):
 class ModelSpec(_Section):
     """The network: `cnn` (dropfit's default), `recipe` (the classic network) or a pretrained backbone."""
 
-    architecture: Literal["cnn", "recipe", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-                          "resnet50"] = "cnn"
+    architecture: Literal[ARCHITECTURES] = "cnn"
     filters: list[PositiveInt] | None = Field(
         None, min_length=1, max_length=12,
         description="Filters of each conv block (recipe: 16 32 64 64 64; cnn: 16 32 64 128 256).")
@@ -164,7 +172,7 @@ class ModelSpec(_Section):
 class OptimizerSpec(_Section):
     """Optimizer and learning rate (the recipe used RMSprop at 1e-3)."""
 
-    name: Literal["rmsprop", "adam", "sgd"] = "adam"
+    name: Literal[OPTIMIZERS] = "adam"
     learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.0, description="Momentum (sgd and rmsprop).")
 
@@ -178,7 +186,7 @@ class TrainingSpec(_Section):
         4, description="Halve the learning rate after this many epochs without improvement (null: never).")
     reduce_lr_factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
     min_learning_rate: Annotated[float, Field(ge=0.0)] = 1e-6
-    class_weight: Literal["balanced", "none"] = Field(
+    class_weight: Literal[CLASS_WEIGHTS] = Field(
         "balanced", description="balanced: weigh each class by its inverse frequency in the training images.")
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     restore_best_weights: Annotated[bool, Strict()] = Field(
@@ -189,7 +197,7 @@ class AugmentationSpec(_Section):
     """Random changes to training images, as layers inside the model (on the GPU; inactive at inference)."""
 
     enabled: Annotated[bool, Strict()] = True
-    flip: Literal["none", "horizontal", "vertical", "both"] = Field(
+    flip: Literal[FLIPS] = Field(
         "none", description="Mirroring; only for images whose mirror image is the same class (not digits or text).")
     rotation: Annotated[float, Field(ge=0.0, le=0.5)] = Field(0.05, description="Fraction of a full turn.")
     zoom: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
@@ -203,7 +211,7 @@ class AugmentationSpec(_Section):
 class HardwareSpec(_Section):
     """How the job uses the machine; `auto` picks what measured fastest for the device."""
 
-    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = Field(
+    precision: Literal[PRECISIONS] = Field(
         "auto", description="auto: mixed float16 on Tensor Core GPUs (compute capability 7.0+), else float32.")
     jit_compile: Literal["auto"] | Annotated[bool, Strict()] = Field(
         "auto", description="XLA compilation; auto: on GPUs, off on CPUs (measured slower there).")
@@ -221,7 +229,7 @@ class JobSpec(_Section):
     data: DataSpec = Field(default_factory=DataSpec)
     target_size: TargetSize = Field(
         "auto", description="auto (from the images' median size, 28 to 224 px), [height, width], or one number.")
-    color_mode: Literal["rgb", "grayscale"] = "rgb"
+    color_mode: Literal[COLOR_MODES] = "rgb"
     batch_size: Annotated[int, Strict(), Field(gt=0, le=8192)] = 32
     epochs: Annotated[int, Strict(), Field(gt=0, le=100_000)] = Field(
         50, description="Most epochs to train (early stopping usually ends sooner); for backbones, the head phase.")
@@ -234,47 +242,58 @@ class JobSpec(_Section):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     augmentation: AugmentationSpec = Field(default_factory=AugmentationSpec)
     hardware: HardwareSpec = Field(default_factory=HardwareSpec)
-    exports: list[Literal["savedmodel", "tflite"]] = Field(
+    exports: list[Literal[EXPORT_FORMATS]] = Field(
         default_factory=list, description="Also export the model as a TF SavedModel and/or TFLite (checked).")
 
-    def train_kwargs(self) -> dict[str, Any]:
-        """The `train_cnn` keyword arguments this spec stands for (paths still relative to the job folder)."""
+    def train_options(self, paths: dict[str, os.PathLike | str] | None = None):
+        """The `trainer.options.TrainOptions` this spec stands for.
+
+        ``paths`` maps the fields of `paths` to where they resolve (`resolve_path`); without it, paths stay relative
+        to the job folder.
+        """
+        from trainer.options import TrainOptions
+
+        paths = {k: os.fspath(v) for k, v in (paths or {}).items()}
         t = self.training
-        return {
-            "target_size": self.target_size if self.target_size == "auto" else tuple(self.target_size),
-            "classes": self.data.classes,
-            "batch_size": self.batch_size,
-            "num_epochs": self.epochs,
-            "num_classes": self.num_classes,
-            "validation_split": self.data.validation_split,
-            "test_split": self.data.test_split,
-            "color_mode": self.color_mode,
-            "seed": self.seed,
-            "architecture": self.model.architecture,
-            "filters": tuple(self.model.filters) if self.model.filters else None,
-            "dense_units": self.model.dense_units,
-            "dropout": self.model.dropout,
-            "batch_norm": self.model.batch_norm,
-            "fine_tune_epochs": self.model.fine_tune.epochs if self.model.weights else 0,
-            "fine_tune_learning_rate": self.model.fine_tune.learning_rate,
-            "fine_tune_layers": self.model.fine_tune.layers,
-            "optimizer": self.optimizer.name,
-            "learning_rate": self.optimizer.learning_rate,
-            "momentum": self.optimizer.momentum,
-            "augmentation": self.augmentation.options(),
-            "early_stopping_patience": t.early_stopping_patience,
-            "reduce_lr_patience": t.reduce_lr_patience,
-            "reduce_lr_factor": t.reduce_lr_factor,
-            "min_learning_rate": t.min_learning_rate,
-            "class_weight": None if t.class_weight == "none" else t.class_weight,
-            "label_smoothing": t.label_smoothing,
-            "restore_best_weights": t.restore_best_weights,
-            "exports": tuple(self.exports),
-            "precision": self.hardware.precision,
-            "jit_compile": self.hardware.jit_compile,
-            "multi_gpu": self.hardware.multi_gpu,
-            "cache": self.data.cache,
-        }
+        return TrainOptions(
+            target_size=self.target_size,
+            classes=self.data.classes,
+            batch_size=self.batch_size,
+            num_epochs=self.epochs,
+            num_classes=self.num_classes,
+            validation_split=self.data.validation_split,
+            validation_directory=paths.get("data.validation", self.data.validation),
+            test_split=self.data.test_split,
+            test_directory=paths.get("data.test", self.data.test),
+            labels_csv=paths.get("data.labels_csv", self.data.labels_csv),
+            color_mode=self.color_mode,
+            seed=self.seed,
+            architecture=self.model.architecture,
+            filters=self.model.filters,
+            dense_units=self.model.dense_units,
+            dropout=self.model.dropout,
+            batch_norm=self.model.batch_norm,
+            weights=paths.get("model.weights", self.model.weights),
+            fine_tune_epochs=self.model.fine_tune.epochs if self.model.weights else 0,
+            fine_tune_learning_rate=self.model.fine_tune.learning_rate,
+            fine_tune_layers=self.model.fine_tune.layers,
+            optimizer=self.optimizer.name,
+            learning_rate=self.optimizer.learning_rate,
+            momentum=self.optimizer.momentum,
+            augmentation=self.augmentation.options(),
+            early_stopping_patience=t.early_stopping_patience,
+            reduce_lr_patience=t.reduce_lr_patience,
+            reduce_lr_factor=t.reduce_lr_factor,
+            min_learning_rate=t.min_learning_rate,
+            class_weight=t.class_weight,
+            label_smoothing=t.label_smoothing,
+            restore_best_weights=t.restore_best_weights,
+            exports=self.exports,
+            precision=self.hardware.precision,
+            jit_compile=self.hardware.jit_compile,
+            multi_gpu=self.hardware.multi_gpu,
+            cache=self.data.cache,
+        )
 
     def paths(self) -> dict[str, str]:
         """Spec fields that name files or folders in the job folder, by field name (for `resolve_path`)."""
@@ -364,6 +383,14 @@ def resolve_path(job_dir: str | os.PathLike, relative: str, field: str) -> Path:
                         [Problem(field, f"resolves to {target}, outside the job folder (via a symlink?), "
                                         f"got {relative!r}")])
     return target
+
+
+def resolved_yaml(spec: JobSpec, origin: str = "job.yaml") -> str:
+    """The spec as the YAML a user reads (``outbox/<id>/job.resolved.yaml``, ``dropfit validate``): every field,
+    defaults included, exactly as the trainer receives it."""
+    header = (f"# The resolved spec: {origin}, with the daemon's job_defaults merged under it and every default\n"
+              "# filled in. This is exactly what the trainer runs.\n")
+    return header + yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
 def json_schema() -> dict:

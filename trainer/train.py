@@ -1,18 +1,23 @@
-"""`train_cnn`: scan a class-per-folder dataset, build the input pipeline and the network, train, write the results."""
+"""`train_cnn`: scan a class-per-folder dataset, build the input pipeline and the network, train, write the results.
+
+The steps, in order: `_load_data` (scan and split), `_pipelines` (tf.data, cached), `_build` (network and phases),
+`_fit` (phase by phase, resumable from ``work_dir``), `_for_inference` (the model users get), `_evaluate` (held-out
+images), `_summary`; then `trainer.results.write_all` writes the artifacts.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from trainer import artifacts, results
 from trainer.backbones import has_backbone, set_backbone_trainable
@@ -26,15 +31,18 @@ from trainer.callbacks import (
     load_json,
 )
 from trainer.data import DecodeFailures, make_dataset, plan_cache
-from trainer.hardware import PRECISIONS, configure
-from trainer.model import ARCHITECTURES, DEFAULT_AUGMENTATION, OPTIMIZERS, build_model, compile_model
+from trainer.hardware import Runtime, configure
+from trainer.model import build_model, compile_model
+from trainer.options import TrainOptions
 from trainer.predict import labels_and_predictions
 from trainer.report import classification_report
-from trainer.scan import DatasetError, auto_target_size, scan_csv, scan_directory, shuffled, split
+from trainer.scan import DatasetError, Sample, Scan, auto_target_size, scan_csv, scan_directory, shuffled, split
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainingInterrupted", "train_cnn"]
+__all__ = ["TrainOptions", "TrainingInterrupted", "train_cnn"]
+
+_RECIPE_DEFAULTS = ((200, 200), None, 32, 20, None)
 
 
 @dataclass
@@ -46,17 +54,35 @@ class Phase:
     fine_tune_layers: int | None = None
 
 
+@dataclass
+class _Data:
+    """What the data step found: the scan, the three splits and the input size."""
+
+    scan: Scan
+    class_names: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    target_size: tuple[int, int]
+    info: dict  # dataset.json
+
+
+@dataclass
+class _Fit:
+    """How training went."""
+
+    rows: list[dict]
+    phases: list[Phase]
+    resumed_from: int
+    stopped_early: bool
+    best: BestWeights | None
+    seconds: float
+
+
 def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=32, num_epochs=20, num_classes=None,
-              verbose=0, *, validation_split=0.2, validation_directory=None, test_split=0.0, test_directory=None,
-              labels_csv=None, color_mode="rgb", seed=1337, architecture="recipe", optimizer="rmsprop",
-              learning_rate=1e-3, momentum=0.0, filters=None, dense_units=512, dropout=None, batch_norm=False,
-              augmentation=None, weights=None, fine_tune_epochs=0, fine_tune_learning_rate=1e-5,
-              fine_tune_layers=None, early_stopping_patience=None, reduce_lr_patience=None, reduce_lr_factor=0.5,
-              min_learning_rate=1e-6, class_weight=None, label_smoothing=0.0, restore_best_weights=True,
-              exports=(), precision="auto", jit_compile="auto", multi_gpu=False,
-              callbacks: Sequence | None = None, output_dir=None, work_dir=None, cache="auto",
-              on_event: EventHook | None = None, stop_event: threading.Event | None = None,
-              metadata: dict | None = None) -> keras.Model:
+              verbose=0, *, options: TrainOptions | None = None, callbacks: Sequence | None = None, output_dir=None,
+              work_dir=None, on_event: EventHook | None = None, stop_event: threading.Event | None = None,
+              metadata: dict | None = None, **kwargs) -> keras.Model:
     """Train an image classifier on a folder with one subfolder of images per class.
 
     The classic two lines still work, and with no other arguments train the classic network::
@@ -86,6 +112,8 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
         num_epochs: passes over the training images (for transfer learning: of the frozen-backbone phase).
         num_classes: optional check; derived from the data, and a different value raises ``ValueError``.
         verbose: Keras ``fit`` verbosity (0 silent, 1 progress bar, 2 one line per epoch).
+        options: a `TrainOptions` with every setting below at once (what a job.yaml gives); then leave the
+            arguments above and below at their defaults.
         validation_split: fraction of each class held out for validation (stratified, by ``seed``); 0 for none.
         validation_directory: a separate folder of validation images; takes precedence over ``validation_split``.
         test_split: fraction of each class held out for the final test (never seen in training or model choice).
@@ -138,100 +166,164 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
         ValueError: for invalid arguments, and `trainer.scan.DatasetError` (a ``ValueError``) for unusable data.
         TrainingInterrupted: when ``stop_event`` was set.
     """
-    _validate(target_size=target_size, batch_size=batch_size, num_epochs=num_epochs, num_classes=num_classes,
-              verbose=verbose, validation_split=validation_split, test_split=test_split, color_mode=color_mode,
-              seed=seed, architecture=architecture, optimizer=optimizer, learning_rate=learning_rate,
-              filters=filters, dense_units=dense_units, dropout=dropout, callbacks=callbacks, classes=classes,
-              class_weight=class_weight, fine_tune_epochs=fine_tune_epochs, exports=exports, output_dir=output_dir,
-              precision=precision, cache=cache)
+    options = _options(options, (target_size, classes, batch_size, num_epochs, num_classes), kwargs)
+    _check_call(options, verbose, callbacks, output_dir)
     emit = on_event or (lambda name, payload: None)
     started = time.time()
-    channels = 1 if color_mode == "grayscale" else 3
-    if augmentation is True:
-        augmentation = dict(DEFAULT_AUGMENTATION)
+    data = _load_data(train_directory, options)
+    keras.utils.set_random_seed(options.seed)
+    runtime = configure(options.precision, options.jit_compile, options.multi_gpu)
+    failures = DecodeFailures(data.scan.root)
+    with _cache_folder(work_dir, options.cache) as cache_folder:
+        train_ds, val_ds, cache_mode = _pipelines(data, options, failures, cache_folder)
+        model, phases = _build(data, options, runtime)
+        fit = _fit(model, phases, train_ds, val_ds, data, options, runtime, work_dir, output_dir, emit, stop_event,
+                   callbacks, verbose)
+    model = _for_inference(model, data, options, runtime, phases)
+    if failures.items:
+        data.info["skipped"].extend({"file": s.path, "reason": s.reason} for s in failures.items)
+    model.class_names = list(data.class_names)
+    report, errors = _evaluate(model, data, options)
+    summary = _summary(data, options, runtime, model, fit, report, cache_mode, started, metadata)
+    paths = {}
+    if output_dir is not None:
+        paths = results.write_all(Path(output_dir), model, data.class_names, data.target_size, options.color_mode,
+                                  fit.rows, report, errors, data.info, summary, options.exports,
+                                  sample_images=[s.path for s in (data.test or data.val or data.train)[:8]])
+    emit("finished", {"artifacts": {k: str(v) for k, v in paths.items()}, "final": summary["final"],
+                      "epochs_trained": summary["epochs_trained"],
+                      "best_val_accuracy": summary["best_val_accuracy"], "evaluation": summary["evaluation"],
+                      "seconds": summary["durations"]["total_seconds"]})
+    return model
 
-    # --- data --------------------------------------------------------------------------------------------------
-    scan = scan_csv(train_directory, labels_csv, classes) if labels_csv is not None \
+
+# --- the steps ---------------------------------------------------------------------------------------------------
+
+def _options(options: TrainOptions | None, recipe_args: tuple, kwargs: dict) -> TrainOptions:
+    if options is None:
+        names = ("target_size", "classes", "batch_size", "num_epochs", "num_classes")
+        try:
+            return TrainOptions(**dict(zip(names, recipe_args, strict=True)), **kwargs)
+        except TypeError as exc:
+            raise TypeError(str(exc).replace("TrainOptions.__init__()", "train_cnn()")) from None
+    if kwargs or recipe_args != _RECIPE_DEFAULTS:
+        raise ValueError("train_cnn takes either options= or individual training arguments, not both. "
+                         f"Received: options and {sorted(kwargs) or 'positional arguments'}")
+    return options
+
+
+def _check_call(options: TrainOptions, verbose, callbacks, output_dir) -> None:
+    """The arguments `TrainOptions` cannot check: they are about this call, not about how to train."""
+    if verbose not in (0, 1, 2, "auto"):
+        raise ValueError(f"verbose must be 0, 1, 2 or 'auto'. Received: verbose={verbose!r}")
+    if callbacks is not None and not all(isinstance(c, keras.callbacks.Callback) for c in callbacks):
+        raise ValueError(f"callbacks must be a list of keras.callbacks.Callback. Received: callbacks={callbacks!r}")
+    if not isinstance(options.optimizer, (str, keras.optimizers.Optimizer)):
+        raise ValueError(f"optimizer must be a name or a keras optimizer. Received: optimizer={options.optimizer!r}")
+    if options.exports and output_dir is None:
+        raise ValueError("exports need an output_dir to write to")
+
+
+def _load_data(train_directory, o: TrainOptions) -> _Data:
+    classes = list(o.classes) if o.classes else None
+    scan = scan_csv(train_directory, o.labels_csv, classes) if o.labels_csv is not None \
         else scan_directory(train_directory, classes)
     class_names = scan.class_names
-    if num_classes is not None and num_classes != len(class_names):
-        raise DatasetError(f"num_classes={num_classes} does not match the {len(class_names)} classes found in "
+    if o.num_classes is not None and o.num_classes != len(class_names):
+        raise DatasetError(f"num_classes={o.num_classes} does not match the {len(class_names)} classes found in "
                            f"{str(train_directory)!r}: {class_names}. Leave num_classes out to derive it.")
     pool = scan.samples
     extra_scans = {}
-    if test_directory is not None:
-        extra_scans["test"] = _side_scan(test_directory, class_names, "test_directory")
-        test_samples = extra_scans["test"].samples
+    if o.test_directory is not None:
+        extra_scans["test"] = _side_scan(o.test_directory, class_names, "test_directory")
+        test = extra_scans["test"].samples
     else:
-        pool, test_samples = split(pool, test_split, seed, salt="test/")
-    if validation_directory is not None:
-        extra_scans["validation"] = _side_scan(validation_directory, class_names, "validation_directory")
-        train_samples, val_samples = pool, extra_scans["validation"].samples
+        pool, test = split(pool, o.test_split, o.seed, salt="test/")
+    if o.validation_directory is not None:
+        extra_scans["validation"] = _side_scan(o.validation_directory, class_names, "validation_directory")
+        train, val = pool, extra_scans["validation"].samples
     else:
-        train_samples, val_samples = split(pool, validation_split, seed)
+        train, val = split(pool, o.validation_split, o.seed)
+    target_size = o.target_size
     if target_size == "auto":
-        target_size = auto_target_size(train_samples)
+        target_size = auto_target_size(train)
         log.info("target_size auto: %dx%d from the images' median size", *target_size)
-    target_size = (int(target_size[0]), int(target_size[1]))
-    dataset_info = results.dataset_info(scan, extra_scans, train_samples, val_samples, test_samples)
+    info = results.dataset_info(scan, extra_scans, train, val, test)
     log.info("%d classes; %d training, %d validation, %d test images; %d file(s) skipped", len(class_names),
-             len(train_samples), len(val_samples), len(test_samples), len(dataset_info["skipped"]))
+             len(train), len(val), len(test), len(info["skipped"]))
+    return _Data(scan, class_names, train, val, test, (int(target_size[0]), int(target_size[1])), info)
 
-    keras.utils.set_random_seed(seed)
-    runtime = configure(precision, jit_compile, multi_gpu)
-    failures = DecodeFailures(scan.root)
-    scratch = None
-    if work_dir is None and cache in ("auto", "disk"):
-        scratch = tempfile.TemporaryDirectory(prefix="dropfit-cache-")
-    cache_mode, cache_dir = plan_cache(cache, len(train_samples) + len(val_samples), target_size, channels,
-                                       Path(work_dir) / "cache" if work_dir is not None else
-                                       (scratch.name if scratch else None))
+
+@contextlib.contextmanager
+def _cache_folder(work_dir, cache: str) -> Iterator[Path | None]:
+    """Where a disk cache may go: the work folder, or a temporary folder removed however training ends."""
+    if work_dir is not None:
+        yield Path(work_dir) / "cache"
+    elif cache in ("auto", "disk"):
+        with tempfile.TemporaryDirectory(prefix="dropfit-cache-") as scratch:
+            yield Path(scratch)
+    else:
+        yield None
+
+
+def _pipelines(data: _Data, o: TrainOptions, failures: DecodeFailures, cache_folder: Path | None):
+    cache_mode, cache_dir = plan_cache(o.cache, len(data.train) + len(data.val), data.target_size, o.channels,
+                                       cache_folder)
 
     def dataset(samples, name, shuffle=False):
         where = {"memory": True, "none": False}.get(cache_mode) or str(Path(cache_dir) / name)
-        return make_dataset(shuffled(samples, seed) if shuffle else samples, num_classes=len(class_names),
-                            target_size=target_size, batch_size=batch_size, channels=channels, shuffle=shuffle,
-                            seed=seed, cache=where, failures=failures)
+        return make_dataset(shuffled(samples, o.seed) if shuffle else samples, num_classes=len(data.class_names),
+                            target_size=data.target_size, batch_size=o.batch_size, channels=o.channels,
+                            shuffle=shuffle, seed=o.seed, cache=where, failures=failures)
 
-    train_ds = dataset(train_samples, "train", shuffle=True)
-    val_ds = dataset(val_samples, "val") if val_samples else None
+    return dataset(data.train, "train", shuffle=True), dataset(data.val, "val") if data.val else None, cache_mode
 
-    # --- model -------------------------------------------------------------------------------------------------
+
+def _network(data: _Data, o: TrainOptions, augmentation) -> keras.Model:
+    return build_model((*data.target_size, o.channels), len(data.class_names), architecture=o.architecture,
+                       filters=o.filters, dense_units=o.dense_units, dropout=o.dropout, batch_norm=o.batch_norm,
+                       augmentation=augmentation, weights=o.weights, seed=o.seed)
+
+
+def _build(data: _Data, o: TrainOptions, runtime: Runtime) -> tuple[keras.Model, list[Phase]]:
     with runtime.building():
-        model = build_model((*target_size, channels), len(class_names), architecture=architecture,
-                            filters=filters, dense_units=dense_units, dropout=dropout, batch_norm=batch_norm,
-                            augmentation=augmentation, weights=weights, seed=seed)
-    pretrained = has_backbone(model) and weights is not None
-    phases = [Phase("train" if not pretrained else "head", num_epochs, learning_rate, not pretrained)]
-    if pretrained and fine_tune_epochs:
-        phases.append(Phase("fine_tune", fine_tune_epochs, fine_tune_learning_rate, True, fine_tune_layers))
-    total_epochs = sum(p.epochs for p in phases)
-    weights_by_class = _class_weights(class_weight, train_samples, len(class_names))
+        model = _network(data, o, o.augmentation)
+    pretrained = has_backbone(model) and o.weights is not None
+    phases = [Phase("train" if not pretrained else "head", o.num_epochs, o.learning_rate, not pretrained)]
+    if pretrained and o.fine_tune_epochs:
+        phases.append(Phase("fine_tune", o.fine_tune_epochs, o.fine_tune_learning_rate, True, o.fine_tune_layers))
+    return model, phases
 
-    # --- training, phase by phase, resumable -------------------------------------------------------------------
+
+def _fit(model, phases: list[Phase], train_ds, val_ds, data: _Data, o: TrainOptions, runtime: Runtime, work_dir,
+         output_dir, emit: EventHook, stop_event, callbacks, verbose) -> _Fit:
+    """Train phase by phase; with ``work_dir``, back up every epoch and resume from where a previous run stopped."""
+    total_epochs = sum(p.epochs for p in phases)
     work = Path(work_dir) if work_dir is not None else None
-    done_phases, first_epoch, resumed_from, history_rows = 0, 0, 0, []
+    done_phases, first_epoch, resumed_from, rows = 0, 0, 0, []
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
         done_phases, first_epoch, resumed_from = _resume_point(work, phases)
         if resumed_from:
-            history_rows = [r for r in load_json(work / "history.json", []) if r.get("epoch", 0) <= resumed_from]
+            rows = [r for r in load_json(work / "history.json", []) if r.get("epoch", 0) <= resumed_from]
             log.info("resuming after epoch %d of %d", resumed_from, total_epochs)
         if done_phases:
             model.load_weights(work / f"phase{done_phases}.weights.h5")
-    recorder = EpochRecorder(len(train_samples), total_epochs, history_rows, work_dir, output_dir, emit)
-    best = BestWeights("val_loss", work_dir, resumed_from) if restore_best_weights and val_ds is not None else None
-    emit("started", {"classes": class_names, "counts": {n: c["total"] for n, c in dataset_info["counts"].items()},
-                     "train_images": len(train_samples), "val_images": len(val_samples),
-                     "test_images": len(test_samples), "skipped": len(dataset_info["skipped"]),
-                     "epochs": total_epochs, "resumed_from": resumed_from, "target_size": list(target_size),
-                     "batch_size": batch_size, "architecture": architecture})
+    recorder = EpochRecorder(len(data.train), total_epochs, rows, work_dir, output_dir, emit)
+    best = BestWeights("val_loss", work_dir, resumed_from) if o.restore_best_weights and val_ds is not None else None
+    emit("started", {"classes": data.class_names,
+                     "counts": {n: c["total"] for n, c in data.info["counts"].items()},
+                     "train_images": len(data.train), "val_images": len(data.val), "test_images": len(data.test),
+                     "skipped": len(data.info["skipped"]), "epochs": total_epochs, "resumed_from": resumed_from,
+                     "target_size": list(data.target_size), "batch_size": o.batch_size,
+                     "architecture": o.architecture})
+    weights_by_class = _class_weights(o.class_weight, data.train, len(data.class_names))
     fit_started = time.time()
     stopped_early = False
     for index, phase in enumerate(phases[done_phases:], start=done_phases):
         set_backbone_trainable(model, phase.backbone_trainable, phase.fine_tune_layers)
         with runtime.building():
-            compile_model(model, optimizer, phase.learning_rate, momentum, label_smoothing, runtime.jit_compile)
+            compile_model(model, o.optimizer, phase.learning_rate, o.momentum, o.label_smoothing, runtime.jit_compile)
         end_epoch = first_epoch + phase.epochs
         fit_callbacks = [recorder]
         if work is not None:
@@ -241,13 +333,13 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
             fit_callbacks.append(best)
         fit_callbacks.append(recorder.announcer)
         early = None
-        if val_ds is not None and early_stopping_patience:
-            early = keras.callbacks.EarlyStopping("val_loss", patience=early_stopping_patience, min_delta=1e-4)
+        if val_ds is not None and o.early_stopping_patience:
+            early = keras.callbacks.EarlyStopping("val_loss", patience=o.early_stopping_patience, min_delta=1e-4)
             fit_callbacks.append(early)
-        if val_ds is not None and reduce_lr_patience:
-            fit_callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=reduce_lr_factor,
-                                                                   patience=reduce_lr_patience,
-                                                                   min_lr=min_learning_rate))
+        if val_ds is not None and o.reduce_lr_patience:
+            fit_callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=o.reduce_lr_factor,
+                                                                   patience=o.reduce_lr_patience,
+                                                                   min_lr=o.min_learning_rate))
         if stop_event is not None:
             fit_callbacks.append(StopOnRequest(stop_event, recorder))
         fit_callbacks.extend(callbacks or [])
@@ -265,105 +357,83 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
             artifacts.write_json(work / "phases.json", {"completed": index + 1, "epoch": recorder.completed})
         # An early-stopped phase ends before end_epoch; the next one continues the epoch count from there.
         first_epoch = recorder.completed
-    fit_seconds = time.time() - fit_started
-    if scratch is not None:
-        scratch.cleanup()
-    if augmentation or runtime.precision != "float32" or runtime.replicas > 1:
-        # The model users get (and model.keras) is the same network without the training-only augmentation, in
-        # float32 and on one device: built-in layers only, so plain keras.models.load_model() reads it anywhere,
-        # and nothing random at inference. It is left uncompiled: it is for predicting.
-        trained = model
-        model = build_model((*target_size, channels), len(class_names), architecture=architecture, filters=filters,
-                            dense_units=dense_units, dropout=dropout, batch_norm=batch_norm, augmentation=None,
-                            weights=weights, seed=seed)
-        model.set_weights(trained.get_weights())
-        set_backbone_trainable(model, phases[-1].backbone_trainable, phases[-1].fine_tune_layers)
-    if failures.items:
-        dataset_info["skipped"].extend({"file": s.path, "reason": s.reason} for s in failures.items)
-    model.class_names = list(class_names)
+    return _Fit(rows, phases, resumed_from, stopped_early, best, time.time() - fit_started)
 
-    # --- evaluation on held-out data ---------------------------------------------------------------------------
+
+def _for_inference(model, data: _Data, o: TrainOptions, runtime: Runtime, phases: list[Phase]) -> keras.Model:
+    """The model users get (and model.keras): the same network without the training-only augmentation, in float32
+    and on one device: built-in layers only, so plain keras.models.load_model() reads it anywhere, and nothing random
+    at inference. It is left uncompiled: it is for predicting."""
+    if not (o.augmentation or runtime.precision != "float32" or runtime.replicas > 1):
+        return model
+    plain = _network(data, o, None)
+    plain.set_weights(model.get_weights())
+    set_backbone_trainable(plain, phases[-1].backbone_trainable, phases[-1].fine_tune_layers)
+    return plain
+
+
+def _evaluate(model, data: _Data, o: TrainOptions) -> tuple[dict, list[dict]]:
+    """The report on held-out images (test, else validation; training images when none are held out)."""
+    def predictions(samples):
+        ds = make_dataset(samples, num_classes=len(data.class_names), target_size=data.target_size,
+                          batch_size=o.batch_size, channels=o.channels, cache=False, with_index=True)
+        return labels_and_predictions(model, ds, with_details=True)
+
     evaluations = {}
-    for name, samples in (("test", test_samples), ("validation", val_samples)):
+    for name, samples in (("test", data.test), ("validation", data.val)):
         if samples:
-            eval_ds = make_dataset(samples, num_classes=len(class_names), target_size=target_size,
-                                   batch_size=batch_size, channels=channels, cache=False, with_index=True)
-            y_true, y_pred, probs, idx = labels_and_predictions(model, eval_ds, with_details=True)
-            evaluations[name] = (classification_report(y_true, y_pred, class_names),
-                                 results.misclassified(samples, y_true, y_pred, probs, idx, class_names))
+            y_true, y_pred, probs, idx = predictions(samples)
+            evaluations[name] = (classification_report(y_true, y_pred, data.class_names),
+                                 results.misclassified(samples, y_true, y_pred, probs, idx, data.class_names))
     main_split = next(iter(evaluations), None)
     if main_split is None:
-        dataset_info["warnings"].append("no held-out images (validation_split and test_split are 0): the model "
-                                        "was not evaluated; the confusion matrix shows training images")
-        train_eval = make_dataset(train_samples, num_classes=len(class_names), target_size=target_size,
-                                  batch_size=batch_size, channels=channels, cache=False, with_index=True)
-        y_true, y_pred, probs, idx = labels_and_predictions(model, train_eval, with_details=True)
-        evaluations["train"] = (classification_report(y_true, y_pred, class_names), [])
+        data.info["warnings"].append("no held-out images (validation_split and test_split are 0): the model "
+                                     "was not evaluated; the confusion matrix shows training images")
+        y_true, y_pred, _, _ = predictions(data.train)
+        evaluations["train"] = (classification_report(y_true, y_pred, data.class_names), [])
         main_split = "train"
     report = {"split": main_split, "held_out": main_split != "train", **evaluations[main_split][0],
               "splits": {name: {k: r[k] for k in ("accuracy", "macro_f1", "images")}
                          for name, (r, _) in evaluations.items()}}
     errors = evaluations[main_split][1]
     report["misclassified"] = errors[:100]
+    return report, errors
 
-    final = history_rows[-1] if history_rows else {}
-    summary = {
-        "classes": class_names,
-        "num_classes": len(class_names),
-        "architecture": architecture,
-        "epochs": total_epochs,
+
+def _summary(data: _Data, o: TrainOptions, runtime: Runtime, model, fit: _Fit, report: dict, cache_mode: str,
+             started: float, metadata: dict | None) -> dict:
+    final = fit.rows[-1] if fit.rows else {}
+    weights_by_class = _class_weights(o.class_weight, data.train, len(data.class_names)) or {}
+    return {
+        "classes": data.class_names,
+        "num_classes": len(data.class_names),
+        "architecture": o.architecture,
+        "epochs": sum(p.epochs for p in fit.phases),
         "epochs_trained": final.get("epoch", 0),
-        "stopped_early": stopped_early,
-        "resumed_from": resumed_from,
+        "stopped_early": fit.stopped_early,
+        "resumed_from": fit.resumed_from,
         "final": {k: final.get(k) for k in artifacts.METRIC_COLUMNS},
-        "best_epoch": best.best_epoch if best else None,
-        "restored_best_weights": bool(best and best.restored),
-        "best_val_accuracy": max((r["val_accuracy"] for r in history_rows if r.get("val_accuracy") is not None),
+        "best_epoch": fit.best.best_epoch if fit.best else None,
+        "restored_best_weights": bool(fit.best and fit.best.restored),
+        "best_val_accuracy": max((r["val_accuracy"] for r in fit.rows if r.get("val_accuracy") is not None),
                                  default=None),
-        "evaluation": {"split": main_split, "held_out": report["held_out"], "accuracy": report["accuracy"],
+        "evaluation": {"split": report["split"], "held_out": report["held_out"], "accuracy": report["accuracy"],
                        "macro_f1": report["macro_f1"], "images": report["images"]},
         "evaluations": report["splits"],
-        "durations": {"total_seconds": time.time() - started, "fit_seconds": fit_seconds,
-                      "epoch_seconds": [r.get("seconds") for r in history_rows]},
-        "seed": seed,
-        "config": {"train_directory": str(train_directory), "target_size": list(target_size), "classes": classes,
-                   "batch_size": batch_size, "num_epochs": num_epochs, "validation_split": validation_split,
-                   "validation_directory": _str(validation_directory), "test_split": test_split,
-                   "test_directory": _str(test_directory), "labels_csv": _str(labels_csv), "color_mode": color_mode,
-                   "seed": seed, "architecture": architecture,
-                   "optimizer": optimizer if isinstance(optimizer, str) else type(optimizer).__name__,
-                   "learning_rate": learning_rate, "momentum": momentum,
-                   "filters": list(filters) if filters else None, "dense_units": dense_units, "dropout": dropout,
-                   "batch_norm": batch_norm, "augmentation": augmentation, "weights": _str(weights),
-                   "fine_tune_epochs": fine_tune_epochs, "fine_tune_learning_rate": fine_tune_learning_rate,
-                   "early_stopping_patience": early_stopping_patience, "reduce_lr_patience": reduce_lr_patience,
-                   "class_weight": class_weight if isinstance(class_weight, (str, type(None))) else "custom",
-                   "class_weights": {class_names[i]: w for i, w in (weights_by_class or {}).items()},
-                   "label_smoothing": label_smoothing, "restore_best_weights": restore_best_weights,
-                   "exports": list(exports), "precision": precision, "jit_compile": jit_compile,
-                   "multi_gpu": multi_gpu, "cache": cache if isinstance(cache, (str, bool)) else str(cache)},
+        "durations": {"total_seconds": time.time() - started, "fit_seconds": fit.seconds,
+                      "epoch_seconds": [r.get("seconds") for r in fit.rows]},
+        "seed": o.seed,
+        "config": {"train_directory": data.scan.root, **o.to_json(), "target_size": list(data.target_size),
+                   "requested_target_size": o.to_json()["target_size"],
+                   "class_weights": {data.class_names[i]: w for i, w in weights_by_class.items()}},
         "parameters": int(model.count_params()),
         "runtime": {**runtime.to_json(), "cache": cache_mode},
         "versions": artifacts.library_versions(),
         **(metadata or {}),
     }
-    paths = {}
-    if output_dir is not None:
-        paths = results.write_all(Path(output_dir), model, class_names, target_size, color_mode, history_rows,
-                                  report, errors, dataset_info, summary, exports,
-                                  sample_images=[s.path for s in (test_samples or val_samples or train_samples)[:8]])
-    emit("finished", {"artifacts": {k: str(v) for k, v in paths.items()}, "final": summary["final"],
-                      "epochs_trained": summary["epochs_trained"],
-                      "best_val_accuracy": summary["best_val_accuracy"], "evaluation": summary["evaluation"],
-                      "seconds": summary["durations"]["total_seconds"]})
-    return model
 
 
 # --- internals ---------------------------------------------------------------------------------------------------
-
-def _str(value):
-    return None if value is None else str(value)
-
 
 def _side_scan(directory, class_names, what):
     side = scan_directory(directory, class_names, allow_missing=True, what=what)
@@ -392,64 +462,3 @@ def _resume_point(work: Path, phases: list[Phase]) -> tuple[int, int, int]:
     if (backup / "latest.weights.h5").exists():
         completed = max(completed, int(load_json(backup / "training_metadata.json", {}).get("epoch", 0)))
     return done, phase_start, completed
-
-
-def _validate(*, target_size, batch_size, num_epochs, num_classes, verbose, validation_split, test_split, color_mode,
-              seed, architecture, optimizer, learning_rate, filters, dense_units, dropout, callbacks, classes,
-              class_weight, fine_tune_epochs, exports, output_dir, precision, cache) -> None:
-    def positive_int(name, value, zero_ok=False):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if zero_ok else 1):
-            kind = "a non-negative" if zero_ok else "a positive"
-            raise ValueError(f"{name} must be {kind} integer. Received: {name}={value!r}")
-
-    def fraction(name, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ValueError(f"{name} must be a number in [0, 1). Received: {name}={value!r}")
-
-    if target_size != "auto" and (
-            not isinstance(target_size, (tuple, list)) or len(target_size) != 2
-            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 4 for v in target_size)):
-        raise ValueError(f"target_size must be 'auto' or a (height, width) pair of integers >= 4. "
-                         f"Received: target_size={target_size!r}")
-    positive_int("batch_size", batch_size)
-    positive_int("num_epochs", num_epochs)
-    positive_int("fine_tune_epochs", fine_tune_epochs, zero_ok=True)
-    if num_classes is not None:
-        positive_int("num_classes", num_classes)
-    if verbose not in (0, 1, 2, "auto"):
-        raise ValueError(f"verbose must be 0, 1, 2 or 'auto'. Received: verbose={verbose!r}")
-    fraction("validation_split", validation_split)
-    fraction("test_split", test_split)
-    if validation_split + test_split >= 1:
-        raise ValueError(f"validation_split + test_split must be below 1. Received: {validation_split} + {test_split}")
-    if color_mode not in ("rgb", "grayscale"):
-        raise ValueError(f"color_mode must be 'rgb' or 'grayscale'. Received: color_mode={color_mode!r}")
-    positive_int("seed", seed, zero_ok=True)
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture must be one of {ARCHITECTURES}. Received: architecture={architecture!r}")
-    if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a keras optimizer. "
-                         f"Received: optimizer={optimizer!r}")
-    if not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
-        raise ValueError(f"learning_rate must be a positive number. Received: learning_rate={learning_rate!r}")
-    if filters is not None and (not filters or not all(isinstance(f, (int, np.integer)) and f > 0 for f in filters)):
-        raise ValueError(f"filters must be a non-empty list of positive integers. Received: filters={filters!r}")
-    positive_int("dense_units", dense_units)
-    if dropout is not None:
-        fraction("dropout", dropout)
-    if callbacks is not None and not all(isinstance(c, keras.callbacks.Callback) for c in callbacks):
-        raise ValueError(f"callbacks must be a list of keras.callbacks.Callback. Received: callbacks={callbacks!r}")
-    if classes is not None and (isinstance(classes, str) or len(classes) < 2 or len(set(classes)) != len(classes)):
-        raise ValueError(f"classes must be a list of at least 2 distinct class names. Received: classes={classes!r}")
-    if not (class_weight in (None, "none", "balanced") or isinstance(class_weight, dict)):
-        raise ValueError(f"class_weight must be 'balanced', None or a dict. Received: class_weight={class_weight!r}")
-    unknown = [e for e in exports if e not in ("savedmodel", "tflite")]
-    if unknown or isinstance(exports, str):
-        raise ValueError(f"exports must be a list of 'savedmodel' and/or 'tflite'. Received: exports={exports!r}")
-    if exports and output_dir is None:
-        raise ValueError("exports need an output_dir to write to")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}. Received: precision={precision!r}")
-    if cache not in ("auto", "memory", "disk", "none", True, False):
-        raise ValueError(f"cache must be 'auto', 'memory', 'disk' or 'none'. Received: cache={cache!r}")
-

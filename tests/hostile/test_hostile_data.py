@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,20 @@ def test_unusable_datasets_stop_with_a_clear_error(tmp_path):
         assert proc.returncode == 2, proc.stderr[-2000:]
         [error] = [e for e in events(proc.stdout) if e["event"] == "error"]
         assert error["kind"] == "data" and expected in error["message"], error
+
+
+def test_names_that_are_not_utf8_are_read_like_any_other(tmp_path):
+    """Datasets copied from old archives or Samba shares hold such names; one of them once failed the whole job."""
+    job = make_shapes(tmp_path / "job", classes=2, per_class=6, size_range=(16, 24),
+                      job={"target_size": 16, "epochs": 1, "batch_size": 4, "model": {"architecture": "recipe"}})
+    root = bytes(job)
+    # A file in a class folder, and a whole class folder, with Latin-1 bytes in their names.
+    os.rename(root + b"/square/" + os.listdir(root + b"/square")[0], root + b"/square/bad\xff\xfe.png")
+    os.rename(root + b"/circle", root + b"/caf\xe9")
+    proc = run_trainer("run", job, "--out", tmp_path / "out", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stream = events(proc.stdout)
+    assert stream[-1]["event"] == "finished" and stream[0]["classes"] == ["caf\\xe9", "square"]
+    info = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert info["skipped"] == [] and info["counts"]["square"]["total"] == 6  # used, not skipped
+    assert json.loads((tmp_path / "out" / "labels.json").read_text())["classes"] == ["caf\\xe9", "square"]

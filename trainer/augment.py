@@ -1,0 +1,60 @@
+"""Training-time augmentation as a layer inside the model: active only while training, on 0-255 pixels."""
+
+from __future__ import annotations
+
+import keras
+
+_RANDOM_STEPS = ("rotation", "zoom", "translation", "contrast")
+
+
+@keras.saving.register_keras_serializable(package="dropfit")
+class Augmentation(keras.layers.Layer):
+    """Random flip/rotation/zoom/translation/contrast, applied only when ``training`` is explicitly true.
+
+    Keras' own random layers augment whenever they are called without ``training=False``; wrapped here, a plain
+    ``model(images)`` or a SavedModel export can never augment at inference.
+    """
+
+    def __init__(self, options: dict, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.options, self.seed = dict(options), seed
+        self.steps = []
+        flip = options.get("flip", "none")
+        if flip and flip != "none":
+            mode = {"both": "horizontal_and_vertical"}.get(flip, flip)
+            self.steps.append(keras.layers.RandomFlip(mode, seed=seed, name="flip"))
+        if options.get("rotation"):
+            self.steps.append(keras.layers.RandomRotation(options["rotation"], fill_mode="reflect", seed=seed,
+                                                          name="rotation"))
+        if options.get("zoom"):
+            self.steps.append(keras.layers.RandomZoom(options["zoom"], fill_mode="reflect", seed=seed, name="zoom"))
+        if options.get("translation"):
+            t = options["translation"]
+            self.steps.append(keras.layers.RandomTranslation(t, t, fill_mode="reflect", seed=seed,
+                                                             name="translation"))
+        if options.get("contrast"):
+            self.steps.append(keras.layers.RandomContrast(options["contrast"], value_range=(0, 255), seed=seed,
+                                                          name="contrast"))
+
+    def call(self, inputs, training=None):
+        if not training:
+            return inputs
+        x = inputs
+        for step in self.steps:
+            x = step(x, training=True)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "options": self.options, "seed": self.seed}
+
+
+def augmentation_layers(options: dict | None, seed: int | None = None) -> list[keras.layers.Layer]:
+    """The augmentation layer for ``options`` (none if augmentation is off); it works on 0-255 pixels."""
+    if not options:
+        return []
+    if options.get("flip", "none") == "none" and not any(options.get(k) for k in _RANDOM_STEPS):
+        return []
+    return [Augmentation(options, seed, name="augmentation")]

@@ -1,0 +1,199 @@
+"""`TrainOptions`: everything that decides how `train_cnn` trains, in one frozen, self-validating record.
+
+Built by `train_cnn` from its keyword arguments, by `JobSpec.train_options` from a job.yaml, and by the command
+line; recorded whole in ``summary.json`` (``config``), so what ran is exactly what is written down. TensorFlow-free:
+a Keras optimizer object is accepted but only checked for by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from trainer.spec import (
+    ARCHITECTURES,
+    CACHE_MODES,
+    COLOR_MODES,
+    EXPORT_FORMATS,
+    OPTIMIZERS,
+    PRECISIONS,
+    AugmentationSpec,
+)
+
+# `augmentation=True`: what job.yaml's `augmentation` section gives by default.
+DEFAULT_AUGMENTATION = AugmentationSpec().options()
+_PATHS = ("validation_directory", "test_directory", "labels_csv")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to train. Defaults are the classic recipe's; an empty job.yaml gives dropfit's better ones.
+
+    See `trainer.train.train_cnn` for what each field means. Invalid values raise ``ValueError`` naming the field,
+    the value received and what was expected.
+    """
+
+    target_size: tuple[int, int] | str = (200, 200)
+    classes: tuple[str, ...] | None = None
+    batch_size: int = 32
+    num_epochs: int = 20
+    num_classes: int | None = None
+    validation_split: float = 0.2
+    validation_directory: str | None = None
+    test_split: float = 0.0
+    test_directory: str | None = None
+    labels_csv: str | None = None
+    color_mode: str = "rgb"
+    seed: int = 1337
+    architecture: str = "recipe"
+    optimizer: Any = "rmsprop"  # a name from OPTIMIZERS or a keras.optimizers.Optimizer
+    learning_rate: float = 1e-3
+    momentum: float = 0.0
+    filters: tuple[int, ...] | None = None
+    dense_units: int = 512
+    dropout: float | None = None
+    batch_norm: bool = False
+    augmentation: dict | None = None  # True is taken as DEFAULT_AUGMENTATION
+    weights: str | None = None
+    fine_tune_epochs: int = 0
+    fine_tune_learning_rate: float = 1e-5
+    fine_tune_layers: int | None = None
+    early_stopping_patience: int | None = None
+    reduce_lr_patience: int | None = None
+    reduce_lr_factor: float = 0.5
+    min_learning_rate: float = 1e-6
+    class_weight: str | dict | None = None  # "balanced", None ("none") or {class index: weight}
+    label_smoothing: float = 0.0
+    restore_best_weights: bool = True
+    exports: tuple[str, ...] = ()
+    precision: str = "auto"
+    jit_compile: str | bool = "auto"
+    multi_gpu: bool = False
+    cache: str = "auto"
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen: normalise once
+        if isinstance(self.target_size, (list, tuple)):
+            set_("target_size", tuple(self.target_size))
+        for name in ("classes", "filters", "exports"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                set_(name, tuple(value))
+        if self.exports is None:
+            set_("exports", ())
+        if self.augmentation is True:
+            set_("augmentation", dict(DEFAULT_AUGMENTATION))
+        elif self.augmentation is False:
+            set_("augmentation", None)
+        if self.class_weight == "none":
+            set_("class_weight", None)
+        if self.cache is True or self.cache is False:
+            set_("cache", "memory" if self.cache else "none")
+        for name in (*_PATHS, "weights"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                set_(name, os.fspath(value))
+        _validate(self)
+
+    def replace(self, **changes) -> TrainOptions:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "grayscale" else 3
+
+    def to_json(self) -> dict:
+        """What ``summary.json`` records under ``config``."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        out["target_size"] = list(self.target_size) if isinstance(self.target_size, tuple) else self.target_size
+        if not isinstance(self.optimizer, str):
+            out["optimizer"] = type(self.optimizer).__name__
+        if isinstance(self.class_weight, dict):
+            out["class_weight"] = {str(k): v for k, v in self.class_weight.items()}
+        for name in ("classes", "filters", "exports"):
+            out[name] = list(out[name]) if out[name] is not None else None
+        return out
+
+
+def _is_int(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or getattr(getattr(value, "dtype", None), "kind", "") in ("i", "u")
+
+
+def _validate(o: TrainOptions) -> None:
+    def positive_int(name, zero_ok=False):
+        value = getattr(o, name)
+        if not _is_int(value) or value < (0 if zero_ok else 1):
+            kind = "a non-negative" if zero_ok else "a positive"
+            raise ValueError(f"{name} must be {kind} integer. Received: {name}={value!r}")
+
+    def fraction(name):
+        value = getattr(o, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"{name} must be a number in [0, 1). Received: {name}={value!r}")
+
+    def one_of(name, allowed):
+        value = getattr(o, name)
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}. Received: {name}={value!r}")
+
+    def optional(name, check, *args):
+        if getattr(o, name) is not None:
+            check(name, *args)
+
+    if o.target_size != "auto" and (
+            not isinstance(o.target_size, tuple) or len(o.target_size) != 2
+            or not all(_is_int(v) and v >= 4 for v in o.target_size)):
+        raise ValueError(f"target_size must be 'auto' or a (height, width) pair of integers >= 4. "
+                         f"Received: target_size={o.target_size!r}")
+    positive_int("batch_size")
+    positive_int("num_epochs")
+    positive_int("fine_tune_epochs", zero_ok=True)
+    optional("num_classes", positive_int)
+    optional("fine_tune_layers", positive_int)
+    optional("early_stopping_patience", positive_int)
+    optional("reduce_lr_patience", positive_int)
+    fraction("validation_split")
+    fraction("test_split")
+    if o.validation_split + o.test_split >= 1:
+        raise ValueError(f"validation_split + test_split must be below 1. "
+                         f"Received: {o.validation_split} + {o.test_split}")
+    one_of("color_mode", COLOR_MODES)
+    positive_int("seed", zero_ok=True)
+    one_of("architecture", ARCHITECTURES)
+    if isinstance(o.optimizer, str):
+        one_of("optimizer", OPTIMIZERS)
+    elif not hasattr(o.optimizer, "apply_gradients"):
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a keras optimizer. Received: "
+                         f"optimizer={o.optimizer!r}")
+    for name in ("learning_rate", "fine_tune_learning_rate"):
+        value = getattr(o, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number. Received: {name}={value!r}")
+    if o.filters is not None and (not o.filters or not all(_is_int(f) and f > 0 for f in o.filters)):
+        raise ValueError(f"filters must be a non-empty list of positive integers. Received: filters={o.filters!r}")
+    positive_int("dense_units")
+    optional("dropout", fraction)
+    fraction("momentum")
+    fraction("label_smoothing")
+    if not 0 < o.reduce_lr_factor < 1:
+        raise ValueError(f"reduce_lr_factor must be in (0, 1). Received: reduce_lr_factor={o.reduce_lr_factor!r}")
+    if o.classes is not None and (isinstance(o.classes, str) or len(o.classes) < 2
+                                  or len(set(o.classes)) != len(o.classes)):
+        raise ValueError(f"classes must be a list of at least 2 distinct class names. Received: classes={o.classes!r}")
+    if not (o.class_weight in (None, "balanced") or isinstance(o.class_weight, dict)):
+        raise ValueError(f"class_weight must be 'balanced', None or a dict. Received: class_weight={o.class_weight!r}")
+    if isinstance(o.exports, str) or any(e not in EXPORT_FORMATS for e in o.exports):
+        raise ValueError(f"exports must be a list of {' and/or '.join(map(repr, EXPORT_FORMATS))}. "
+                         f"Received: exports={o.exports!r}")
+    one_of("precision", PRECISIONS)
+    if o.jit_compile not in ("auto", True, False):
+        raise ValueError(f"jit_compile must be 'auto', True or False. Received: jit_compile={o.jit_compile!r}")
+    one_of("cache", CACHE_MODES)
+    if o.augmentation is not None and not isinstance(o.augmentation, dict):
+        raise ValueError(f"augmentation must be True, None or a dict of options. "
+                         f"Received: augmentation={o.augmentation!r}")
