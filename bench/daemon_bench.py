@@ -108,3 +108,65 @@ def scan_and_validate(root: Path) -> dict:
     files = len(scan.samples) + len(scan.skipped)
     return {"files": files, **out, "files_per_second": round(files / out["scan_validate_s"]),
             "files_per_second_warm": round(files / out["scan_validate_warm_s"]), "valid": error is None}
+
+
+def _linked_copy(src: Path, dst: Path) -> None:
+    """A copy of a big tree made of hard links (seconds, no data copied), to move into an inbox."""
+    for dirpath, _dirs, files in os.walk(src):
+        target = dst / Path(dirpath).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if name != ".complete":
+                os.link(os.path.join(dirpath, name), target / name)
+
+
+def big_drop(root: Path, observer: str = "inotify", settle: float = 5.0) -> dict:
+    """A dataset of many files moved into the inbox: seconds until it is claimed (settle_seconds included), and
+    whether the watcher lost events. The stand-in trainer of the tests reads every file, as a real scan does."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        fake = [sys.executable, str(ROOT / "tests" / "fake_trainer.py")]
+        proc, _ = _start(folder, settle_seconds=settle, trainer_command=fake,
+                         observer={"kind": observer, "interval": 2.0})
+        try:
+            _linked_copy(root, folder / "staging" / "big")
+            (folder / "staging" / "big" / "fake.json").write_text('{"read_all": true}')
+            moved = time.time()
+            os.rename(folder / "staging" / "big", folder / "inbox" / "big")
+            status = None
+            for _ in range(12000):
+                found = list((folder / "outbox").glob("*/status.json"))
+                if found and status is None:
+                    claimed = time.time()
+                    status = json.loads(found[0].read_text())
+                if found and json.loads(found[0].read_text())["state"] in ("succeeded", "failed"):
+                    break
+                time.sleep(0.02)
+            log = (folder / "daemon.log").read_text()
+            return {"files": sum(len(f) for _, _, f in os.walk(folder / "archive")),
+                    "moved_to_claimed_s": round(claimed - moved, 2), "settle_seconds": settle,
+                    "overflow_warnings": log.lower().count("overflow"),
+                    "state": json.loads(found[0].read_text())["state"]}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+
+def polling_cost(root: Path, interval: float = 2.0, seconds: float = 30.0) -> dict:
+    """CPU the daemon spends per polling interval (observer.kind polling, as on network shares) while a folder of
+    many files sits in the inbox (here: waiting for its job.yaml). Only the inbox's top level is listed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        proc, _ = _start(folder, observer={"kind": "polling", "interval": interval})
+        try:
+            _linked_copy(root, folder / "inbox" / "waiting")
+            (folder / "inbox" / "waiting" / "job.yaml").unlink()
+            time.sleep(5.0 + interval * 3)  # past settle_seconds (5 s by default): it is waiting for a job.yaml
+            before, start = _cpu_seconds(proc.pid), time.monotonic()
+            time.sleep(seconds)
+            cpu = _cpu_seconds(proc.pid) - before
+            intervals = (time.monotonic() - start) / interval
+            return {"polling_cpu_ms_per_interval": round(1000 * cpu / intervals, 2), "polling_interval_s": interval}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)

@@ -108,7 +108,10 @@ def main() -> int:
 
     if "daemon" not in args.skip:
         d = {**daemon_bench.idle(10 if args.quick else 60), **daemon_bench.latency()}
-        d.update(daemon_bench.scan_and_validate(many_files(10_000 if args.quick else 100_000)))
+        many = many_files(10_000 if args.quick else 100_000)
+        d.update(daemon_bench.scan_and_validate(many))
+        d["big_drop"] = daemon_bench.big_drop(many)
+        d.update(daemon_bench.polling_cost(many, seconds=10 if args.quick else 30))
         out["daemon"] = d
         print(json.dumps({"daemon": d}), flush=True)
 
@@ -182,6 +185,14 @@ def render(out: dict) -> str:
         if "scan_validate_warm_s" in d:
             lines.append(f"| scan + validate {d['files']:,} files, again (page cache) | "
                          f"{d['scan_validate_warm_s']:.1f} s ({d['files_per_second_warm']:,}/s) | seconds |")
+        b = d.get("big_drop")
+        if b:
+            lines.append(f"| {b['files']:,}-file drop moved into the inbox: claimed after (settle_seconds "
+                         f"{b['settle_seconds']:g} s included) | {b['moved_to_claimed_s']:.1f} s, "
+                         f"{b['overflow_warnings']} event overflows | once, no events lost |")
+        if "polling_cpu_ms_per_interval" in d:
+            lines.append(f"| polling observer, that folder in the inbox: CPU per {d['polling_interval_s']:g} s "
+                         f"interval | {d['polling_cpu_ms_per_interval']:.1f} ms | |")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ import time
 from daemon.config import load_config
 from trainer.spec import SpecError
 
-TRAINER_COMMANDS = ("run", "train", "predict", "evaluate", "validate", "schema")
+TRAINER_COMMANDS = ("run", "train", "predict", "evaluate", "schema")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -58,6 +58,10 @@ def cmd_serve(args) -> int:
     except StartupError as exc:
         logging.getLogger("daemon").error("cannot start: %s", exc)
         return EXIT_USAGE
+    except Exception:
+        # Never hang or limp on after a failure outside the loop (which guards itself): say why, and exit.
+        logging.getLogger("daemon").exception("the daemon failed")
+        return EXIT_FAILED
 
 
 def _age(seconds: float) -> str:
@@ -106,7 +110,7 @@ def cmd_cancel(args) -> int:
     from daemon.ledger import Ledger
     from daemon.service import LEDGER_FILE
     from daemon.watch import CANCEL_FILE
-    from trainer.artifacts import write_text
+    from trainer.atomic import write_text
 
     config = _config(args)
     path = config.path("state_dir") / LEDGER_FILE
@@ -125,6 +129,24 @@ def cmd_cancel(args) -> int:
         return EXIT_FAILED
     write_text(config.path("outbox") / job.id / CANCEL_FILE, f"cancel requested at {time.ctime()}\n")
     print(f"cancel requested for {job.id} ({job.state.value})")
+    return EXIT_OK
+
+
+def cmd_validate(args) -> int:
+    """Check a job folder as the daemon of this config would take it in, and print the spec it would run."""
+    from pathlib import Path
+
+    from daemon.intake import validate
+    from trainer.spec import JOB_FILE, resolved_yaml
+
+    config = _config(args)
+    path = Path(args.path)
+    folder = path.parent if path.name == JOB_FILE and not path.is_dir() else path
+    spec, error = validate(folder, config.job_defaults, max_classes=config.limits.max_classes)
+    if error:
+        print(error, file=sys.stderr)
+        return EXIT_USAGE
+    print(resolved_yaml(spec, f"{folder / JOB_FILE}"), end="")
     return EXIT_OK
 
 
@@ -170,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("status", cmd_status, "list jobs: state, progress, best validation accuracy"),
                                   ("cancel", cmd_cancel, "cancel a queued or running job"),
                                   ("demo", cmd_demo, "drop a small generated dataset into the inbox"),
+                                  ("validate", cmd_validate, "check a job folder as this daemon would, and print the "
+                                                             "resolved spec (job_defaults and defaults filled in)"),
                                   ("health", cmd_health, "check the running daemon's /healthz (exit 0 if healthy)")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="config.yaml (default: $DROPFIT_CONFIG, ./config.yaml, built-in defaults)")
@@ -181,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "demo":
             p.add_argument("--name", help="folder name in the inbox")
             p.add_argument("--seed", type=int, default=0)
+        elif name == "validate":
+            p.add_argument("path", help="a job folder (or its job.yaml)")
     for name in TRAINER_COMMANDS:
         sub.add_parser(name, help=f"trainer: see `dropfit {name} --help`", add_help=False)
     return parser

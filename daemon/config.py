@@ -120,11 +120,6 @@ class Config(_Section):
             return []
         return [line.strip() for line in out.splitlines() if line.strip()]
 
-    def slots(self) -> int:
-        """How many jobs run at once: one per GPU when GPUs are configured, else ``max_concurrent_jobs``."""
-        gpus = self.gpu_ids()
-        return len(gpus) if gpus else self.max_concurrent_jobs
-
 
 def load_config(path: str | os.PathLike | None = None) -> Config:
     """Load the daemon's configuration.

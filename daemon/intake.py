@@ -22,11 +22,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.unpack import ArchiveError, Limits, archive_kind, extract
+from daemon.unpack import ArchiveError, archive_kind, extract
 from daemon.watch import ignored_name
+from trainer.atomic import write_json
 from trainer.spec import JOB_FILE, JobSpec, SpecError, load_spec, resolve_path
 
 log = logging.getLogger(__name__)
+
+# The resolved spec, written once at intake into state/jobs/<id>/: what the trainer runs (`trainer run --spec`).
+SPEC_FILE = "spec.json"
 
 
 @dataclass
@@ -48,14 +52,17 @@ def may_be_a_job(inbox: Path, name: str) -> bool:
     return path.is_dir() or (archive_kind(name) is not None and path.is_file())
 
 
-def take_in(name: str, source: Path, hidden: Path, dataset: Path, defaults: dict, limits) -> Intake:
-    """Claim a dropped folder or archive into ``dataset``, extract it if need be, and validate its spec.
+def take_in(name: str, source: Path | None, hidden: Path, dataset: Path, defaults: dict, limits) -> Intake:
+    """Claim a dropped folder or archive into ``dataset``, extract it if need be, validate its spec and write the
+    resolved spec (`SPEC_FILE`) beside the dataset.
 
-    Safe to call again for the same job after a crash at any point. ``limits`` is the config's ``limits`` section.
+    Safe to call again for the same job after a crash at any point. ``source`` is None when the drop's place in the
+    inbox is not known (a ledger rebuilt from the outbox): then only what is already claimed is looked at.
+    ``limits`` is the config's ``limits`` section.
     """
     kept = dataset.parent / name  # a dropped archive, kept with its job
     # Decided by what is on disk (a folder may be named x.zip), wherever a crash left it: inbox, hidden, kept.
-    where = next((p for p in (source, hidden, kept) if str(source) not in ("", ".") and p.exists()), None)
+    where = next((p for p in (source, hidden, kept) if p is not None and p.exists()), None)
     is_archive = archive_kind(name) is not None and where is not None and where.is_file()
     try:
         if not claim(source, hidden, kept if is_archive else dataset):
@@ -65,12 +72,16 @@ def take_in(name: str, source: Path, hidden: Path, dataset: Path, defaults: dict
         return Intake("failed", kind="io", message=f"could not move the dataset out of the inbox: {exc}")
     if is_archive and not dataset.exists():
         try:
-            extract(kept, dataset, Limits(limits.archive_max_bytes, limits.archive_max_files, limits.archive_max_ratio))
+            extract(kept, dataset, limits)
         except (ArchiveError, OSError) as exc:
             return Intake("rejected", kind="archive", message=f"{name}: {exc}", kept=kept)
     spec, error = validate(dataset, defaults, display=name, max_classes=limits.max_classes)
     if error:
         return Intake("rejected", kind="spec", message=error)
+    try:
+        write_json(dataset.parent / SPEC_FILE, spec.model_dump(mode="json"))
+    except OSError as exc:
+        return Intake("failed", kind="io", message=f"could not write {dataset.parent / SPEC_FILE}: {exc}")
     return Intake("queued", spec=spec)
 
 
@@ -117,7 +128,7 @@ def copy_into_place(src: Path, dst: Path) -> None:
     _fsync_dir(dst.parent)
 
 
-def claim(source: Path, hidden: Path, target: Path) -> bool:
+def claim(source: Path | None, hidden: Path, target: Path) -> bool:
     """Move a dropped folder (or archive file) to ``target``; safe to call again after a crash at any point.
 
     Returns False if it is gone (removed or renamed by the user before it could be claimed).
@@ -127,6 +138,8 @@ def claim(source: Path, hidden: Path, target: Path) -> bool:
         _remove(hidden)  # an earlier attempt finished the copy
         return True
     if not hidden.exists():
+        if source is None:
+            return False
         try:
             os.rename(source, target)
             _fsync_dir(target.parent)

@@ -7,6 +7,7 @@ A job's state changes in one place, `Ledger.transition`, which refuses moves the
         │          │  └────────┘ └────> cancelled
         │          │  (retry / restart)
         └──> failed└──> cancelled       running ──> interrupted ──> queued  (daemon stopped; resumes on start)
+                                                        └──> succeeded, cancelled, failed  (found at start-up)
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ ALLOWED = {
     JobState.QUEUED: {JobState.RUNNING, JobState.CANCELLED, JobState.FAILED},
     JobState.RUNNING: {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED,
                        JobState.INTERRUPTED},
-    JobState.INTERRUPTED: {JobState.QUEUED, JobState.CANCELLED},
+    # succeeded: its trainer finished while the daemon was stopping; failed: recovering it failed.
+    JobState.INTERRUPTED: {JobState.QUEUED, JobState.CANCELLED, JobState.SUCCEEDED, JobState.FAILED},
     JobState.SUCCEEDED: set(),
     JobState.FAILED: set(),
     JobState.CANCELLED: set(),
@@ -49,15 +51,15 @@ ALLOWED = {
 
 OUTCOMES = ("succeeded", "failed", "cancelled", "rejected")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
+_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     name TEXT NOT NULL,
     state TEXT NOT NULL,
     attempt INTEGER NOT NULL DEFAULT 0,
-    source TEXT NOT NULL,
-    path TEXT NOT NULL,
+    source TEXT,
+    path TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     started_at REAL,
@@ -70,11 +72,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_kind TEXT,
     error TEXT,
     pid INTEGER,
+    pid_start INTEGER,
+    host TEXT,
     gpu TEXT,
     multi_gpu INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
 """
+_SCHEMA = _TABLE.format(name="jobs") + "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);\n"
 
 
 class IllegalTransition(RuntimeError):
@@ -88,8 +92,8 @@ class Job:
     name: str
     state: JobState
     attempt: int
-    source: str  # where the dataset was dropped
-    path: str  # where the dataset is now
+    source: str | None  # where the dataset was dropped (None: not known, e.g. rebuilt from the outbox)
+    path: str | None  # where the dataset is now (None: nowhere, it was deleted)
     created_at: float
     updated_at: float
     started_at: float | None = None
@@ -102,6 +106,8 @@ class Job:
     error_kind: str | None = None
     error: str | None = None
     pid: int | None = None
+    pid_start: int | None = None  # the trainer's start time (clock ticks since boot), with pid its identity
+    host: str | None = None  # where the trainer runs
     gpu: str | None = None
     multi_gpu: bool = False
 
@@ -111,6 +117,8 @@ class Job:
         data["state"] = JobState(data["state"])
         data["metrics"] = json.loads(data["metrics"]) if data["metrics"] else None
         data["multi_gpu"] = bool(data.get("multi_gpu"))
+        for key in ("source", "path"):  # ledgers before 0.2 wrote "" for "none"
+            data[key] = data.get(key) or None
         return cls(**data)
 
     def to_json(self) -> dict:
@@ -146,10 +154,26 @@ class Ledger:
         self.db.execute("SELECT COUNT(*) FROM jobs").fetchone()
 
     def _migrate(self) -> None:
-        """Add columns that newer versions know to a ledger written by an older one."""
-        have = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
-        if "multi_gpu" not in have:
-            self.db.execute("ALTER TABLE jobs ADD COLUMN multi_gpu INTEGER NOT NULL DEFAULT 0")
+        """Bring a ledger written by an older version to this schema, in one transaction."""
+        info = {row[1]: row for row in self.db.execute("PRAGMA table_info(jobs)")}
+        if info["path"][3] == 0 and set(_COLUMNS) <= set(info):
+            return
+        # Older ledgers: `path`/`source` NOT NULL with "" meaning none, and fewer columns. SQLite cannot drop a NOT
+        # NULL constraint in place, so the table is copied into the current schema.
+        common = [c for c in info if c in _COLUMNS | {"seq", "id", "created_at"}]
+        select = ", ".join(f"NULLIF({c}, '')" if c in ("path", "source") else c for c in common)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute(_TABLE.format(name="jobs_migrated"))
+            self.db.execute(f"INSERT INTO jobs_migrated ({', '.join(common)}) SELECT {select} FROM jobs")
+            self.db.execute("DROP TABLE jobs")
+            self.db.execute("ALTER TABLE jobs_migrated RENAME TO jobs")
+            self.db.execute("CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq)")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        log.info("ledger %s migrated to the current schema", self.path)
 
     def close(self) -> None:
         self.db.close()
@@ -180,7 +204,7 @@ class Ledger:
 
     # --- writes ----------------------------------------------------------------------------------------------
 
-    def create(self, job_id: str, name: str, source: str, path: str) -> Job:
+    def create(self, job_id: str, name: str, source: str | None, path: str | None) -> Job:
         """Record a new job in state ``claiming``, before its folder is moved (so a crash mid-move is recoverable)."""
         now = time.time()
         self.db.execute(

@@ -157,5 +157,8 @@ class MetricsServer:
         log.info("metrics on http://%s:%d/metrics", self.host, self.port)
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        # shutdown() waits for serve_forever() to acknowledge: called on a server that never started, it would wait
+        # forever (a daemon that failed during recovery hung on its way out).
+        if self._thread.is_alive():
+            self.httpd.shutdown()
         self.httpd.server_close()

@@ -1,4 +1,5 @@
-"""What the daemon itself writes into ``outbox/<job-id>/``: ``status.json`` (kept current) and ``error.txt``.
+"""What the daemon itself writes into ``outbox/<job-id>/``: ``status.json`` (kept current), ``error.txt``, and
+``job.resolved.yaml`` (the spec the job runs with).
 
 The trainer writes the model, metrics and plots there too; ``train.log`` holds its stderr.
 """
@@ -9,10 +10,12 @@ import time
 from pathlib import Path
 
 from daemon.ledger import Job
-from trainer.artifacts import write_json, write_text
+from trainer.atomic import write_json, write_text
+from trainer.spec import JobSpec, resolved_yaml
 
 STATUS_FILE = "status.json"
 ERROR_FILE = "error.txt"
+RESOLVED_FILE = "job.resolved.yaml"
 
 
 def write_status(outbox: Path, job: Job) -> None:
@@ -35,3 +38,8 @@ def write_error(outbox: Path, job: Job) -> None:
     if job.path:
         lines.append(f"The dataset was kept in {job.path}")
     write_text(outbox / job.id / ERROR_FILE, "\n".join(lines) + "\n")
+
+
+def write_resolved_spec(outbox: Path, job_id: str, spec: JobSpec) -> None:
+    """Write ``job.resolved.yaml``: job.yaml with job_defaults and every default, as the trainer runs it."""
+    write_text(outbox / job_id / RESOLVED_FILE, resolved_yaml(spec))

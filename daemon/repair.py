@@ -46,8 +46,8 @@ def rebuild(ledger: Ledger, outbox: Path, jobs_dir: Path) -> int:
     for status in outbox.glob("*/status.json"):
         try:
             record = json.loads(status.read_text())
-            records.append({**record, "name": record["dataset"], "path": record.get("dataset_path") or "",
-                            "source": "", "state": JobState(record["state"]).value})
+            records.append({**record, "name": record["dataset"], "path": record.get("dataset_path") or None,
+                            "source": None, "state": JobState(record["state"]).value})
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("cannot read %s (%s); that job is rebuilt from its dataset folder if it has one", status, exc)
     known = set()
@@ -63,7 +63,7 @@ def rebuild(ledger: Ledger, outbox: Path, jobs_dir: Path) -> int:
         if job_id not in known:
             name = job_id.rsplit("-", 2)[0]
             ledger.restore({"id": job_id, "name": name, "state": JobState.CLAIMING.value, "attempt": 0,
-                            "source": "", "path": str(folder), "created_at": folder.stat().st_mtime})
+                            "source": None, "path": str(folder), "created_at": folder.stat().st_mtime})
             known.add(job_id)
     return len(known)
 

@@ -1,43 +1,76 @@
 """What becomes of a succeeded job's dataset (config ``after_success``): archived, kept where it is, or deleted.
 
 Failed jobs always keep theirs in ``state/jobs/<job-id>/``. For a dataset dropped as an archive, the archive file is
-what is kept: its extracted copy can always be made again.
+what is kept: its extracted copy can always be made again. Whatever the ledger says, nothing outside the job's own
+state folder is ever moved or deleted here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.intake import move_tree
+from daemon.intake import SPEC_FILE, move_tree
 from daemon.unpack import archive_kind
 
+log = logging.getLogger(__name__)
 
-def put_away(job_state: Path, dataset: Path, name: str, archive: Path, policy: str) -> Path | str | None:
-    """Apply ``policy`` to a finished job's dataset; returns its new path, ``""`` if deleted, None if unchanged.
+
+@dataclass(frozen=True)
+class Retained:
+    """Where a succeeded job's dataset is now (None: deleted); ``changed`` if it moved or went."""
+
+    path: Path | None
+    changed: bool
+
+
+def owned_by(job_state: Path, path: Path | None) -> bool:
+    """Whether ``path`` lies strictly inside ``job_state`` (links resolved): the only places we may delete."""
+    if path is None:
+        return False
+    root, target = job_state.resolve(), path.resolve()
+    return target != root and target.is_relative_to(root)
+
+
+def put_away(job_state: Path, dataset: Path | None, name: str, archive: Path, policy: str) -> Retained:
+    """Apply ``policy`` to a finished job's dataset.
 
     ``job_state`` is ``state/jobs/<job-id>``, ``archive`` is ``<archive_dir>/<job-id>``, ``name`` the inbox name.
     Safe to call again after a crash part way. Raises OSError if the dataset cannot be moved or deleted.
     """
     shutil.rmtree(job_state / "work", ignore_errors=True)
-    owned = dataset.is_relative_to(job_state)
+    (job_state / SPEC_FILE).unlink(missing_ok=True)  # its copy for users is outbox/<id>/job.resolved.yaml
+    result = Retained(dataset, False)
+    if not owned_by(job_state, dataset):
+        if dataset is not None and policy != "keep":
+            log.warning("not touching %s: it is not inside %s", dataset, job_state)
+        _remove_if_empty(job_state)
+        return result
     dropped_archive = job_state / name
-    if owned and policy != "keep" and archive_kind(name) and dropped_archive.is_file():
+    if policy != "keep" and archive_kind(name) and dropped_archive.is_file():
         shutil.rmtree(dataset, ignore_errors=True)
         dataset, archive = dropped_archive, archive / name
-    result: Path | str | None = None
-    if policy == "archive" and owned:
+    if policy == "archive":
         if dataset.is_file():
             archive.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(dataset, archive)
         elif dataset.exists():
             move_tree(dataset, archive)
         if archive.exists():  # also when a crash came after the move, before the ledger heard of it
-            result = archive
-    elif policy == "delete" and dataset.exists():
-        shutil.rmtree(dataset) if dataset.is_dir() else dataset.unlink()
-        result = ""
-    with contextlib.suppress(OSError):
-        job_state.rmdir()
+            result = Retained(archive, True)
+    elif policy == "delete":
+        if dataset.is_dir() and not dataset.is_symlink():
+            shutil.rmtree(dataset)
+        elif dataset.exists() or dataset.is_symlink():
+            dataset.unlink()
+        result = Retained(None, True)
+    _remove_if_empty(job_state)
     return result
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()

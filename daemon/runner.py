@@ -6,7 +6,6 @@ whole group (SIGTERM, a grace period, then SIGKILL), and nothing it started is l
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -16,18 +15,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from daemon.messages import Message, TrainerEvent, TrainerExit, TrainerProtocolMismatch
+from trainer.protocol import ENV_JOB_ID, ENV_STATE_DIR, ProtocolError, parse_event
+
 log = logging.getLogger(__name__)
 
-EXIT_INVALID, EXIT_INTERRUPTED = 2, 75
 _MAX_LINE = 1 << 20
 
 
 class TrainerProcess:
-    """Start with `start`; events and the exit code arrive through ``post`` (from a reader thread)."""
+    """Start with `start`; events and the exit status arrive through ``post`` (from a reader thread)."""
 
-    def __init__(self, job_id: str, argv: list[str], env: dict, log_path: Path, post: Callable[[tuple], None]):
+    def __init__(self, job_id: str, argv: list[str], env: dict, log_path: Path, post: Callable[[Message], None]):
         self.job_id, self.argv, self.env, self.log_path, self.post = job_id, argv, env, log_path, post
         self.proc: subprocess.Popen | None = None
+        self.started_ticks: int | None = None
         self.log = logging.LoggerAdapter(log, {"job_id": job_id})
 
     @property
@@ -42,25 +44,30 @@ class TrainerProcess:
             log_file.flush()
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                          stderr=log_file, env=self.env, start_new_session=True, close_fds=True)
+        self.started_ticks = process_start_ticks(self.proc.pid)
         threading.Thread(target=self._read, name=f"events-{self.job_id[:24]}", daemon=True).start()
         self.log.info("trainer started, pid %d", self.proc.pid)
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
+        mismatch = False
         with self.proc.stdout:
             while raw := self.proc.stdout.readline(_MAX_LINE):
                 line = raw.decode("utf-8", "replace").strip()
                 if not line:
                     continue
                 try:
-                    event = json.loads(line)
-                    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
-                        raise ValueError("not an event object")
-                except ValueError:
-                    self.log.warning("ignoring trainer output that is not an event: %.200s", line)
+                    event = parse_event(line)
+                except ProtocolError as exc:
+                    if exc.version is not None and not mismatch:
+                        mismatch = True
+                        self.post(TrainerProtocolMismatch(self.job_id, str(exc)))
+                    elif exc.version is None:
+                        self.log.warning("ignoring trainer output that is not an event: %.200s (%s)", line, exc)
                     continue
-                self.post(("event", self.job_id, event))
-        self.post(("exit", self.job_id, self.proc.wait()))
+                if not mismatch:
+                    self.post(TrainerEvent(self.job_id, event))
+        self.post(TrainerExit(self.job_id, self.proc.wait()))
 
     def signal(self, sig: int) -> None:
         """Signal the trainer's whole process group (no error if it is already gone)."""
@@ -73,36 +80,65 @@ class TrainerProcess:
             pass
 
 
-def describe_exit(rc: int) -> str:
-    """A readable reason for a trainer's exit status."""
-    if rc < 0:
-        name = signal.Signals(-rc).name if -rc in signal.valid_signals() else f"signal {-rc}"
-        hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if -rc == signal.SIGKILL else ""
-        return f"the trainer was killed by {name}{hint}"
-    return f"the trainer exited with code {rc}"
+def trainer_env(job_id: str, state_dir: Path, gpu: str | None) -> dict:
+    """The environment of a trainer: who it belongs to (so a restarted daemon can prove it is its own), and its GPU."""
+    from trainer.protocol import ENV_PARENT_PID
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{ENV_PARENT_PID: str(os.getpid()), ENV_JOB_ID: job_id,
+                                                    ENV_STATE_DIR: str(state_dir)})
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
 
 
-def stop_orphan(pid: int, job_id: str, grace: float) -> bool:
-    """Stop a trainer left running by an earlier daemon (found by pid, confirmed by its command line).
-
-    Returns True if one was found (and is now gone).
-    """
+def process_start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat`` field 22): with the pid, an identity
+    that a recycled pid cannot fake."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def is_own_trainer(pid: int, job_id: str, state_dir: Path, started_ticks: int | None) -> bool:
+    """True only if ``pid`` is provably the trainer this state folder started for ``job_id``: the same process
+    (start time), with our job id and state folder in its environment. Anything unproven is left alone."""
+    if started_ticks is not None and process_start_ticks(pid) != started_ticks:
+        return False
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return False
-    if job_id.encode() not in cmdline:
-        return False  # the pid now belongs to something else
+    want = {f"{ENV_JOB_ID}={job_id}".encode(), f"{ENV_STATE_DIR}={state_dir}".encode()}
+    return want <= set(environ)
+
+
+def stop_orphan(pid: int, grace: float) -> None:
+    """Stop a trainer left running by an earlier daemon (the caller has proved it is one): SIGTERM its group, wait
+    ``grace`` seconds for its checkpoint, then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
-            return True
+            return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                return True
+            if not _alive(pid):
+                return
             time.sleep(0.1)
-    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (dead, not yet reaped by init) is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False

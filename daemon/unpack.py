@@ -14,13 +14,16 @@ If the archive holds a single folder (the usual result of zipping a dataset fold
 
 from __future__ import annotations
 
+import lzma
 import os
 import shutil
 import stat
 import tarfile
 import zipfile
-from dataclasses import dataclass
+import zlib
 from pathlib import Path, PurePosixPath
+
+from daemon.config import LimitsConfig
 
 SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 _CHUNK = 1 << 20
@@ -31,11 +34,10 @@ class ArchiveError(ValueError):
     """The archive is unreadable or breaks a rule; the message says which member and why."""
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_bytes: int = 20 << 30
-    max_files: int = 200_000
-    max_ratio: float = 200.0
+# What a member that cannot be read raises, besides the archive modules' own errors: an unsupported compression
+# method (NotImplementedError), a corrupt stream (zlib, lzma), a password (RuntimeError).
+_UNREADABLE = (zipfile.BadZipFile, tarfile.TarError, EOFError, NotImplementedError, RuntimeError, zlib.error,
+               lzma.LZMAError, ValueError)
 
 
 def archive_kind(name: str) -> str | None:
@@ -63,34 +65,49 @@ def _member_path(name: str) -> PurePosixPath | None:
 
 
 class _Budget:
-    def __init__(self, archive: Path, limits: Limits):
+    def __init__(self, archive: Path, limits: LimitsConfig):
         self.limits, self.files, self.bytes = limits, 0, 0
         self.archive_size = max(archive.stat().st_size, 1)
 
     def add_file(self, name: str) -> None:
         self.files += 1
-        if self.files > self.limits.max_files:
-            raise ArchiveError(f"more than {self.limits.max_files} files (limit archive.max_files); at {name!r}")
+        if self.files > self.limits.archive_max_files:
+            raise ArchiveError(f"more than {self.limits.archive_max_files} files (limits.archive_max_files in the "
+                               f"daemon's config); at {name!r}")
 
     def add_bytes(self, n: int, name: str) -> None:
         self.bytes += n
-        if self.bytes > self.limits.max_bytes:
-            raise ArchiveError(f"extracts to more than {self.limits.max_bytes} bytes (limit archive.max_bytes); "
-                               f"at {name!r}")
-        if self.bytes > 1 << 20 and self.bytes / self.archive_size > self.limits.max_ratio:
-            raise ArchiveError(f"compression ratio above {self.limits.max_ratio:g}:1 (limit archive.max_ratio): "
+        if self.bytes > self.limits.archive_max_bytes:
+            raise ArchiveError(f"extracts to more than {self.limits.archive_max_bytes} bytes "
+                               f"(limits.archive_max_bytes in the daemon's config); at {name!r}")
+        if self.bytes > 1 << 20 and self.bytes / self.archive_size > self.limits.archive_max_ratio:
+            raise ArchiveError(f"compression ratio above {self.limits.archive_max_ratio:g}:1 "
+                               f"(limits.archive_max_ratio in the daemon's config): "
                                f"{self.archive_size} bytes expand to more than {self.bytes}; at {name!r} "
                                "(a decompression bomb?)")
 
 
-def _write(stream, target: Path, name: str, budget: _Budget) -> None:
+def _write(open_stream, target: Path, name: str, budget: _Budget) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # O_EXCL: a name that repeats in the archive (or a path that is a folder) is refused, never overwritten.
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with os.fdopen(fd, "wb") as out:
-        while chunk := stream.read(_CHUNK):
-            budget.add_bytes(len(chunk), name)
-            out.write(chunk)
+        try:
+            with open_stream() as stream:
+                while chunk := stream.read(_CHUNK):
+                    budget.add_bytes(len(chunk), name)
+                    out.write(chunk)
+        except ArchiveError:
+            raise
+        except _UNREADABLE as exc:
+            raise ArchiveError(f"member {name!r} cannot be read: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, NotImplementedError):
+        return f"{text} (a compression method Python's zipfile cannot read, e.g. Deflate64; re-zip it with Deflate)"
+    return text
 
 
 def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
@@ -105,9 +122,11 @@ def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
             if info.is_dir():
                 (dest / rel).mkdir(parents=True, exist_ok=True)
                 continue
+            if info.flag_bits & 0x1:
+                raise ArchiveError(f"member {info.filename!r} is encrypted (a password-protected zip); dropfit "
+                                   "cannot read it: zip the dataset without a password")
             budget.add_file(info.filename)
-            with zf.open(info) as stream:
-                _write(stream, dest / rel, info.filename, budget)
+            _write(lambda info=info: zf.open(info), dest / rel, info.filename, budget)
 
 
 def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
@@ -123,12 +142,10 @@ def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
                 what = "a link" if member.issym() or member.islnk() else "not a regular file"
                 raise ArchiveError(f"member {member.name!r} is {what}; only files and folders are extracted")
             budget.add_file(member.name)
-            stream = tf.extractfile(member)
-            with stream:
-                _write(stream, dest / rel, member.name, budget)
+            _write(lambda member=member: tf.extractfile(member), dest / rel, member.name, budget)
 
 
-def extract(archive: Path, dataset: Path, limits: Limits = Limits()) -> None:
+def extract(archive: Path, dataset: Path, limits: LimitsConfig | None = None) -> None:
     """Extract ``archive`` so that ``dataset`` becomes the dataset folder; ArchiveError says what is wrong."""
     kind = archive_kind(archive.name)
     if kind is None:
@@ -137,7 +154,7 @@ def extract(archive: Path, dataset: Path, limits: Limits = Limits()) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        budget = _Budget(archive, limits)
+        budget = _Budget(archive, limits or LimitsConfig())
         if kind == "zip":
             _extract_zip(archive, partial, budget)
         else:
@@ -146,8 +163,10 @@ def extract(archive: Path, dataset: Path, limits: Limits = Limits()) -> None:
         if root is None:
             raise ArchiveError("the archive is empty")
         os.rename(root, dataset)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
-        raise ArchiveError(f"unreadable archive: {exc}") from None
+    except ArchiveError:
+        raise
+    except _UNREADABLE as exc:
+        raise ArchiveError(f"unreadable archive: {_reason(exc)}") from None
     except FileExistsError as exc:
         raise ArchiveError(f"member {exc.filename!r} appears twice in the archive") from None
     finally:

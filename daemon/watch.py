@@ -1,15 +1,22 @@
-"""Filesystem watching with watchdog: which inbox entries are active, and CANCEL files in the outbox.
+"""Watching the inbox: which top-level entries changed (watchdog), and when a dropped folder has settled.
 
-Handlers run on watchdog's observer thread and only hand names to a callback (which enqueues them); deciding when a
-dropped folder has settled, and everything slow, happens on the daemon's own loop.
+Only the inbox's top level is watched, never recursively: a recursive inotify watch follows a folder the daemon
+claims out of the inbox and keeps reporting every read the trainer makes of it (a 60,000-image dataset overflowed
+the kernel's event queue and lost events), and a recursive poll re-lists every file of every dataset each interval.
+Whether a dropped folder is still being written is judged instead by `fingerprint` — file count, total size, newest
+modification time — taken again while it is pending, at a pace that keeps the cost of large folders small.
+
+Handlers run on watchdog's observer thread and only hand names to a callback (which enqueues them); all decisions
+happen on the daemon's own loop.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -17,26 +24,19 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 log = logging.getLogger(__name__)
-# watchdog's inotify backend warns when a new subfolder's watch is re-registered; the watch still works.
-warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
 CANCEL_FILE = "CANCEL"
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", ".filepart", "~")
 # Reading a file is not activity: the daemon's own reads must not keep a folder from settling.
 _PASSIVE_EVENTS = {"opened", "closed_no_write"}
+# A pending folder is looked at again at least this often (seconds), and never so often that rescanning it takes
+# more than 1/_SCAN_DUTY of the time.
+_MIN_RECHECK, _SCAN_DUTY = 0.25, 5.0
 
 
 def ignored_name(name: str) -> bool:
     """Hidden and temporary names in the inbox are never jobs (copies in progress, editor files, our own temp)."""
     return not name or name.startswith(".") or name.endswith(_TEMP_SUFFIXES) or name == "__MACOSX"
-
-
-def _top_level(root: str, path: str | bytes) -> str | None:
-    path = os.fsdecode(path)
-    rel = os.path.relpath(path, root)
-    if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
-        return None
-    return rel.split(os.sep, 1)[0]
 
 
 class _InboxHandler(FileSystemEventHandler):
@@ -48,40 +48,28 @@ class _InboxHandler(FileSystemEventHandler):
         if event.event_type in _PASSIVE_EVENTS:
             return
         for path in (event.src_path, getattr(event, "dest_path", "")):
-            name = _top_level(self.root, path) if path else None
-            if name and not ignored_name(name):
-                self.on_activity(name)
-
-
-class _OutboxHandler(FileSystemEventHandler):
-    def __init__(self, root: str, on_cancel: Callable[[str], None]):
-        super().__init__()
-        self.root, self.on_cancel = root, on_cancel
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in ("created", "moved", "closed"):
-            return
-        path = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
-        if os.path.basename(path) == CANCEL_FILE and not event.is_directory:
-            job_id = _top_level(self.root, os.path.dirname(path))
-            if job_id:
-                self.on_cancel(job_id)
+            if not path:
+                continue
+            path = os.fsdecode(path)
+            if os.path.dirname(path) == self.root:
+                name = os.path.basename(path)
+                if not ignored_name(name):
+                    self.on_activity(name)
 
 
 class Watcher:
-    """Watches the inbox (recursively: a folder settles only when nothing inside it changes) and the outbox."""
+    """Watches the inbox's top level (not its subfolders: see the module's doc)."""
 
-    def __init__(self, inbox: Path, outbox: Path, on_activity: Callable[[str], None],
-                 on_cancel: Callable[[str], None], kind: str = "inotify", interval: float = 2.0):
+    def __init__(self, inbox: Path, on_activity: Callable[[str], None], kind: str = "inotify",
+                 interval: float = 2.0):
         self.observer = PollingObserver(timeout=interval) if kind == "polling" else Observer()
-        self.inbox, self.outbox = str(inbox), str(outbox)
-        self.observer.schedule(_InboxHandler(self.inbox, on_activity), self.inbox, recursive=True)
-        self.observer.schedule(_OutboxHandler(self.outbox, on_cancel), self.outbox, recursive=True)
+        self.inbox = os.path.normpath(str(inbox))
+        self.observer.schedule(_InboxHandler(self.inbox, on_activity), self.inbox, recursive=False)
         self.kind = kind
 
     def start(self) -> None:
         self.observer.start()
-        log.info("watching %s (%s)", self.inbox, self.kind)
+        log.info("watching %s (%s, top level only)", self.inbox, self.kind)
 
     def stop(self) -> None:
         self.observer.stop()
@@ -94,3 +82,102 @@ def inbox_entries(inbox: Path) -> list[str]:
         return sorted(e.name for e in os.scandir(inbox) if not ignored_name(e.name))
     except FileNotFoundError:
         return []
+
+
+def fingerprint(path: Path) -> tuple[int, int, int, int] | None:
+    """(files, folders, total bytes, newest mtime in ns) of a folder's whole tree, or of a file; None if gone.
+
+    Links are not followed. A copy in progress changes at least one of the four between two looks.
+    """
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    if not path.is_dir() or path.is_symlink():
+        return (1, 0, st.st_size, st.st_mtime_ns)
+    files, folders, size, newest = 0, 1, 0, st.st_mtime_ns
+    stack = [os.fspath(path)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    try:
+                        est = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    newest = max(newest, est.st_mtime_ns)
+                    if entry.is_dir(follow_symlinks=False):
+                        folders += 1
+                        stack.append(entry.path)
+                    else:
+                        files += 1
+                        size += est.st_size
+        except OSError:
+            continue
+    return (files, folders, size, newest)
+
+
+@dataclass
+class _Pending:
+    changed: float  # monotonic time the drop was last seen to change
+    next_check: float
+    print: tuple | None = None
+    scan_seconds: float = 0.0
+
+
+class Settler:
+    """Dropped entries waiting to settle: quiet (same `fingerprint`) for ``settle_seconds``.
+
+    ``touch(name)`` on activity; ``due(now)`` returns the names that have settled (and forgets them);
+    ``next_deadline()`` says when the loop should look again.
+    """
+
+    def __init__(self, inbox: Path, settle_seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.inbox, self.settle, self.clock = inbox, settle_seconds, clock
+        self.pending: dict[str, _Pending] = {}
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def touch(self, name: str) -> None:
+        now = self.clock()
+        entry = self.pending.get(name)
+        if entry is None:
+            self.pending[name] = _Pending(changed=now, next_check=now + min(self.settle, _MIN_RECHECK))
+        else:
+            entry.changed, entry.print = now, None
+
+    def forget(self, name: str) -> None:
+        self.pending.pop(name, None)
+
+    def clear(self) -> None:
+        self.pending.clear()
+
+    def next_deadline(self) -> float | None:
+        return min((p.next_check for p in self.pending.values()), default=None)
+
+    def due(self) -> list[str]:
+        """Look again at the pending entries whose time has come; return those that settled."""
+        settled = []
+        for name, entry in list(self.pending.items()):
+            now = self.clock()
+            if now < entry.next_check:
+                continue
+            started = time.perf_counter()
+            current = fingerprint(self.inbox / name)
+            entry.scan_seconds = time.perf_counter() - started
+            if current is None:  # removed or renamed away (a rename brings the new name as activity)
+                del self.pending[name]
+                continue
+            if current != entry.print:
+                if entry.print is not None:
+                    entry.changed = now
+                entry.print = current
+            elif now - entry.changed >= self.settle:
+                del self.pending[name]
+                settled.append(name)
+                continue
+            quiet_at = entry.changed + self.settle
+            pace = max(_MIN_RECHECK, _SCAN_DUTY * entry.scan_seconds)
+            entry.next_check = max(now + pace, min(quiet_at, now + max(pace, self.settle / 4)))
+        return settled

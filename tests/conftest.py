@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,31 @@ from PIL import Image
 from trainer.demo import make_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+REQUIRE_SYSTEM_TOOLS = "DROPFIT_REQUIRE_SYSTEM_TOOLS"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under ``DROPFIT_REQUIRE_SYSTEM_TOOLS=1`` (CI sets it) every skip is a failure: a test that could not run
+    because the machine lacks something (a tool, root, a tmpfs) must not pass CI silently. Only tests marked
+    ``optional_environment`` (they need what CI never has, e.g. a Kubernetes cluster) may still skip."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get(REQUIRE_SYSTEM_TOOLS) and not hasattr(report, "wasxfail") \
+            and item.get_closest_marker("optional_environment") is None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, which {REQUIRE_SYSTEM_TOOLS}=1 does not allow: {reason}"
+
+
+def system_tool(name: str, install: str) -> str:
+    """The path of a system binary the tests need (``.ci/run`` installs it); skips without it."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed ({install}; .ci/run does)")
+    return path
 
 
 def env_for_subprocess() -> dict:

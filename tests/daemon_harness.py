@@ -45,13 +45,18 @@ class DaemonProcess:
         self.state, self.archive = root / "state", root / "archive"
         self.proc: subprocess.Popen | None = None
         self.log_path = root / "daemon.log"
+        self.cwd = root / "cwd"
         self.url = ""
 
     def start(self) -> DaemonProcess:
         (self.state / "daemon.json").unlink(missing_ok=True)
         log = self.log_path.open("a")
         argv = [sys.executable, "-m", "daemon", "serve", "--config", str(self.root / "config.yaml")]
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env_for_subprocess(), cwd=ROOT)
+        # Its own working directory: a daemon that ever resolved a path against "." must not touch the repository
+        # (a restart once ran shutil.rmtree(".")); tests look there for what it must leave alone.
+        self.cwd.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env_for_subprocess(),
+                                     cwd=self.cwd)
         log.close()
         info = wait_for(self._info, 30, what=f"daemon start (log: {self.log_path})")
         self.url = info["metrics_url"].rsplit("/", 1)[0]
@@ -67,6 +72,8 @@ class DaemonProcess:
         return info if info["pid"] == self.proc.pid else None
 
     def log(self) -> str:
+        if not self.log_path.exists():
+            return "(no daemon.log: not started as a process)"
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
@@ -96,9 +103,15 @@ class DaemonProcess:
 
     # --- looking at results ----------------------------------------------------------------------------------
 
+    def cli(self, *args, timeout: float = 60) -> subprocess.CompletedProcess:
+        """``dropfit ARGS --config <this daemon's config>`` in a fresh interpreter."""
+        argv = [sys.executable, "-m", "daemon", *map(str, args), "--config", str(self.root / "config.yaml")]
+        return subprocess.run(argv, capture_output=True, text=True, env=env_for_subprocess(), cwd=ROOT,
+                              timeout=timeout)
+
     def jobs(self) -> list[dict]:
-        argv = [sys.executable, "-m", "daemon", "status", "--json", "--config", str(self.root / "config.yaml")]
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env_for_subprocess(), cwd=ROOT, check=True)
+        proc = self.cli("status", "--json")
+        assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
     def status(self, job_id: str) -> dict:

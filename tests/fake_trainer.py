@@ -1,4 +1,5 @@
-"""A stand-in for ``python -m trainer`` that speaks the same command line and JSON-lines protocol, instantly.
+"""A stand-in for ``python -m trainer`` that speaks the same command line and event protocol (`trainer.protocol`,
+imported from the same place as the real trainer), instantly and without TensorFlow.
 
 Behaviour comes from an optional ``fake.json`` in the job folder:
 
@@ -6,11 +7,15 @@ Behaviour comes from an optional ``fake.json`` in the job folder:
      "crash_attempts": 1,      the first N attempts die by signal at ``crash_epoch``
      "crash_epoch": 2, "crash_signal": "SIGKILL",
      "exit_code": 1,           exit with this code at ``crash_epoch`` (instead of a signal), with an error event
+     "error_kind": "internal", the kind of that error event
      "hang": true,             never finish (for timeouts)
+     "ignore_sigterm": true,   ignore SIGTERM (and the parent-death SIGTERM): only SIGKILL stops it
+     "read_all": true,         open and read every file of the dataset first, as the real trainer's scan does
+     "protocol": 1,            speak this protocol version instead of the current one
      "garbage": true}          print lines that are not JSON
 
-Epochs come from job.yaml. It resumes from ``--work`` like the real trainer and logs each invocation to
-``OUT/fake_runs.jsonl`` so tests can count runs.
+Epochs come from the resolved spec (``--spec``), else from job.yaml. It resumes from ``--work`` like the real trainer
+and logs each invocation to ``OUT/fake_runs.jsonl`` so tests can count runs.
 """
 
 from __future__ import annotations
@@ -25,11 +30,31 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trainer.protocol import (
+    ENV_PARENT_PID,
+    EVENT_TYPES,
+    ExitCode,
+    add_run_arguments,
+    event_line,
+    write_finished,
+)
+
 stop = False
+version = None
+events_file = None
 
 
 def emit(event: str, **fields) -> None:
-    print(json.dumps({"event": event, "time": time.time(), "v": 1, **fields}), flush=True)
+    record = EVENT_TYPES[event](**fields)
+    if version is not None:
+        record.v = version
+    line = event_line(record)
+    print(line, flush=True)
+    if events_file is not None:
+        with open(events_file, "a") as f:
+            f.write(line + "\n")
 
 
 def on_term(signum, frame):
@@ -38,26 +63,27 @@ def on_term(signum, frame):
 
 
 def main() -> int:
+    global version, events_file
     parser = argparse.ArgumentParser()
-    parser.add_argument("command")
-    parser.add_argument("job_dir")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--work")
-    parser.add_argument("--job-id")
-    args = parser.parse_args()
-    signal.signal(signal.SIGTERM, on_term)
-    if os.environ.get("DROPFIT_PARENT_PID") and sys.platform.startswith("linux"):
+    parser.add_argument("command", choices=["run"])
+    args = add_run_arguments(parser).parse_args()
+    job, out, work = Path(args.job_dir), Path(args.out), Path(args.work)
+    behaviour = json.loads((job / "fake.json").read_text()) if (job / "fake.json").exists() else {}
+    version, events_file = behaviour.get("protocol"), args.events_file
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if behaviour.get("ignore_sigterm") else on_term)
+    if os.environ.get(ENV_PARENT_PID) and sys.platform.startswith("linux"):
         # Like the real trainer: SIGTERM (stop at a safe point) when the daemon dies.
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)
-        if str(os.getppid()) != os.environ["DROPFIT_PARENT_PID"]:
-            return 75
-    job, out, work = Path(args.job_dir), Path(args.out), Path(args.work)
+        if str(os.getppid()) != os.environ[ENV_PARENT_PID]:
+            return ExitCode.INTERRUPTED
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    behaviour = json.loads((job / "fake.json").read_text()) if (job / "fake.json").exists() else {}
-    spec = yaml.safe_load((job / "job.yaml").read_text()) or {}
+    if args.spec:
+        spec = json.loads(Path(args.spec).read_text())
+    else:
+        spec = yaml.safe_load((job / "job.yaml").read_text()) or {}
     epochs = spec.get("epochs", 3)
     attempts_file = work / "attempts"
     attempt = int(attempts_file.read_text()) + 1 if attempts_file.exists() else 1
@@ -66,8 +92,17 @@ def main() -> int:
     done = json.loads(progress.read_text())["epoch"] if progress.exists() else 0
     with (out / "fake_runs.jsonl").open("a") as f:
         f.write(json.dumps({"job": args.job_id, "attempt": attempt, "resumed_from": done, "pid": os.getpid(),
-                            "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "time": time.time()}) + "\n")
+                            "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "spec": args.spec,
+                            "time": time.time()}) + "\n")
     print(f"fake trainer for {args.job_id}, attempt {attempt}", file=sys.stderr)
+    if behaviour.get("read_all"):
+        files = 0
+        for dirpath, _dirs, names in os.walk(job):
+            for name in names:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    f.read()
+                files += 1
+        print(f"read {files} files", file=sys.stderr)
     emit("started", job=args.job_id, classes=["a", "b"], epochs=epochs, resumed_from=done, skipped=2,
          train_images=10, val_images=2)
     if behaviour.get("garbage"):
@@ -78,11 +113,12 @@ def main() -> int:
         while time.time() < end or behaviour.get("hang"):
             if stop:
                 emit("interrupted", job=args.job_id, completed_epochs=epoch - 1)
-                return 75
+                return ExitCode.INTERRUPTED
             time.sleep(0.01)
         if epoch == behaviour.get("crash_epoch") and attempt <= behaviour.get("crash_attempts", 99):
             if "exit_code" in behaviour:
-                emit("error", job=args.job_id, kind="internal", message="simulated failure")
+                emit("error", job=args.job_id, kind=behaviour.get("error_kind", "internal"),
+                     message="simulated failure")
                 return behaviour["exit_code"]
             os.kill(os.getpid(), getattr(signal, behaviour.get("crash_signal", "SIGKILL")))
         progress.write_text(json.dumps({"epoch": epoch}))
@@ -90,12 +126,11 @@ def main() -> int:
              val_loss=1.2 / epoch, val_accuracy=0.4 + epoch / 100, learning_rate=0.001, seconds=0.05,
              images_per_second=200.0)
     (out / "model.keras").write_bytes(b"fake model")
-    (out / "finished.json.tmp").write_text(json.dumps({"job": args.job_id, "epochs_trained": epochs}))
-    os.replace(out / "finished.json.tmp", out / "finished.json")
+    write_finished(out, args.job_id, epochs)
     with (out / "fake_finished.jsonl").open("a") as f:
         f.write(json.dumps({"job": args.job_id, "attempt": attempt}) + "\n")
     emit("finished", job=args.job_id, artifacts={"model": str(out / "model.keras")}, epochs_trained=epochs)
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

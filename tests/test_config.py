@@ -41,11 +41,6 @@ def test_config_errors_are_located(tmp_path, text, expected):
     assert expected in str(info.value)
 
 
-def test_slots_follow_gpus():
-    assert Config(max_concurrent_jobs=3).slots() == 3
-    assert Config(gpus=["0", "1"], max_concurrent_jobs=1).slots() == 2
-
-
 def test_published_config_schema_is_current_and_accepts_the_shipped_file():
     shipped = json.loads((ROOT / "daemon" / "schemas" / "config.schema.json").read_text())
     assert shipped == Config.model_json_schema(), "regenerate daemon/schemas/config.schema.json"

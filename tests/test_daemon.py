@@ -84,21 +84,21 @@ def test_per_job_series_expire_after_the_retention_time(tmp_path):
 
 
 def test_a_folder_still_being_copied_is_not_started_until_it_settles(tmp_path):
-    daemon = DaemonProcess(tmp_path / "d", settle_seconds=1.0).start()
+    daemon = DaemonProcess(tmp_path / "d", settle_seconds=2.0).start()
     try:
         folder = daemon.inbox / "slowcopy"
         (folder / "a").mkdir(parents=True)
         (folder / "job.yaml").write_text("epochs: 1\n")  # the spec arrives first...
         src = next((ROOT / "tests").glob("*.py"))
         last_write = 0.0
-        for i in range(8):  # ...and files keep coming, 0.4 s apart (less than settle_seconds)
-            time.sleep(0.4)
+        for i in range(8):  # ...and files keep coming deep inside, 0.5 s apart (well under settle_seconds)
+            time.sleep(0.5)
             (folder / "a" / f"f{i}.png").write_bytes(src.read_bytes())
             last_write = time.time()
             assert not daemon.jobs(), "claimed while files were still arriving"
         [job] = daemon.wait_jobs(1)
         run = daemon.runs(job["id"])[0]
-        assert run["time"] >= last_write + 1.0
+        assert run["time"] >= last_write + 2.0
         assert len(list((daemon.archive / job["id"] / "a").iterdir())) == 8
     finally:
         daemon.stop()
@@ -176,10 +176,16 @@ def test_a_hanging_trainer_is_stopped_at_the_timeout(tmp_path):
     daemon = DaemonProcess(tmp_path / "d", job_timeout_seconds=2, stop_grace_seconds=1).start()
     try:
         daemon.drop("stuck", {"epochs": 3}, fake={"hang": True})
-        [job] = daemon.wait_jobs(1)
-        assert job["state"] == "failed" and job["error_kind"] == "timeout"
-        assert "timed out after 2 seconds" in job["error"]
-        assert job["finished_at"] - job["started_at"] < 15
+        daemon.drop("deaf", {"epochs": 3}, fake={"hang": True, "ignore_sigterm": True})
+        stuck, deaf = daemon.wait_jobs(2)
+        for job in (stuck, deaf):
+            assert job["state"] == "failed" and job["error_kind"] == "timeout"
+            assert "timed out after 2 seconds" in job["error"]
+            assert job["finished_at"] - job["started_at"] < 15
+        assert "the trainer exited with code 75" in stuck["error"]  # it checkpointed on SIGTERM
+        # The other ignored SIGTERM: killed once the grace period was over.
+        assert "killed by SIGKILL" in deaf["error"]
+        assert f"[{deaf['id']}] daemon.service: the trainer did not stop within 1 s; killing it" in daemon.log()
     finally:
         daemon.stop()
 
@@ -222,6 +228,23 @@ def test_sigterm_interrupts_running_jobs_and_the_next_start_resumes_them(daemon)
     assert job["state"] == "succeeded" and job["epoch"] == 30 and job["attempt"] == 2
     runs = daemon.runs(job["id"])
     assert len(runs) == 2 and runs[1]["resumed_from"] == stopped_at
+
+
+def test_a_second_signal_kills_trainers_that_ignore_the_first(tmp_path):
+    daemon = DaemonProcess(tmp_path / "d", stop_grace_seconds=60).start()
+    daemon.drop("deaf", {"epochs": 3}, fake={"hang": True, "ignore_sigterm": True})
+    job = wait_for(lambda: (j := daemon.jobs()) and j[0]["state"] == "running" and j[0], 30, what="running")
+    daemon.proc.send_signal(signal.SIGTERM)
+    time.sleep(1.5)
+    assert daemon.proc.poll() is None  # waiting for the trainer to checkpoint (it never will)
+    started = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=20) == 0 and time.monotonic() - started < 10  # not the 60 s grace
+    assert "second SIGTERM: killing 1 trainer(s) now" in daemon.log()
+    status = Path(f"/proc/{job['pid']}/status")
+    wait_for(lambda: not status.exists() or "zombie" in status.read_text(), 10, what="the trainer to be gone")
+    [job] = daemon.jobs()
+    assert job["state"] == "interrupted"  # and it resumes on the next start
 
 
 def test_kill_9_of_the_daemon_loses_nothing_and_keeps_the_queue_order(daemon):

@@ -75,3 +75,22 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_job_defaults_from_the_config_are_what_the_real_trainer_trains(tmp_path):
+    """`job_defaults: {epochs: 2}` and an empty job.yaml: the trainer once re-read job.yaml alone and trained 50."""
+    d = DaemonProcess(tmp_path / "d", trainer_command=None,
+                      job_defaults={"epochs": 2, "target_size": 16, "batch_size": 8,
+                                    "training": {"early_stopping_patience": None}})
+    try:
+        d.start()
+        d.drop("defaults", {}, per_class=6, size_range=(16, 24))
+        [job] = d.wait_jobs(1, timeout=300)
+        assert job["state"] == "succeeded" and job["epoch"] == 2 and job["epochs"] == 2, d.log()[-3000:]
+        summary = json.loads((d.outbox / job["id"] / "summary.json").read_text())
+        assert summary["epochs"] == 2 and summary["epochs_trained"] == 2
+        assert summary["spec"]["epochs"] == 2 and summary["config"]["num_epochs"] == 2
+        rows = list(csv.DictReader((d.outbox / job["id"] / "metrics.csv").open()))
+        assert len(rows) == 2
+    finally:
+        d.stop()

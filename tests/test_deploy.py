@@ -4,9 +4,7 @@ scraping a real daemon that runs a real job."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,10 +13,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from conftest import system_tool
 from daemon.metrics import Metrics
 from daemon_harness import DaemonProcess, wait_for
 
@@ -28,14 +26,8 @@ DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "dropfit.json"
 ALERTS = ROOT / "docker" / "prometheus" / "alerts.yml"
 
 
-def system_tool(name: str) -> str:
-    """A system binary the tests need (.ci/run installs them); missing ones fail under CI, else skip."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("DROPFIT_REQUIRE_SYSTEM_TOOLS"):
-            pytest.fail(f"{name} is not installed (Debian: apt-get install prometheus)")
-        pytest.skip(f"{name} is not installed (Debian: apt-get install prometheus; .ci/run does)")
-    return path
+def prometheus_tool(name: str) -> str:
+    return system_tool(name, "Debian: apt-get install prometheus")
 
 
 def free_port() -> int:
@@ -122,7 +114,7 @@ def test_dockerfile_passes_hadolint_and_runs_unprivileged_with_a_healthcheck():
 # --- Prometheus and Grafana files --------------------------------------------------------------------------------
 
 def test_promtool_accepts_the_prometheus_config_and_alert_rules():
-    promtool = system_tool("promtool")
+    promtool = prometheus_tool("promtool")
     for args in (["check", "config", str(ROOT / "docker" / "prometheus" / "prometheus.yml")],
                  ["check", "rules", str(ALERTS)]):
         proc = subprocess.run([promtool, *args], capture_output=True, text=True)
@@ -132,7 +124,7 @@ def test_promtool_accepts_the_prometheus_config_and_alert_rules():
 
 
 def test_dashboard_queries_are_valid_promql_on_exported_metrics(tmp_path):
-    promtool = system_tool("promtool")
+    promtool = prometheus_tool("promtool")
     exprs = dashboard_exprs()
     assert len(exprs) >= 12
     rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:check{i}", "expr": e}
@@ -176,7 +168,7 @@ def prom_query(base: str, expr: str) -> dict:
 
 
 def test_real_prometheus_scrapes_a_daemon_running_a_real_job(tmp_path):
-    prometheus, promtool = system_tool("prometheus"), system_tool("promtool")
+    prometheus, promtool = prometheus_tool("prometheus"), prometheus_tool("promtool")
     port, prom_port = free_port(), free_port()
     daemon = DaemonProcess(tmp_path / "d", trainer_command=None, metrics={"port": port})
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(ALERTS)],
@@ -207,8 +199,9 @@ def test_real_prometheus_scrapes_a_daemon_running_a_real_job(tmp_path):
         assert result[0]["metric"]["job"] == "dropfit"
         series = prom_query(base, f'dropfit_job_accuracy{{job_id="{job["id"]}", split="validation"}}')
         assert series["data"]["result"], "per-job accuracy reached Prometheus"
-        for expr in dashboard_exprs():
-            answer = prom_query(base, expr)
+        for expr in dashboard_exprs():  # every panel shows data for a daemon that has run a job
+            answer = wait_for(lambda e=expr: (a := prom_query(base, e))["data"]["result"] and a, 20, interval=0.5,
+                              what=f"data for the dashboard query {expr}")
             assert answer["status"] == "success", (expr, answer)
         with urllib.request.urlopen(f"{base}/api/v1/rules", timeout=10) as resp:
             rules = json.loads(resp.read())["data"]["groups"][0]["rules"]

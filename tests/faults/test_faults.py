@@ -6,6 +6,8 @@ tests/test_daemon_e2e.py.)
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -20,6 +22,7 @@ import pytest
 
 from conftest import ROOT, env_for_subprocess
 from daemon_harness import DaemonProcess, wait_for
+from trainer.demo import make_shapes
 
 
 @pytest.fixture
@@ -102,7 +105,7 @@ def test_the_polling_observer_starts_jobs_without_inotify(tmp_path):
     d = DaemonProcess(tmp_path / "d", observer={"kind": "polling", "interval": 0.2})
     try:
         d.start()
-        assert "(polling)" in d.log()
+        assert "(polling, top level only)" in d.log()
         d.drop("polled", {"epochs": 2})
         [job] = d.wait_jobs(1, timeout=30)
         assert job["state"] == "succeeded"
@@ -115,38 +118,51 @@ def _mount_tmpfs(path: Path, size: str) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
 
 
-@pytest.fixture
-def small_outbox(tmp_path):
+def _small_disk(tmp_path, where: str, size: str = "3m"):
+    """A small tmpfs at ``where`` under the daemon's root folder."""
     if os.geteuid() != 0 or not shutil.which("mount"):
-        if os.environ.get("DROPFIT_REQUIRE_SYSTEM_TOOLS"):
-            pytest.fail("the disk-full test needs root to mount a tmpfs (CI runs as root)")
-        pytest.skip("needs root to mount a small tmpfs")
-    outbox = tmp_path / "d" / "outbox"
+        pytest.skip("needs root to mount a small tmpfs (CI runs as root)")
+    root = tmp_path / "d"
+    mount = root / where
     try:
-        _mount_tmpfs(outbox, "3m")
+        _mount_tmpfs(mount, size)
     except subprocess.CalledProcessError as exc:
-        if os.environ.get("DROPFIT_REQUIRE_SYSTEM_TOOLS"):
-            raise
         pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    yield outbox
-    subprocess.run(["umount", "-l", str(outbox)], check=False)
+    yield root, mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_disk_full_fails_the_job_with_the_reason_cleans_up_and_the_next_job_succeeds(small_outbox):
-    d = DaemonProcess(small_outbox.parent, trainer_command=None, retries=1)
+@pytest.fixture(params=["outbox", "state/jobs"])
+def small_disk(tmp_path, request):
+    """The outbox, or state/jobs (claimed datasets and the trainers' work folders, which hold three copies of the
+    weights), on a small tmpfs."""
+    yield from _small_disk(tmp_path, request.param, "3m" if request.param == "outbox" else "16m")
+
+
+@pytest.fixture
+def small_state(tmp_path):
+    """The whole state folder, ledger included, on a 3 MB tmpfs."""
+    yield from _small_disk(tmp_path, "state")
+
+
+def test_disk_full_fails_the_job_with_the_reason_cleans_up_and_the_next_job_succeeds(small_disk):
+    root, small = small_disk
+    d = DaemonProcess(root, trainer_command=None, retries=1)
     spec = {"target_size": 32, "epochs": 2, "batch_size": 8, "model": {"architecture": "recipe"},
             "augmentation": {"enabled": False}}
     try:
         d.start()
-        filler = small_outbox / "filler"
-        free = shutil.disk_usage(small_outbox).free
-        filler.write_bytes(b"\0" * (free - 96 * 1024))  # room for status and logs, not for a model
+        filler = small / "filler"
+        free = shutil.disk_usage(small).free
+        filler.write_bytes(b"\0" * (free - 96 * 1024))  # room for a status, a log line, a ledger page: not a model
         d.drop("too-big", spec, per_class=8, size_range=(24, 40))
         [job] = d.wait_jobs(1, timeout=300)
         assert job["state"] == "failed" and job["error_kind"] == "io", job
         assert "no space left on device" in job["error"].lower()
+        named = Path(job["error"].split("no space left on device: ", 1)[1].split()[0])
+        assert named.is_relative_to(small), f"{named} is not on the full filesystem {small}"  # the real culprit
         assert job["attempt"] == 1  # a full disk is not retried: it would fail the same way
-        out = small_outbox / job["id"]
+        out = d.outbox / job["id"]
         assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]  # no partial files left
         assert not (d.state / "jobs" / job["id"] / "work").exists()  # its checkpoints freed too
         assert Path(job["path"]).is_dir()  # the dataset is kept
@@ -154,7 +170,67 @@ def test_disk_full_fails_the_job_with_the_reason_cleans_up_and_the_next_job_succ
         filler.unlink()
         d.drop("after", spec, per_class=8, size_range=(24, 40))
         jobs = d.wait_jobs(2, timeout=300)
-        assert jobs[1]["state"] == "succeeded", jobs[1]
-        assert (small_outbox / jobs[1]["id"] / "model.keras").is_file()
+        assert jobs[1]["state"] == "succeeded", (jobs[1]["error"], d.log()[-3000:])
+        assert (d.outbox / jobs[1]["id"] / "model.keras").is_file()
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+def test_a_full_state_folder_starts_nothing_loses_nothing_and_recovers_when_space_is_freed(small_state):
+    """With the ledger's own disk full nothing can be recorded: once, a trainer was started at every tick because
+    its start could not be written down. Now nothing starts, the drop waits in the inbox, and the daemon serves on."""
+    root, small = small_state
+    d = DaemonProcess(root, retries=1)
+    try:
+        d.start()
+        filler = small / "filler"
+        with filler.open("wb") as f, contextlib.suppress(OSError):  # every last block
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        d.drop("waits", {"epochs": 2})
+        wait_for(lambda: "cannot be written" in d.log(), 30, what="the ledger error")
+        time.sleep(2)
+        assert d.jobs() == [] and (d.inbox / "waits").is_dir()  # not claimed, not lost
+        assert not list(d.outbox.glob("*/fake_runs.jsonl"))  # no trainer started
+        assert d.get("/healthz")[0] == 200 and d.proc.poll() is None
+        filler.unlink()
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "succeeded" and job["epoch"] == 2
+        assert len(d.runs(job["id"])) == 1
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def tmpfs_inbox(tmp_path):
+    """The inbox on its own filesystem, as compose's separate bind mounts make it: every claim is a copy."""
+    yield from _small_disk(tmp_path, "inbox", "400m")
+
+
+def test_a_claim_across_filesystems_survives_kill_9_mid_copy(tmpfs_inbox):
+    root, inbox = tmpfs_inbox
+    d = DaemonProcess(root, settle_seconds=0.2)
+    staging = inbox / ".staging"  # hidden: not a drop until it is renamed
+    make_shapes(staging, classes=2, per_class=2, size_range=(16, 20), job={"epochs": 2})
+    rng = random.Random(7)
+    for i in range(300):  # 150 MB that take a while to copy
+        (staging / "circle" / f"pad{i:03d}.bin").write_bytes(rng.randbytes(512 * 1024))
+    before = {str(p.relative_to(staging)): hashlib.sha256(p.read_bytes()).hexdigest()
+              for p in staging.rglob("*") if p.is_file()}
+    try:
+        d.start()
+        os.rename(staging, inbox / "big")
+        wait_for(lambda: list(d.state.glob("jobs/*/.dataset.partial")), 30, interval=0.002, what="the copy")
+        d.kill9()
+        assert [p.name for p in inbox.iterdir() if p.name.startswith(".dropfit-claim-")]  # caught mid-copy
+        d.start()
+        [job] = d.wait_jobs(1, timeout=120)
+        assert job["state"] == "succeeded" and len(d.runs(job["id"])) == 1
+        archived = d.archive / job["id"]
+        after = {str(p.relative_to(archived)): hashlib.sha256(p.read_bytes()).hexdigest()
+                 for p in archived.rglob("*") if p.is_file()}
+        assert after == before  # every byte, once
+        assert list(inbox.iterdir()) == [] and not list(d.state.glob("jobs/*"))  # no hidden copy, no partial
     finally:
         d.stop(signal.SIGKILL)

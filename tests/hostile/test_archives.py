@@ -6,13 +6,16 @@ import io
 import os
 import signal
 import stat
+import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from daemon.unpack import ArchiveError, Limits, extract
+from conftest import system_tool
+from daemon.config import LimitsConfig
+from daemon.unpack import ArchiveError, extract
 from daemon_harness import DaemonProcess
 from trainer.demo import make_shapes
 
@@ -96,16 +99,18 @@ def test_tar_links_and_devices_are_refused(tmp_path, kind, expected):
 def test_limits_on_size_count_ratio_and_duplicates(tmp_path):
     src = dataset(tmp_path)
     archive = zip_folder(src, tmp_path / "a.zip")
-    with pytest.raises(ArchiveError, match=r"more than 3 files \(limit archive.max_files\)"):
-        extract(archive, tmp_path / "o1", Limits(max_files=3))
-    with pytest.raises(ArchiveError, match=r"extracts to more than 1000 bytes \(limit archive.max_bytes\)"):
-        extract(archive, tmp_path / "o2", Limits(max_bytes=1000))
+    with pytest.raises(ArchiveError, match=r"more than 3 files \(limits.archive_max_files in the daemon's config\)"):
+        extract(archive, tmp_path / "o1", LimitsConfig(archive_max_files=3))
+    with pytest.raises(ArchiveError,
+                       match=r"extracts to more than 1000 bytes \(limits.archive_max_bytes in the daemon's config\)"):
+        extract(archive, tmp_path / "o2", LimitsConfig(archive_max_bytes=1000))
     bomb = tmp_path / "bomb.zip"
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("job.yaml", "epochs: 1\n")
         zf.writestr("a/zeros.png", b"\0" * (64 << 20))
     assert bomb.stat().st_size < 200_000
-    with pytest.raises(ArchiveError, match=r"compression ratio above 200:1 .*decompression bomb"):
+    with pytest.raises(ArchiveError, match=r"compression ratio above 200:1 \(limits.archive_max_ratio in the daemon's "
+                                           r"config\).*decompression bomb"):
         extract(bomb, tmp_path / "o3")
     dup = zip_folder(src, tmp_path / "dup.zip")
     with pytest.warns(UserWarning, match="Duplicate name"):
@@ -163,8 +168,65 @@ def test_after_success_keep_or_delete_for_folders_and_archives(tmp_path, policy)
             assert Path(dogs["path"]).is_dir() and Path(cats["path"]).is_dir()
             assert (Path(cats["path"]).parent / "cats.zip").is_file()  # the archive stays beside its extraction
         else:
-            assert dogs["path"] == "" and cats["path"] == ""
+            assert dogs["path"] is None and cats["path"] is None  # absent, never a sentinel string
             assert not list((d.state / "jobs").iterdir()) and not list(d.archive.iterdir())
         assert not [p for p in (d.state / "jobs").rglob("work")]  # checkpoints are not kept after success
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+def encrypted_zip(folder: Path, archive: Path) -> Path:
+    """A password-protected zip, made by Info-ZIP's ``zip -P`` as users make them."""
+    zip_tool = system_tool("zip", "Debian: apt-get install zip")
+    subprocess.run([zip_tool, "-q", "-r", "-P", "secret", str(archive), "."], cwd=folder, check=True)
+    return archive
+
+
+def deflate64_zip(folder: Path, archive: Path) -> Path:
+    """A zip whose members say they are compressed with Deflate64 (method 9), as Windows' Explorer writes large
+    ones. Python's zipfile cannot decompress that method; the method field is set in both headers."""
+    zip_folder(folder, archive)
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+    for info in infos:
+        data[info.header_offset + 8:info.header_offset + 10] = (9).to_bytes(2, "little")  # local header
+    at = 0
+    while (at := data.find(b"PK\x01\x02", at)) != -1:  # central directory entries
+        data[at + 10:at + 12] = (9).to_bytes(2, "little")
+        at += 4
+    archive.write_bytes(bytes(data))
+    return archive
+
+
+def test_encrypted_and_unreadable_members_are_refused_naming_the_member(tmp_path):
+    src = dataset(tmp_path)
+    with pytest.raises(ArchiveError, match=r"member '.*' is encrypted \(a password-protected zip\)"):
+        extract(encrypted_zip(src, tmp_path / "locked.zip"), tmp_path / "o1")
+    with pytest.raises(ArchiveError, match=r"member '.*' cannot be read: .*compression method.*Deflate64"):
+        extract(deflate64_zip(src, tmp_path / "d64.zip"), tmp_path / "o2")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".o", "o"))]
+
+
+def test_a_password_protected_zip_is_rejected_and_the_daemon_serves_on_and_restarts(tmp_path):
+    """It once raised out of the claim: the job stuck in `claiming`, and every later start hung in recovery."""
+    d = DaemonProcess(tmp_path / "d")
+    try:
+        d.start()
+        locked = encrypted_zip(dataset(tmp_path, "locked"), tmp_path / "locked.zip")
+        locked_bytes = locked.read_bytes()
+        os.rename(locked, d.inbox / "locked.zip")
+        os.rename(deflate64_zip(dataset(tmp_path, "old"), tmp_path / "old.zip"), d.inbox / "old.zip")
+        d.drop("fine", {"epochs": 1})
+        jobs = {j["name"]: j for j in d.wait_jobs(3, timeout=60)}
+        for name, reason in (("locked.zip", "is encrypted"), ("old.zip", "cannot be read")):
+            job = jobs[name]
+            assert job["state"] == "failed" and job["outcome"] == "rejected" and job["error_kind"] == "archive"
+            assert reason in job["error"] and "member '" in job["error"]
+        assert Path(jobs["locked.zip"]["path"]).read_bytes() == locked_bytes  # kept as dropped
+        assert jobs["fine"]["state"] == "succeeded"
+        d.stop()
+        d.start()  # a restart finds nothing half done and serves at once
+        assert d.get("/healthz")[0] == 200 and len(d.jobs()) == 3
     finally:
         d.stop(signal.SIGKILL)

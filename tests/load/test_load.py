@@ -46,7 +46,9 @@ def test_fifty_datasets_dropped_within_a_second_all_run_once(daemon):
     t.start()
     jobs = daemon.wait_jobs(50, timeout=180)
     t.join()
-    assert sorted(j["name"] for j in jobs) == names
+    assert [j["name"] for j in jobs] == names  # claimed in the order they were dropped
+    starts = [j["started_at"] for j in jobs]
+    assert starts == sorted(starts)  # and started first in, first out (4 at a time)
     assert all(j["state"] == "succeeded" for j in jobs)
     assert all(len(daemon.runs(j["id"])) == 1 for j in jobs)
     assert health and set(health) == {200}
@@ -84,3 +86,37 @@ def test_ten_thousand_unrelated_files_in_the_inbox_are_ignored(daemon):
     assert len(os.listdir(daemon.inbox)) == 10_000  # and never touched
     assert rss_mb(daemon.proc.pid) < MEMORY_LIMIT_MB
     assert daemon.proc.poll() is None
+
+
+def _many_files(folder: Path, count: int) -> None:
+    """``count`` small files in 10 class folders, and a job.yaml: built outside the inbox, moved in at once."""
+    for c in range(10):
+        (folder / f"class{c}").mkdir(parents=True)
+    (folder / "job.yaml").write_text("epochs: 1\n")
+    (folder / "fake.json").write_text('{"read_all": true}')
+    payload = b"\x89PNG\r\n\x1a\n" + b"\0" * 56
+    for i in range(count):
+        fd = os.open(folder / f"class{i % 10}" / f"{i:06d}.png", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, payload)
+        os.close(fd)
+
+
+@pytest.mark.parametrize("observer", ["inotify", "polling"])
+def test_a_hundred_thousand_file_drop_is_claimed_once_without_losing_events(tmp_path, observer):
+    """A recursive watch once followed the claimed dataset and overflowed the kernel's queue while the trainer read
+    it (60,000 files). Now only the inbox's top level is watched, and a settling folder is judged by a rescan."""
+    d = DaemonProcess(tmp_path / "d", observer={"kind": observer, "interval": 0.5}, settle_seconds=1.0)
+    try:
+        d.start()
+        staging = tmp_path / "big"
+        _many_files(staging, 100_000)
+        os.rename(staging, d.inbox / "big")
+        d.drop("after", {"epochs": 1}, fake={"read_all": True})  # a drop behind it must still be seen
+        jobs = {j["name"]: j for j in d.wait_jobs(2, timeout=300)}
+        assert sorted((name, j["state"]) for name, j in jobs.items()) == [("after", "succeeded"), ("big", "succeeded")]
+        assert len(d.jobs()) == 2  # each claimed once
+        assert "read 100002 files" in (d.outbox / jobs["big"]["id"] / "train.log").read_text()
+        assert "overflow" not in d.log().lower()
+        assert rss_mb(d.proc.pid) < MEMORY_LIMIT_MB
+    finally:
+        d.stop(signal.SIGKILL)

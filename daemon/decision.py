@@ -1,0 +1,94 @@
+"""What a trainer's end means for its job: one pure function, `decide`, and the retry policy it applies.
+
+No processes, files or clocks here, so every case is a plain unit test (tests/test_decision.py).
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from enum import Enum
+
+from trainer.protocol import Error, ErrorKind, ExitCode
+
+
+class Action(str, Enum):
+    SUCCEED = "succeed"
+    FAIL = "fail"
+    RETRY = "retry"
+    INTERRUPT = "interrupt"  # the daemon is stopping: the job resumes on its next start
+    CANCEL = "cancel"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    kind: ErrorKind | None = None  # why it failed, for FAIL
+    reason: str | None = None  # readable, for FAIL and RETRY
+
+    @property
+    def outcome(self) -> str | None:
+        """The job's outcome for the ``dropfit_jobs_total`` counter (None while it is not over)."""
+        if self.action == Action.SUCCEED:
+            return "succeeded"
+        if self.action == Action.CANCEL:
+            return "cancelled"
+        if self.action == Action.FAIL:
+            return "rejected" if self.kind is not None and self.kind.rejects_input else "failed"
+        return None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """A crashed trainer is started again (it resumes from its checkpoint) up to ``retries`` times. A full disk, a
+    spec or data problem, too little memory or a protocol mismatch would fail the same way again: not retried."""
+
+    retries: int = 1
+    retryable: frozenset = frozenset({None, ErrorKind.INTERNAL, ErrorKind.CRASH})
+
+    def allows(self, attempt: int, kind: ErrorKind | None) -> bool:
+        return attempt <= self.retries and kind in self.retryable
+
+
+def describe_exit(status: int) -> str:
+    """A readable reason for a trainer's exit status (negative: killed by that signal)."""
+    if status < 0:
+        name = signal.Signals(-status).name if -status in signal.valid_signals() else f"signal {-status}"
+        hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if -status == signal.SIGKILL else ""
+        return f"the trainer was killed by {name}{hint}"
+    return f"the trainer exited with code {status}"
+
+
+def decide(status: int, error: Error | None, attempt: int, policy: RetryPolicy, *, finished: bool = False,
+           cancelled: bool = False, timed_out: bool = False, stopping: bool = False,
+           timeout_seconds: float | None = None) -> Decision:
+    """Decide what becomes of a job whose trainer ended with exit ``status``.
+
+    Args:
+        error: the trainer's last `Error` event, if it sent one (or one the daemon recorded, e.g. a protocol error).
+        attempt: the attempt that just ended (1 for the first).
+        finished: whether the trainer sent its `Finished` event.
+        cancelled, timed_out, stopping: whether the daemon stopped it because of a cancel, the job timeout or its
+            own shutdown (in that order of precedence, after success).
+    """
+    if cancelled:
+        return Decision(Action.CANCEL, ErrorKind.CANCELLED, "cancelled by request")
+    if status == ExitCode.OK and finished:
+        return Decision(Action.SUCCEED)
+    if timed_out:
+        return Decision(Action.FAIL, ErrorKind.TIMEOUT, f"timed out after {timeout_seconds or 0:.0f} seconds "
+                                                        f"(job_timeout_seconds); {describe_exit(status)}")
+    if error is not None and error.kind == ErrorKind.PROTOCOL:
+        return Decision(Action.FAIL, ErrorKind.PROTOCOL, error.message)
+    if stopping:
+        return Decision(Action.INTERRUPT)
+    if status == ExitCode.INVALID:
+        kind = error.kind if error is not None else ErrorKind.DATA
+        return Decision(Action.FAIL, kind, error.message if error is not None else describe_exit(status))
+    reason = describe_exit(status) + (f": {error.message}" if error is not None and error.message else "")
+    kind = error.kind if error is not None else None
+    if policy.allows(attempt, kind):
+        return Decision(Action.RETRY, ErrorKind.RETRY, reason)
+    if kind is None:
+        kind = ErrorKind.CRASH if status < 0 else ErrorKind.INTERNAL
+    return Decision(Action.FAIL, kind, reason)

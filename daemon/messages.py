@@ -1,0 +1,50 @@
+"""What the daemon's loop is told, by the threads that watch and read for it (and by signal handlers).
+
+Each is a small frozen dataclass put on the loop's ``queue.SimpleQueue``; the loop alone acts on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.protocol import Event
+
+
+@dataclass(frozen=True)
+class InboxActivity:
+    """Something changed at the top of the inbox under ``name``."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class TrainerEvent:
+    job_id: str
+    event: Event
+
+
+@dataclass(frozen=True)
+class TrainerProtocolMismatch:
+    """The trainer speaks another protocol version: the job cannot be run by it."""
+
+    job_id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class TrainerExit:
+    job_id: str
+    status: int  # negative: killed by that signal
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class StopSignal:
+    signum: int
+
+
+Message = InboxActivity | TrainerEvent | TrainerProtocolMismatch | TrainerExit | CancelRequest | StopSignal

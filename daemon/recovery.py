@@ -1,0 +1,83 @@
+"""Start-up recovery: finish what a crash, a ``kill -9`` or a stop left half done, before anything new is looked at.
+
+- half-done claims are finished (moved, extracted, validated) or recorded as gone;
+- jobs that were running are re-queued and resume from their last completed epoch — unless their trainer wrote
+  ``finished.json`` meanwhile, then they succeed without running again; a trainer still alive from the previous
+  daemon is stopped first, but only when it is provably ours (same host, same process start time, our job id and
+  state folder in its environment);
+- queued jobs with a ``CANCEL`` file are cancelled; the clean-up after a success is finished.
+
+A failure recovering one job fails that job (kind ``internal``, the traceback in its error.txt) and recovery goes on
+with the others: one bad record must never keep the daemon from serving the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from daemon.ledger import Job, JobState
+from daemon.repair import status_is_readable
+from daemon.runner import is_own_trainer, stop_orphan
+from daemon.watch import CANCEL_FILE
+from trainer.protocol import read_finished
+
+if TYPE_CHECKING:
+    from daemon.service import Daemon
+
+log = logging.getLogger(__name__)
+
+
+def recover(daemon: Daemon) -> None:
+    """Bring every unfinished job of ``daemon``'s ledger to a state the loop can carry on from."""
+    ledger = daemon.ledger
+    for job in ledger.jobs():
+        if job.state != JobState.CLAIMING and not status_is_readable(daemon.outbox, job):
+            _jlog(job.id).warning("outbox/%s/status.json was missing or unreadable; rewritten from the ledger", job.id)
+            daemon._publish(job)
+    for job in ledger.jobs(JobState.CLAIMING):
+        _jlog(job.id).info("finishing an interrupted claim of inbox/%s", job.name)
+        _isolated(daemon, job, daemon.finish_claim)
+    for job in ledger.jobs(JobState.RUNNING, JobState.INTERRUPTED):
+        _isolated(daemon, job, lambda job: _resume(daemon, job))
+    for job in ledger.jobs(JobState.QUEUED):
+        if (daemon.outbox / job.id / CANCEL_FILE).exists():
+            _isolated(daemon, job, lambda job: daemon.cancel(job.id))
+    for job in ledger.jobs(JobState.SUCCEEDED):
+        # A crash during the clean-up after success leaves the job's state folder behind: finish it.
+        if daemon.config.after_success != "keep" and (daemon.jobs_dir / job.id).exists():
+            try:
+                daemon.after_success(job)
+            except Exception:
+                _jlog(job.id).exception("could not finish the clean-up after its success; carrying on")
+
+
+def _resume(daemon: Daemon, job: Job) -> None:
+    jl = _jlog(job.id)
+    if job.pid:
+        if job.host and job.host != daemon.host:
+            jl.warning("its trainer (pid %d) was started on host %s, not here; not signalling it", job.pid, job.host)
+        elif is_own_trainer(job.pid, job.id, daemon.state, job.pid_start):
+            jl.warning("stopping trainer pid %d left running by the previous daemon", job.pid)
+            stop_orphan(job.pid, daemon.config.stop_grace_seconds)
+    finished = read_finished(daemon.outbox / job.id)
+    if finished is not None:
+        jl.info("its trainer finished while the daemon was down; not running it again")
+        # The last epochs' events may have been lost with the daemon: the marker has the final count.
+        job = daemon._update(job.id, epoch=int(finished.get("epochs_trained") or job.epoch), pid=None)
+        daemon.succeed(job, time.time() - job.started_at if job.started_at else None)
+        return
+    jl.info("re-queued after a restart; resumes from its last completed epoch (%d)", job.epoch)
+    daemon._set(job.id, JobState.QUEUED, pid=None)
+
+
+def _isolated(daemon: Daemon, job: Job, step) -> None:
+    try:
+        step(job)
+    except Exception:
+        daemon.fail_with_traceback(job, "recovering this job after a restart")
+
+
+def _jlog(job_id: str) -> logging.LoggerAdapter:
+    return logging.LoggerAdapter(log, {"job_id": job_id})

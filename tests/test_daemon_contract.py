@@ -1,0 +1,354 @@
+"""Where the daemon meets the trainer and the world: the resolved spec, the protocol, one daemon per state folder,
+restarts that must not touch what is not theirs. Real daemon processes, the stand-in trainer (same protocol module).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, env_for_subprocess
+from daemon_harness import DaemonProcess, wait_for
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = DaemonProcess(tmp_path / "d")
+    yield d
+    d.stop(signal.SIGKILL) if d.proc and d.proc.poll() is None else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _ledger_set(d: DaemonProcess, job_id: str, **values) -> None:
+    """Edit the ledger as an older version (or a crash) left it; only while no daemon runs."""
+    db = sqlite3.connect(d.state / "ledger.sqlite3")
+    with db:
+        db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?", [*values.values(), job_id])
+    db.close()
+
+
+# --- the resolved spec is the contract -------------------------------------------------------------------------------
+
+def test_job_defaults_reach_the_trainer_through_the_resolved_spec(tmp_path):
+    d = DaemonProcess(tmp_path / "d", job_defaults={"epochs": 4, "batch_size": 8})
+    try:
+        d.start()
+        d.drop("defaults", {}, fake={"sleep": 0.2})
+        seen = set()
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["state"] == "running" and j[0], 30, what="running")
+        spec_file = d.state / "jobs" / job["id"] / "spec.json"
+        assert json.loads(spec_file.read_text())["epochs"] == 4  # written once, at intake
+        while (j := d.jobs()[0])["state"] == "running":
+            seen.add(j["epochs"])
+            time.sleep(0.05)
+        assert j["state"] == "succeeded" and j["epoch"] == 4 and seen == {4}  # never "/50"
+        [run] = d.runs(job["id"])
+        assert run["spec"] == str(spec_file)  # the trainer was handed the resolved spec, not job.yaml
+        resolved = (d.outbox / job["id"] / "job.resolved.yaml").read_text()
+        data = yaml.safe_load(resolved)
+        assert data["epochs"] == 4 and data["batch_size"] == 8 and data["model"]["architecture"] == "cnn"
+        assert resolved.startswith("# The resolved spec")
+        assert not spec_file.exists()  # the state folder is freed after success; the outbox copy stays
+    finally:
+        d.stop()
+
+
+def test_dropfit_validate_shows_the_spec_the_daemon_would_run(tmp_path):
+    d = DaemonProcess(tmp_path / "d", job_defaults={"epochs": 7, "model": {"dropout": 0.25}})
+    job = tmp_path / "job"
+    (job / "a").mkdir(parents=True)
+    (job / "b").mkdir()
+    (job / "job.yaml").write_text("batch_size: 4\n")
+    proc = d.cli("validate", job)
+    assert proc.returncode == 0, proc.stderr
+    spec = yaml.safe_load(proc.stdout)
+    assert spec["epochs"] == 7 and spec["batch_size"] == 4 and spec["model"]["dropout"] == 0.25
+    assert spec["optimizer"]["name"] == "adam" and spec["target_size"] == "auto"  # defaults filled in
+    (job / "job.yaml").write_text("batch_size: 4\nepochs: 0\n")
+    proc = d.cli("validate", job / "job.yaml")
+    assert proc.returncode == 2 and "job.yaml:2: epochs: must be a positive integer, got 0" in proc.stderr
+
+
+# --- the protocol ----------------------------------------------------------------------------------------------------
+
+def test_a_trainer_speaking_another_protocol_version_is_refused(daemon):
+    daemon.start()
+    daemon.drop("old-trainer", {"epochs": 3}, fake={"protocol": 1, "sleep": 0.2})
+    [job] = daemon.wait_jobs(1)
+    assert job["state"] == "failed" and job["error_kind"] == "protocol" and job["attempt"] == 1, job
+    assert "protocol version 1; this daemon speaks version 2" in job["error"]
+    assert job["epoch"] == 0  # nothing it said was taken for progress
+
+
+def test_invalid_data_from_the_trainer_is_rejected_not_retried(daemon):
+    daemon.start()
+    daemon.drop("bad-data", {"epochs": 3}, fake={"crash_epoch": 1, "exit_code": 2, "error_kind": "data"})
+    [job] = daemon.wait_jobs(1)
+    assert job["state"] == "failed" and job["outcome"] == "rejected" and job["error_kind"] == "data"
+    assert job["attempt"] == 1 and job["error"] == "simulated failure"
+    assert daemon.scrape()[("dropfit_jobs_total", (("outcome", "rejected"),))] == 1
+
+
+# --- one daemon per state folder -------------------------------------------------------------------------------------
+
+def test_a_second_daemon_on_the_same_folders_exits_at_once_and_the_first_finishes(tmp_path):
+    first = DaemonProcess(tmp_path / "d").start()
+    try:
+        first.drop("long", {"epochs": 25}, fake={"sleep": 0.1})
+        wait_for(lambda: (j := first.jobs()) and j[0]["epoch"] >= 2, 30, what="epoch 2")
+        second = DaemonProcess(tmp_path / "second", inbox=str(first.inbox), outbox=str(first.outbox),
+                               state_dir=str(first.state), archive_dir=str(first.archive))
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "daemon", "serve", "--config", str(second.root / "config.yaml")],
+                              capture_output=True, text=True, env=env_for_subprocess(), cwd=tmp_path, timeout=30)
+        assert time.monotonic() - started < 10
+        assert proc.returncode == 2
+        [line] = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
+        assert f"state_dir {first.state} is in use by another dropfit daemon (pid {first.proc.pid} on host " \
+               f"{socket.gethostname()}" in line
+        assert first.cli("status").returncode == 0  # status (and cancel) work beside a running daemon
+        [job] = first.wait_jobs(1, timeout=60)
+        assert job["state"] == "succeeded" and job["epoch"] == 25 and job["attempt"] == 1
+        assert len(first.runs(job["id"])) == 1  # trained by one trainer
+    finally:
+        first.stop()
+
+
+def test_restart_never_signals_a_process_it_cannot_prove_is_its_trainer(daemon):
+    daemon.start()
+    daemon.drop("victim", {"epochs": 40}, fake={"sleep": 0.1})
+    job = wait_for(lambda: (j := daemon.jobs()) and j[0]["epoch"] >= 1 and j[0], 30, what="epoch 1")
+    daemon.kill9()
+    wait_for(lambda: not _alive(job["pid"]), 30, what="the trainer to stop with its daemon")
+    # Some other program now has a pid the ledger knows, and even the job id on its command line.
+    impostor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", job["id"]],
+                                start_new_session=True)
+    try:
+        _ledger_set(daemon, job["id"], pid=impostor.pid)
+        daemon.start()
+        [job] = daemon.wait_jobs(1, timeout=60)
+        assert job["state"] == "succeeded" and job["epoch"] == 40
+        assert impostor.poll() is None, "the restarted daemon killed a process that was not its trainer"
+    finally:
+        impostor.kill()
+        impostor.wait()
+
+
+def test_restart_stops_its_own_orphan_even_one_that_ignores_sigterm(tmp_path):
+    d = DaemonProcess(tmp_path / "d", stop_grace_seconds=1)
+    try:
+        d.start()
+        d.drop("stubborn", {"epochs": 5}, fake={"hang": True, "ignore_sigterm": True})
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["state"] == "running" and j[0]["pid"] and j[0], 30,
+                       what="running")
+        d.kill9()
+        time.sleep(1.0)
+        assert _alive(job["pid"])  # it ignored the parent-death SIGTERM: an orphan
+        d.start()
+        wait_for(lambda: not _alive(job["pid"]), 20, what="the orphan to be killed")
+        assert f"stopping trainer pid {job['pid']} left running by the previous daemon" in d.log()
+        wait_for(lambda: d.jobs()[0]["state"] == "running", 30, what="the job to run again")
+        assert d.cli("cancel", job["id"]).returncode == 0
+        [job] = d.wait_jobs(1, timeout=30)
+        assert job["state"] == "cancelled"
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+# --- restarts and clean-up -------------------------------------------------------------------------------------------
+
+def test_a_restart_never_deletes_outside_the_jobs_state_folder(tmp_path):
+    d = DaemonProcess(tmp_path / "d", after_success="delete")
+    try:
+        d.start()
+        d.drop("deleted", {"epochs": 1})
+        [job] = d.wait_jobs(1)
+        assert job["state"] == "succeeded" and job["path"] is None
+        d.stop()
+        precious = d.cwd / "precious.txt"
+        precious.write_text("the daemon's working directory")
+        # A crash during the clean-up left the state folder; an older ledger recorded "" for "deleted".
+        leftover = d.state / "jobs" / job["id"] / "dataset" / "circle"
+        leftover.mkdir(parents=True)
+        (leftover / "x.png").write_bytes(b"x")
+        _ledger_set(d, job["id"], path="")
+        d.start()
+        wait_for(lambda: not (d.state / "jobs" / job["id"]).exists(), 10, what="the clean-up to finish")
+        assert precious.read_text() == "the daemon's working directory"
+        assert d.get("/healthz")[0] == 200
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+def test_an_interrupted_job_whose_trainer_had_finished_is_not_run_again(daemon):
+    daemon.start()
+    daemon.drop("nearly", {"epochs": 30}, fake={"sleep": 0.1})
+    wait_for(lambda: (j := daemon.jobs()) and j[0]["epoch"] >= 2, 30, what="epoch 2")
+    assert daemon.stop(signal.SIGTERM) == 0
+    [job] = daemon.jobs()
+    assert job["state"] == "interrupted"
+    # The trainer had written its finished marker before it stopped (a second signal can come that late).
+    (daemon.outbox / job["id"] / "finished.json").write_text(json.dumps({"job": job["id"], "epochs_trained": 30}))
+    daemon.start()
+    [job] = daemon.wait_jobs(1)
+    assert job["state"] == "succeeded" and job["epoch"] == 30
+    assert len(daemon.runs(job["id"])) == 1
+
+
+def test_a_job_yaml_that_is_a_folder_is_rejected_not_waited_for(daemon):
+    daemon.start()
+    staging = daemon.root / "staging" / "odd"
+    (staging / "job.yaml").mkdir(parents=True)
+    (staging / "a").mkdir()
+    os.rename(staging, daemon.inbox / "odd")
+    [job] = daemon.wait_jobs(1, timeout=20)
+    assert job["state"] == "failed" and job["outcome"] == "rejected" and job["error_kind"] == "spec"
+    assert "odd/job.yaml: is a directory" in job["error"] or "odd/job.yaml: is not a regular file" in job["error"]
+
+
+# --- start-up ------------------------------------------------------------------------------------------------------
+
+def test_a_busy_port_is_one_clear_line_not_a_traceback(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        d = DaemonProcess(tmp_path / "d", metrics={"port": port})
+        proc = subprocess.run([sys.executable, "-m", "daemon", "serve", "--config", str(d.root / "config.yaml")],
+                              capture_output=True, text=True, env=env_for_subprocess(), cwd=tmp_path, timeout=30)
+    assert proc.returncode == 2
+    assert f"cannot start: metrics.port: 127.0.0.1:{port} is already in use" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _in_process(d: DaemonProcess, cls):
+    """Run a `Daemon` subclass in this process (to make one step fail on purpose); returns (daemon, thread, box)."""
+    from daemon.config import load_config
+
+    daemon = cls(load_config(d.root / "config.yaml"))
+    box: dict = {}
+
+    def run():
+        try:
+            box["rc"] = daemon.run(install_signals=False)
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return daemon, thread, box
+
+
+def test_a_failure_during_start_up_ends_the_daemon_instead_of_hanging(tmp_path):
+    from daemon.service import Daemon
+
+    class FailsToRecover(Daemon):
+        def recover(self):
+            raise RuntimeError("recovery exploded")
+
+    d = DaemonProcess(tmp_path / "d")
+    _, thread, box = _in_process(d, FailsToRecover)
+    thread.join(10)
+    assert not thread.is_alive(), "the daemon hung after a start-up failure"
+    assert isinstance(box.get("error"), RuntimeError)
+    assert not (d.state / "daemon.lock").read_text()  # the lock was released on the way out
+
+
+def test_a_failure_recovering_one_job_fails_that_job_and_the_others_go_on(tmp_path):
+    from daemon.ledger import Ledger
+    from daemon.service import Daemon
+
+    d = DaemonProcess(tmp_path / "d")
+    ledger = Ledger(d.state / "ledger.sqlite3")
+    for name in ("bad", "good"):  # two drops a crash left half claimed
+        d.drop(name, {"epochs": 2})
+        ledger.create(f"{name}-20261127T000000Z-000000", name, str(d.inbox / name),
+                      str(d.state / "jobs" / f"{name}-20261127T000000Z-000000" / "dataset"))
+    ledger.close()
+
+    class OneBadRecord(Daemon):
+        def finish_claim(self, job):
+            if job.name == "bad":
+                raise RuntimeError("this record is broken")
+            super().finish_claim(job)
+
+    daemon, thread, box = _in_process(d, OneBadRecord)
+    try:
+        assert daemon.ready.wait(30), box
+        # The drop it could not take stays in the inbox (nothing lost), so it is tried once more as a new job.
+        bad, good, bad_again = d.wait_jobs(3)
+        assert good["name"] == "good" and good["state"] == "succeeded"
+        for job in (bad, bad_again):
+            assert job["name"] == "bad" and job["state"] == "failed" and job["error_kind"] == "internal"
+            error_txt = (d.outbox / job["id"] / "error.txt").read_text()
+            assert "Traceback" in error_txt and "RuntimeError: this record is broken" in error_txt
+        assert "recovering this job after a restart failed" in bad["error"]
+        assert "taking this drop in failed" in bad_again["error"]
+        assert (d.inbox / "bad").is_dir()
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.server.port}/healthz", timeout=10) as resp:
+            assert resp.status == 200  # serving
+    finally:
+        daemon.request_stop()
+        thread.join(30)
+
+
+def test_the_metrics_server_stops_even_if_it_never_started():
+    from prometheus_client import CollectorRegistry
+
+    from daemon.metrics import MetricsServer
+
+    server = MetricsServer(CollectorRegistry(), "127.0.0.1", 0, lambda: {"status": "ok"})
+    done = threading.Event()
+    threading.Thread(target=lambda: (server.stop(), done.set()), daemon=True).start()
+    assert done.wait(5)
+
+
+def test_the_daemon_imports_only_the_trainers_contract_modules():
+    """The daemon talks to the trainer through its command line, events and files: statically, it may import
+    only the TensorFlow-free contract (spec, protocol, atomic writers), plus the demo and the trainer's CLI lazily."""
+    import ast
+
+    allowed = {"trainer.spec", "trainer.protocol", "trainer.atomic"}
+    lazy_only = {"trainer.demo", "trainer.cli"}
+    for path in sorted((ROOT / "daemon").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        top_level = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                if name == "trainer" or name.startswith("trainer."):
+                    where = f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
+                    assert name in allowed | lazy_only, where
+                    if name in lazy_only:
+                        assert id(node) not in top_level, where + " at module level"
+    code = ("import sys, daemon.cli, daemon.service, trainer.spec, trainer.protocol, trainer.atomic; "
+            "print([m for m in ('tensorflow', 'keras', 'matplotlib', 'numpy') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_for_subprocess(),
+                          cwd=ROOT, check=True)
+    assert proc.stdout.strip() == "[]"
