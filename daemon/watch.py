@@ -147,9 +147,6 @@ class Settler:
         else:
             entry.changed, entry.print = now, None
 
-    def forget(self, name: str) -> None:
-        self.pending.pop(name, None)
-
     def clear(self) -> None:
         self.pending.clear()
 

@@ -100,7 +100,7 @@ def plot_confusion(path: str | os.PathLike, matrix: list[list[int]], labels: lis
         plt.close(fig)
 
 
-def plot_errors(path: str | os.PathLike, errors: list[dict], target_size, color_mode: str = "rgb") -> Path:
+def plot_errors(path: str | os.PathLike, errors: list[dict], color_mode: str = "rgb") -> Path:
     """A grid of misclassified images, each titled with its true and predicted class."""
     from trainer.images import BadImage, load_rgb
 

@@ -32,11 +32,6 @@ def load_json(path: Path, default):
         return default
 
 
-def completed_epochs(backup_dir: Path) -> int:
-    meta = load_json(backup_dir / "training_metadata.json", {})
-    return int(meta.get("epoch", 0)) if (backup_dir / "latest.weights.h5").exists() else 0
-
-
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """`BackupAndRestore` whose files are replaced atomically, so a kill during a save never corrupts them."""
 

@@ -75,8 +75,8 @@ def build_recipe(input_shape, num_classes, *, filters=RECIPE_FILTERS, dense_unit
     return keras.Model(inputs, outputs, name="dropfit_recipe")
 
 
-def build_cnn(input_shape, num_classes, *, filters=CNN_FILTERS, dropout=0.3, augmentation=None, seed=None,
-              **_unused) -> keras.Model:
+def build_cnn(input_shape, num_classes, *, filters=CNN_FILTERS, dropout=0.3, augmentation=None,
+              seed=None) -> keras.Model:
     """dropfit's from-scratch default: [Conv-BN-ReLU x2, MaxPool] blocks, global average pooling, dropout."""
     height, width, _ = input_shape
     blocks = max(1, min(len(filters), fitting_blocks(min(height, width), len(filters), "same")))

@@ -89,7 +89,7 @@ def write_all(out: Path, model, class_names, target_size, color_mode, history_ro
         "history_plot": artifacts.plot_history(out / "history.png", history_rows),
         "confusion_matrix": artifacts.plot_confusion(out / "confusion_matrix.png", cm["matrix"], cm["labels"],
                                                      f"confusion matrix ({split} images)"),
-        "errors_plot": artifacts.plot_errors(out / "errors.png", errors[:25], target_size, color_mode),
+        "errors_plot": artifacts.plot_errors(out / "errors.png", errors[:25], color_mode),
     }
     if exports:
         from trainer.exports import export_model

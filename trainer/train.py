@@ -77,6 +77,7 @@ class _Fit:
     stopped_early: bool
     best: BestWeights | None
     seconds: float
+    class_weights: dict[int, float] | None
 
 
 def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=32, num_epochs=20, num_classes=None,
@@ -357,7 +358,7 @@ def _fit(model, phases: list[Phase], train_ds, val_ds, data: _Data, o: TrainOpti
             artifacts.write_json(work / "phases.json", {"completed": index + 1, "epoch": recorder.completed})
         # An early-stopped phase ends before end_epoch; the next one continues the epoch count from there.
         first_epoch = recorder.completed
-    return _Fit(rows, phases, resumed_from, stopped_early, best, time.time() - fit_started)
+    return _Fit(rows, phases, resumed_from, stopped_early, best, time.time() - fit_started, weights_by_class)
 
 
 def _for_inference(model, data: _Data, o: TrainOptions, runtime: Runtime, phases: list[Phase]) -> keras.Model:
@@ -403,7 +404,6 @@ def _evaluate(model, data: _Data, o: TrainOptions) -> tuple[dict, list[dict]]:
 def _summary(data: _Data, o: TrainOptions, runtime: Runtime, model, fit: _Fit, report: dict, cache_mode: str,
              started: float, metadata: dict | None) -> dict:
     final = fit.rows[-1] if fit.rows else {}
-    weights_by_class = _class_weights(o.class_weight, data.train, len(data.class_names)) or {}
     return {
         "classes": data.class_names,
         "num_classes": len(data.class_names),
@@ -425,7 +425,7 @@ def _summary(data: _Data, o: TrainOptions, runtime: Runtime, model, fit: _Fit, r
         "seed": o.seed,
         "config": {"train_directory": data.scan.root, **o.to_json(), "target_size": list(data.target_size),
                    "requested_target_size": o.to_json()["target_size"],
-                   "class_weights": {data.class_names[i]: w for i, w in weights_by_class.items()}},
+                   "class_weights": {data.class_names[i]: w for i, w in (fit.class_weights or {}).items()}},
         "parameters": int(model.count_params()),
         "runtime": {**runtime.to_json(), "cache": cache_mode},
         "versions": artifacts.library_versions(),
