@@ -71,12 +71,19 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
+def _state(job) -> str:
+    """The job's state as users read it: a job waiting in a cluster engine is "pending in slurm", not "running"."""
+    if job.state.value == "running" and job.engine not in (None, "local") and job.engine_state in ("pending",
+                                                                                                  "submitted"):
+        return f"pending in {job.engine}"
+    return job.state.value
+
+
 def cmd_status(args) -> int:
     from daemon.ledger import Ledger
-    from daemon.service import LEDGER_FILE
 
     config = _config(args)
-    path = config.path("state_dir") / LEDGER_FILE
+    path = config.ledger_path()
     if not path.exists():
         print("no jobs yet" if not args.json else "[]")
         return EXIT_OK
@@ -97,23 +104,24 @@ def cmd_status(args) -> int:
         print("no jobs yet")
         return EXIT_OK
     now = time.time()
-    print(f"{'JOB ID':<48} {'STATE':<12} {'PROGRESS':>9} {'BEST VAL ACC':>13} {'AGE':>6}  DETAIL")
+    print(f"{'JOB ID':<48} {'STATE':<20} {'PROGRESS':>9} {'BEST VAL ACC':>13} {'AGE':>6}  DETAIL")
     for j in jobs:
         progress = f"{j.epoch}/{j.epochs}" if j.epochs else "-"
         best = f"{j.best_val_accuracy:.4f}" if j.best_val_accuracy is not None else "-"
         detail = (j.error or "").splitlines()[0][:80] if j.error else ""
-        print(f"{j.id:<48} {j.state.value:<12} {progress:>9} {best:>13} {_age(now - j.created_at):>6}  {detail}")
+        if j.state.value == "running" and j.engine not in (None, "local"):
+            detail = f"{j.engine} job {j.engine_ref}" + (f"; {detail}" if detail else "")
+        print(f"{j.id:<48} {_state(j):<20} {progress:>9} {best:>13} {_age(now - j.created_at):>6}  {detail}")
     return EXIT_OK
 
 
 def cmd_cancel(args) -> int:
     from daemon.ledger import Ledger
-    from daemon.service import LEDGER_FILE
     from daemon.watch import CANCEL_FILE
     from trainer.atomic import write_text
 
     config = _config(args)
-    path = config.path("state_dir") / LEDGER_FILE
+    path = config.ledger_path()
     job = None
     if path.exists():
         ledger = Ledger(path, readonly=True)

@@ -52,6 +52,61 @@ class LimitsConfig(_Section):
         200.0, description="... at a compression ratio of at most this (decompression bombs).")
 
 
+class SlurmConfig(_Section):
+    """``runner.kind: slurm``: one ``sbatch`` batch job per attempt; folders on storage the nodes share."""
+
+    partition: str | None = Field(None, description="--partition (default: the cluster's default partition).")
+    account: str | None = Field(None, description="--account.")
+    qos: str | None = Field(None, description="--qos.")
+    gpus_per_job: Annotated[int, Strict(), Field(ge=0, le=64)] = Field(
+        0, description="GPUs per job (--gres=gpu:N); 0 requests none.")
+    multi_gpu_gpus: Annotated[int, Strict(), Field(ge=1, le=64)] | None = Field(
+        None, description="GPUs for a job with hardware.multi_gpu (default: gpus_per_job).")
+    cpus_per_job: Annotated[int, Strict(), Field(ge=1)] | None = Field(None, description="--cpus-per-task.")
+    memory: str | None = Field(None, description="--mem, e.g. 32G.")
+    requeue: Annotated[bool, Strict()] = Field(
+        True, description="--requeue: Slurm reruns an attempt whose node failed (it resumes from its checkpoint).")
+    prologue: str = Field(
+        "", description="Shell lines the batch script runs before the trainer (module load, a venv, Apptainer...).")
+    extra_args: list[str] = Field(default_factory=list, description="More sbatch options, passed as they are.")
+    bin_dir: str | None = Field(None, description="Folder of sbatch, squeue, scontrol, scancel (default: PATH).")
+
+
+class KubernetesConfig(_Section):
+    """``runner.kind: kubernetes``: one batch/v1 Job per attempt through the official client."""
+
+    namespace: str = Field("dropfit", description="Where the trainer Jobs are created.")
+    image: str = Field("dropfit:latest", description="The trainer's image (the one compose.yaml builds).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    command: list[str] = Field(default_factory=lambda: ["python", "-m", "trainer"],
+                               description="How the image runs the trainer.")
+    data_claim: str = Field("dropfit-data", description="ReadWriteMany PVC with the inbox, outbox and state folders.")
+    data_mount: str = Field("/data", description="Where the claim is mounted, in the daemon's pod and the trainers'.")
+    service_account: str | None = Field(None, description="The trainer pods' service account.")
+    gpus_per_job: Annotated[int, Strict(), Field(ge=0, le=64)] = Field(
+        1, description="nvidia.com/gpu per job; 0 requests none.")
+    multi_gpu_gpus: Annotated[int, Strict(), Field(ge=1, le=64)] | None = Field(
+        None, description="GPUs for a job with hardware.multi_gpu (default: gpus_per_job).")
+    cpu: str | None = Field(None, description="CPU request, e.g. '4'.")
+    memory: str | None = Field(None, description="Memory request and limit, e.g. '16Gi'.")
+    queue: str | None = Field(None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict] = Field(default_factory=list)
+    instance: str = Field("default", description="Labels this daemon's Jobs, so two daemons can share a namespace.")
+    kubeconfig: str | None = Field(None, description="A kubeconfig file; default: in-cluster, else ~/.kube/config.")
+
+
+class RunnerConfig(_Section):
+    """Where trainers run: this host (``local``), a Slurm cluster or a Kubernetes cluster."""
+
+    kind: Literal["local", "slurm", "kubernetes"] = Field(
+        "local", description="local: a child process per job; slurm: sbatch; kubernetes: a batch/v1 Job.")
+    poll_interval: Annotated[float, Field(gt=0, le=300)] = Field(
+        2.0, description="slurm: how often squeue and the trainers' events files are read.")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+
+
 class Config(_Section):
     """dropfit daemon configuration."""
 
@@ -66,7 +121,9 @@ class Config(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     settle_seconds: Annotated[float, Field(ge=0, le=3600)] = Field(
         5.0, description="A dropped folder must be quiet this long before its job starts (copies in progress).")
-    max_concurrent_jobs: Annotated[int, Strict(), Field(ge=1, le=256)] = 1
+    max_concurrent_jobs: Annotated[int, Strict(), Field(ge=1, le=10000)] = Field(
+        1, description="local: jobs at once (without GPUs); slurm, kubernetes: jobs handed to the engine at once "
+                       "(it decides when each runs).")
     gpus: list[str] | Literal["auto"] = Field(
         default_factory=list, description="GPU ids handed out one per job via CUDA_VISIBLE_DEVICES; 'auto' asks "
                                           "nvidia-smi; empty: do not set CUDA_VISIBLE_DEVICES.")
@@ -84,6 +141,10 @@ class Config(_Section):
     trainer_command: list[str] | None = Field(
         None, description="Command that runs the trainer (default: this Python with -m trainer).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    ledger: str | None = Field(
+        None, description="The ledger file (default: state_dir/ledger.sqlite3). It must be on a local disk: "
+                          "SQLite's locking does not work over NFS.")
 
     # The folder relative paths are taken from: the config file's, set by `load_config`.
     _base_dir: str = PrivateAttr(default_factory=os.getcwd)
@@ -102,6 +163,12 @@ class Config(_Section):
     def path(self, name: str) -> Path:
         """An absolute folder: ``inbox``, ``outbox``, ``state_dir`` or ``archive_dir``."""
         return (Path(self._base_dir) / getattr(self, name)).resolve()
+
+    def ledger_path(self) -> Path:
+        """The ledger file: ``ledger``, else ``state_dir/ledger.sqlite3``."""
+        if self.ledger:
+            return (Path(self._base_dir) / self.ledger).resolve()
+        return self.path("state_dir") / "ledger.sqlite3"
 
     def trainer_argv(self) -> list[str]:
         return list(self.trainer_command) if self.trainer_command else [sys.executable, "-m", "trainer"]

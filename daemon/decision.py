@@ -61,7 +61,7 @@ def describe_exit(status: int) -> str:
 
 def decide(status: int, error: Error | None, attempt: int, policy: RetryPolicy, *, finished: bool = False,
            cancelled: bool = False, timed_out: bool = False, stopping: bool = False,
-           timeout_seconds: float | None = None) -> Decision:
+           timeout_seconds: float | None = None, detail: str | None = None) -> Decision:
     """Decide what becomes of a job whose trainer ended with exit ``status``.
 
     Args:
@@ -70,22 +70,24 @@ def decide(status: int, error: Error | None, attempt: int, policy: RetryPolicy, 
         finished: whether the trainer sent its `Finished` event.
         cancelled, timed_out, stopping: whether the daemon stopped it because of a cancel, the job timeout or its
             own shutdown (in that order of precedence, after success).
+        detail: a cluster engine's own words on how the attempt ended (e.g. ``NODE_FAIL``), added to the reason.
     """
+    ended = describe_exit(status) + (f" ({detail})" if detail else "")
     if cancelled:
         return Decision(Action.CANCEL, ErrorKind.CANCELLED, "cancelled by request")
     if status == ExitCode.OK and finished:
         return Decision(Action.SUCCEED)
     if timed_out:
         return Decision(Action.FAIL, ErrorKind.TIMEOUT, f"timed out after {timeout_seconds or 0:.0f} seconds "
-                                                        f"(job_timeout_seconds); {describe_exit(status)}")
+                                                        f"(job_timeout_seconds); {ended}")
     if error is not None and error.kind == ErrorKind.PROTOCOL:
         return Decision(Action.FAIL, ErrorKind.PROTOCOL, error.message)
     if stopping:
         return Decision(Action.INTERRUPT)
     if status == ExitCode.INVALID:
         kind = error.kind if error is not None else ErrorKind.DATA
-        return Decision(Action.FAIL, kind, error.message if error is not None else describe_exit(status))
-    reason = describe_exit(status) + (f": {error.message}" if error is not None and error.message else "")
+        return Decision(Action.FAIL, kind, error.message if error is not None else ended)
+    reason = ended + (f": {error.message}" if error is not None and error.message else "")
     kind = error.kind if error is not None else None
     if policy.allows(attempt, kind):
         return Decision(Action.RETRY, ErrorKind.RETRY, reason)

@@ -75,7 +75,11 @@ CREATE TABLE IF NOT EXISTS {name} (
     pid_start INTEGER,
     host TEXT,
     gpu TEXT,
-    multi_gpu INTEGER NOT NULL DEFAULT 0
+    multi_gpu INTEGER NOT NULL DEFAULT 0,
+    engine TEXT,
+    engine_ref TEXT,
+    engine_state TEXT,
+    events_offset INTEGER NOT NULL DEFAULT 0
 );
 """
 _SCHEMA = _TABLE.format(name="jobs") + "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);\n"
@@ -110,6 +114,10 @@ class Job:
     host: str | None = None  # where the trainer runs
     gpu: str | None = None
     multi_gpu: bool = False
+    engine: str | None = None  # the runner of the current (or last) attempt: local, slurm, kubernetes
+    engine_ref: str | None = None  # the engine's name for that attempt: a Slurm job id, a Kubernetes Job name
+    engine_state: str | None = None  # pending (waiting in the engine) or running
+    events_offset: int = 0  # how far the trainer's events file has been read and applied (remote runners)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:

@@ -21,6 +21,7 @@ class InboxActivity:
 class TrainerEvent:
     job_id: str
     event: Event
+    offset: int | None = None  # for a followed events file: where the next line starts (kept in the ledger)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,17 @@ class TrainerProtocolMismatch:
 class TrainerExit:
     job_id: str
     status: int  # negative: killed by that signal
+    timed_out: bool = False  # the engine stopped it at its time limit
+    detail: str | None = None  # the engine's own words on how it ended (e.g. "NODE_FAIL"), for the reason
+
+
+@dataclass(frozen=True)
+class EngineUpdate:
+    """A cluster engine moved an attempt: ``pending`` (waiting for resources) or ``running``."""
+
+    job_id: str
+    state: str
+    detail: str | None = None  # e.g. Slurm's reason "Resources"
 
 
 @dataclass(frozen=True)
@@ -47,4 +59,5 @@ class StopSignal:
     signum: int
 
 
-Message = InboxActivity | TrainerEvent | TrainerProtocolMismatch | TrainerExit | CancelRequest | StopSignal
+Message = (InboxActivity | TrainerEvent | TrainerProtocolMismatch | TrainerExit | EngineUpdate | CancelRequest
+           | StopSignal)

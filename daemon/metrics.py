@@ -38,6 +38,12 @@ class Metrics:
             self.jobs.labels(outcome)
         self.queued = Gauge("dropfit_jobs_queued", "Jobs waiting for a free slot.", registry=r)
         self.running = Gauge("dropfit_jobs_running", "Jobs whose trainer is running.", registry=r)
+        self.pending_in_engine = Gauge("dropfit_jobs_pending_in_engine",
+                                       "Jobs handed to Slurm or Kubernetes that wait there for resources.", registry=r)
+        self.submit_errors = Counter("dropfit_submit_errors", "Submissions a cluster engine refused or failed.",
+                                     ["engine"], registry=r)
+        for engine in ("local", "slurm", "kubernetes"):
+            self.submit_errors.labels(engine)
         self.inbox_pending = Gauge("dropfit_inbox_pending", "Folders in the inbox waiting to settle.", registry=r)
         self.job_epoch = Gauge("dropfit_job_epoch", "Last completed epoch of a running job.", _JOB, registry=r)
         self.job_epochs_planned = Gauge("dropfit_job_epochs_planned", "Epochs a running job trains for.", _JOB,

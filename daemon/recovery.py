@@ -1,7 +1,9 @@
 """Start-up recovery: finish what a crash, a ``kill -9`` or a stop left half done, before anything new is looked at.
 
 - half-done claims are finished (moved, extracted, validated) or recorded as gone;
-- jobs that were running are re-queued and resume from their last completed epoch — unless their trainer wrote
+- jobs handed to Slurm or Kubernetes are re-attached to (followed again from where their events were last read),
+  never submitted twice;
+- local jobs that were running are re-queued and resume from their last completed epoch — unless their trainer wrote
   ``finished.json`` meanwhile, then they succeed without running again; a trainer still alive from the previous
   daemon is stopped first, but only when it is provably ours (same host, same process start time, our job id and
   state folder in its environment);
@@ -19,9 +21,9 @@ from typing import TYPE_CHECKING
 
 from daemon.ledger import Job, JobState
 from daemon.repair import status_is_readable
-from daemon.runner import is_own_trainer, stop_orphan
+from daemon.runners.local import stop_left_over
 from daemon.watch import CANCEL_FILE
-from trainer.protocol import read_finished
+from trainer.protocol import ErrorKind, read_finished
 
 if TYPE_CHECKING:
     from daemon.service import Daemon
@@ -55,12 +57,22 @@ def recover(daemon: Daemon) -> None:
 
 def _resume(daemon: Daemon, job: Job) -> None:
     jl = _jlog(job.id)
-    if job.pid:
-        if job.host and job.host != daemon.host:
-            jl.warning("its trainer (pid %d) was started on host %s, not here; not signalling it", job.pid, job.host)
-        elif is_own_trainer(job.pid, job.id, daemon.state, job.pid_start):
-            jl.warning("stopping trainer pid %d left running by the previous daemon", job.pid)
-            stop_orphan(job.pid, daemon.config.stop_grace_seconds)
+    runner, engine, grace = daemon.runner, job.engine or "local", daemon.config.stop_grace_seconds
+    if engine == "local":
+        stop_left_over(job, daemon.state, grace)
+    elif engine != runner.kind:
+        daemon.fail(job.id, ErrorKind.ENGINE,
+                    f"attempt {job.attempt} was handed to {engine} as {job.engine_ref}, but this daemon now runs "
+                    f"jobs on {runner.kind}; cancel it in {engine} if it still runs, then drop the dataset again "
+                    f"(it is kept in {job.path}), or set runner.kind back to {engine}")
+        return
+    elif job.state == JobState.RUNNING:
+        attempt = runner.reattach(job, grace)
+        if attempt is not None:
+            jl.info("re-attached to %s %s (%s); not submitting it again", engine, attempt.ref,
+                    job.engine_state or "state unknown")
+            daemon.adopt(job, attempt)
+            return
     finished = read_finished(daemon.outbox / job.id)
     if finished is not None:
         jl.info("its trainer finished while the daemon was down; not running it again")

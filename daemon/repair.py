@@ -20,9 +20,56 @@ from daemon.ledger import Job, JobState, Ledger
 
 log = logging.getLogger(__name__)
 
+# Filesystems whose locking SQLite's WAL mode cannot rely on (it needs shared memory between the processes that open
+# the file, which a network filesystem cannot give): a ledger there can be corrupted silently.
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "fuse.sshfs", "sshfs",
+                                 "ceph", "fuse.ceph", "glusterfs", "fuse.glusterfs", "beegfs", "afs", "9p",
+                                 "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone"})
+
+
+class LedgerLocationError(RuntimeError):
+    """The ledger would be on a filesystem where SQLite is unsafe; the message says where to put it."""
+
+
+def filesystem_of(path: Path, mounts: str | None = None) -> tuple[str, str]:
+    """(filesystem type, mount point) of the mount that holds ``path`` (or would, once created), from
+    ``/proc/mounts`` (or the text of one, ``mounts``)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return "unknown", "/"
+    target = os.path.realpath(path)
+    best = ("unknown", "/")
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # /proc/mounts escapes spaces, tabs, newlines and backslashes in octal (\040).
+        point = fields[1].encode().decode("unicode_escape")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[1]):
+            best = (fields[2], point)
+    return best
+
+
+def check_local_disk(path: Path, mounts: str | None = None) -> None:
+    """Raise `LedgerLocationError` if ``path`` is on a network filesystem."""
+    fstype, point = filesystem_of(path, mounts)
+    if fstype in NETWORK_FILESYSTEMS:
+        raise LedgerLocationError(
+            f"ledger: {path} is on a {fstype} filesystem (mounted at {point}), where SQLite's locking is not safe; "
+            "put the ledger on a local disk with `ledger:` in the config (e.g. /var/lib/dropfit/ledger.sqlite3), "
+            "while inbox, outbox and state_dir stay on the shared storage")
+
 
 def open_ledger(path: Path, outbox: Path, jobs_dir: Path) -> Ledger:
-    """The ledger at ``path``; if it is unreadable, moved aside and rebuilt (logged as an error)."""
+    """The ledger at ``path``; if it is unreadable, moved aside and rebuilt (logged as an error).
+
+    Raises:
+        LedgerLocationError: if ``path`` is on a network filesystem.
+    """
+    check_local_disk(path)
     try:
         ledger = Ledger(path)
         ledger.check()

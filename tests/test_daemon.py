@@ -337,7 +337,7 @@ sys.path.insert(0, {str(ROOT / 'tests')!r})
 from daemon.config import load_config
 from daemon.service import Daemon
 from daemon_harness import DaemonProcess
-import daemon.cli, daemon.watch, daemon.metrics, daemon.runner, daemon.intake, daemon.ledger, daemon.outbox
+import daemon.cli, daemon.watch, daemon.metrics, daemon.runners.local, daemon.intake, daemon.ledger, daemon.outbox
 h = DaemonProcess(__import__('pathlib').Path({str(tmp_path / 'd')!r}))
 d = Daemon(load_config(h.root / 'config.yaml'))
 t = threading.Thread(target=d.run, kwargs={{'install_signals': False}}); t.start()

@@ -63,6 +63,7 @@ class ErrorKind(str, Enum):
     TIMEOUT = "timeout"  # job_timeout_seconds
     CRASH = "crash"  # the trainer died by a signal without saying why
     PROTOCOL = "protocol"  # the trainer speaks another protocol version
+    ENGINE = "engine"  # the cluster engine (Slurm, Kubernetes) refused or lost the job
     CANCELLED = "cancelled"
     RETRY = "retry"  # not an end: the reason a job was queued again
 

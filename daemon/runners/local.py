@@ -1,7 +1,10 @@
-"""One trainer child process: its own session, JSON-lines events from stdout, stderr appended to ``train.log``.
+"""The local runner: one trainer child process per job on this host (one per GPU when GPUs are configured), its own
+session, JSON-lines events from stdout, stderr appended to ``train.log``.
 
 Like watchdog's ``AutoRestartTrick``: the child leads its own process group, so stopping it means signalling the
-whole group (SIGTERM, a grace period, then SIGKILL), and nothing it started is left behind.
+whole group (SIGTERM, a grace period, then SIGKILL), and nothing it started is left behind. A trainer gets SIGTERM
+when its daemon dies (parent-death signal), so none outlives a restart by design; one that does (it ignored the
+signal) is stopped at the restart, but only when it is provably ours.
 """
 
 from __future__ import annotations
@@ -9,14 +12,18 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.ledger import Job
 from daemon.messages import Message, TrainerEvent, TrainerExit, TrainerProtocolMismatch
-from trainer.protocol import ENV_JOB_ID, ENV_STATE_DIR, ProtocolError, parse_event
+from daemon.runners.base import Attempt, Launch, Runner
+from trainer.protocol import ENV_JOB_ID, ENV_PARENT_PID, ENV_STATE_DIR, ProtocolError, parse_event
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +87,88 @@ class TrainerProcess:
             pass
 
 
-def trainer_env(job_id: str, state_dir: Path, gpu: str | None) -> dict:
-    """The environment of a trainer: who it belongs to (so a restarted daemon can prove it is its own), and its GPU."""
-    from trainer.protocol import ENV_PARENT_PID
+@dataclass
+class LocalAttempt(Attempt):
+    proc: TrainerProcess | None = None
+    gpu: str | None = None
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{ENV_PARENT_PID: str(os.getpid()), ENV_JOB_ID: job_id,
-                                                    ENV_STATE_DIR: str(state_dir)})
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-    return env
+    def terminate(self) -> None:
+        self.proc.signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.proc.signal(signal.SIGKILL)
+
+
+class LocalRunner(Runner):
+    """``max_concurrent_jobs`` trainers at once, or one per GPU of ``gpus`` (via ``CUDA_VISIBLE_DEVICES``)."""
+
+    kind = "local"
+
+    def __init__(self, post: Callable[[Message], None], state_dir: Path, gpus: list[str], max_concurrent_jobs: int):
+        super().__init__(post)
+        self.state_dir = state_dir
+        self.gpus, self.free_gpus = list(gpus), list(gpus)
+        self.slots = len(gpus) or max_concurrent_jobs
+        self.active: dict[str, LocalAttempt] = {}
+        self.host = socket.gethostname()
+
+    def describe(self) -> str:
+        return f"{self.slots} slot(s)" + (f", GPUs {self.gpus}" if self.gpus else "")
+
+    def can_start(self, multi_gpu: bool) -> bool:
+        if not self.gpus:
+            return len(self.active) < self.slots
+        # A multi-GPU job waits for every GPU (first in, first out: the jobs behind it wait too).
+        return len(self.free_gpus) == len(self.gpus) if multi_gpu else bool(self.free_gpus)
+
+    def submit(self, launch: Launch) -> LocalAttempt:
+        if launch.multi_gpu and self.gpus:
+            gpu = ",".join(self.free_gpus)
+            self.free_gpus.clear()
+        else:
+            gpu = self.free_gpus.pop(0) if self.gpus else None
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **launch.env, **{ENV_PARENT_PID: str(os.getpid())})
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        proc = TrainerProcess(launch.job_id, launch.argv, env, launch.log_path, self.post)
+        try:
+            proc.start(launch.attempt)
+        except OSError:
+            self.free_gpus.extend(gpu.split(",") if gpu else [])
+            raise
+        attempt = LocalAttempt(launch.job_id, str(proc.pid), {"pid": proc.pid, "pid_start": proc.started_ticks,
+                                                               "host": self.host, "gpu": gpu}, proc, gpu)
+        self.active[launch.job_id] = attempt
+        return attempt
+
+    def release(self, job_id: str) -> None:
+        attempt = self.active.pop(job_id, None)
+        if attempt is not None and attempt.gpu is not None:
+            self.free_gpus.extend(attempt.gpu.split(","))
+
+    def reattach(self, job: Job, grace: float) -> None:
+        """A local trainer never carries on under a new daemon: one left running is stopped (if provably ours) and
+        the job runs again from its checkpoint."""
+        stop_left_over(job, self.state_dir, grace)
+        return None
+
+
+def stop_left_over(job: Job, state_dir: Path, grace: float) -> None:
+    """Stop the local trainer a previous daemon left running for ``job``, if there is one and it is provably ours."""
+    jl = logging.LoggerAdapter(log, {"job_id": job.id})
+    if not job.pid:
+        return
+    if job.host and job.host != socket.gethostname():
+        jl.warning("its trainer (pid %d) was started on host %s, not here; not signalling it", job.pid, job.host)
+    elif is_own_trainer(job.pid, job.id, state_dir, job.pid_start):
+        jl.warning("stopping trainer pid %d left running by the previous daemon", job.pid)
+        stop_orphan(job.pid, grace)
+
+
+def trainer_env(job_id: str, state_dir: Path) -> dict:
+    """What every trainer finds in its environment: who it belongs to (so a restarted daemon can prove a process is
+    its own before it signals it)."""
+    return {ENV_JOB_ID: job_id, ENV_STATE_DIR: str(state_dir)}
 
 
 def process_start_ticks(pid: int) -> int | None:

@@ -1,0 +1,277 @@
+"""The running half of the daemon: queued jobs handed to the runner in order, their events and ends recorded, their
+cancels, timeouts and clean-up. A mixin of `daemon.service.Daemon`, which owns the loop, the ledger and intake.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.decision import Action, decide
+from daemon.intake import SPEC_FILE, validate
+from daemon.ledger import Job, JobState
+from daemon.retention import put_away
+from daemon.runners.base import Attempt, Launch, SubmitError
+from daemon.runners.local import trainer_env
+from daemon.watch import CANCEL_FILE
+from trainer.atomic import write_json
+from trainer.protocol import EpochEnd, Error, ErrorKind, Finished, Started, run_argv
+
+log = logging.getLogger("daemon.service")
+EVENTS_FILE = "events.jsonl"  # in the job's work folder, for runners that follow the trainer's events through a file
+SUBMIT_RETRY_SECONDS = 10.0  # after an engine refused a submission for now (it may be down)
+
+
+def jlog(job_id: str) -> logging.LoggerAdapter:
+    """A logger whose lines carry ``[job-id]``."""
+    return logging.LoggerAdapter(log, {"job_id": job_id})
+
+
+@dataclass
+class Running:
+    """What the daemon keeps about a job whose attempt is in the runner's hands."""
+
+    attempt: Attempt
+    job: Job
+    deadline: float | None
+    kill_at: float | None = None
+    cancel: bool = False
+    timed_out: bool = False
+    finished: Finished | None = None
+    error: Error | None = None
+    first_attempt: bool = True
+    exited: int | None = None  # its exit status, once it ended
+    engine_timed_out: bool = False  # the engine stopped it at its own time limit
+    detail: str | None = None  # the engine's words on how it ended
+
+
+class Scheduling:
+    """Mixin: see the module's doc. Expects the attributes `daemon.service.Daemon` sets up."""
+
+    def schedule(self) -> None:
+        """Hand queued jobs to the runner, oldest first, while it takes them."""
+        if self.submit_blocked_until is not None and time.monotonic() < self.submit_blocked_until:
+            return
+        while not self.stopping:
+            job = self.ledger.next_queued()
+            # First in, first out: a job the runner cannot take yet (e.g. a multi-GPU one) holds the rest back.
+            if job is None or not self.runner.can_start(job.multi_gpu):
+                return
+            if not self._start(job):
+                return
+
+    def _spec_file(self, job: Job) -> Path | None:
+        """The job's resolved spec, written at intake; made again (and checked) for a job queued by an older
+        version or restored from the outbox. None if its spec is no longer valid (the job has been failed)."""
+        spec_file = self.jobs_dir / job.id / SPEC_FILE
+        if spec_file.is_file():
+            return spec_file
+        spec, error = validate(Path(job.path), self.config.job_defaults, display=job.name,
+                               max_classes=self.config.limits.max_classes) if job.path else (None, "no dataset")
+        if error:
+            self.fail(job.id, ErrorKind.SPEC, error)
+            return None
+        write_json(spec_file, spec.model_dump(mode="json"))
+        self._write_resolved(job.id, spec)
+        return spec_file
+
+    def _start(self, job: Job) -> bool:
+        """Hand one job to the runner; False if the runner refused it for now (scheduling pauses)."""
+        spec_file = self._spec_file(job)
+        if spec_file is None:
+            return True
+        attempt_no = job.attempt + 1
+        work = self.jobs_dir / job.id / "work"
+        events_file = work / EVENTS_FILE if self.runner.follows_events_file else None
+        argv = run_argv(self.runner.trainer_command or self.config.trainer_argv(), job.path, spec=spec_file,
+                        out=self.outbox / job.id, work=work, job_id=job.id, events_file=events_file)
+        # Recorded before the trainer exists: a start the ledger cannot record (its disk is full) starts nothing,
+        # rather than a trainer the daemon would start again at every tick.
+        job = self._set(job.id, JobState.RUNNING, attempt=attempt_no, pid=None, pid_start=None, host=None, gpu=None,
+                        engine=self.runner.kind, engine_ref=None, engine_state="submitted",
+                        started_at=job.started_at or time.time())
+        timeout = self.config.job_timeout_seconds
+        launch = Launch(job.id, attempt_no, argv, trainer_env(job.id, self.state), self.outbox / job.id / "train.log",
+                        multi_gpu=job.multi_gpu, timeout=timeout, grace=self.config.stop_grace_seconds,
+                        events_file=events_file)
+        try:
+            attempt = self.runner.submit(launch)
+        except SubmitError as exc:
+            self.metrics.submit_errors.labels(self.runner.kind).inc()
+            if exc.permanent:
+                self.fail(job.id, ErrorKind.ENGINE, f"{self.runner.kind} refused the job: {exc}")
+                return True
+            jlog(job.id).warning("%s did not take the job (%s); trying again in %.0f s", self.runner.kind, exc,
+                                 SUBMIT_RETRY_SECONDS)
+            self._set(job.id, JobState.QUEUED, attempt=job.attempt - 1, engine_state=None,
+                      error_kind=ErrorKind.RETRY.value, error=f"not submitted to {self.runner.kind}: {exc}")
+            self.submit_blocked_until = time.monotonic() + SUBMIT_RETRY_SECONDS
+            return False
+        except OSError as exc:
+            self.fail(job.id, ErrorKind.INTERNAL, f"could not start the trainer ({argv[0]}): {exc}")
+            return True
+        self.running[job.id] = r = Running(attempt, job, time.monotonic() + timeout if timeout else None,
+                                           first_attempt=attempt_no == 1)
+        state = "running" if self.runner.kind == "local" else "pending"
+        r.job = self._update(job.id, engine_ref=attempt.ref, engine_state=state, **attempt.recorded)
+        if self.runner.kind != "local":
+            jlog(job.id).info("submitted to %s as %s", self.runner.kind, attempt.ref)
+        self.metrics.job_started(job.id, job.name, job.epoch, job.epochs)
+        return True
+
+    def adopt(self, job: Job, attempt: Attempt) -> None:
+        """Follow an attempt a previous daemon handed to the engine (after a restart): no second submission."""
+        timeout = self.config.job_timeout_seconds
+        self.running[job.id] = Running(attempt, job, time.monotonic() + timeout if timeout else None,
+                                       first_attempt=job.attempt == 1)
+        self.metrics.job_started(job.id, job.name, job.epoch, job.epochs)
+
+    def _stop_trainer(self, r: Running) -> None:
+        r.attempt.terminate()
+        r.kill_at = time.monotonic() + self.config.stop_grace_seconds
+
+    def _check_running(self, now: float) -> None:
+        """Timeouts, and trainers that did not stop within their grace period."""
+        for job_id, r in list(self.running.items()):
+            if r.deadline is not None and now >= r.deadline and not r.timed_out:
+                r.timed_out = True
+                jlog(job_id).warning("timed out after %.0f s; stopping the trainer", self.config.job_timeout_seconds)
+                self._stop_trainer(r)
+            if r.kill_at is not None and now >= r.kill_at:
+                jlog(job_id).warning("the trainer did not stop within %.0f s; killing it",
+                                     self.config.stop_grace_seconds)
+                r.attempt.kill()
+                r.kill_at = None
+
+    # --- what the runner reports -----------------------------------------------------------------------------
+
+    def _on_event(self, job_id: str, event, offset: int | None = None) -> None:
+        r = self.running.get(job_id)
+        if r is None:
+            return
+        # The events file offset is kept with what the event changed, so a restart neither loses nor repeats an
+        # epoch. `finished` and `error` change only memory: they are read again after a restart.
+        moved = {"events_offset": offset} if offset is not None else {}
+        if isinstance(event, Started):
+            job = r.job = self._update(job_id, epochs=event.epochs, epoch=event.resumed_from,
+                                       engine_state="running", **moved)
+            if event.skipped and r.first_attempt and not event.resumed_from:
+                self.metrics.invalid_images.inc(event.skipped)
+            self.metrics.job_started(job_id, job.name, job.epoch, job.epochs)
+        elif isinstance(event, EpochEnd):
+            row = event.metrics()
+            best = r.job.best_val_accuracy
+            if event.val_accuracy is not None:
+                best = max(best or 0.0, event.val_accuracy)
+            r.job = self._update(job_id, epoch=event.epoch, epochs=event.epochs or r.job.epochs, metrics=row,
+                                 best_val_accuracy=best, **moved)
+            self.metrics.epoch(job_id, r.job.name, row)
+        elif isinstance(event, Finished):
+            r.finished = event
+        elif isinstance(event, Error):
+            r.error = event
+
+    def _on_engine_update(self, job_id: str, state: str, detail: str | None) -> None:
+        r = self.running.get(job_id)
+        if r is None or r.job.engine_state == state:
+            return
+        jlog(job_id).info("%s in %s%s", state, self.runner.kind, f" ({detail})" if detail else "")
+        r.job = self._update(job_id, engine_state=state)
+
+    def _on_protocol_mismatch(self, job_id: str, message: str) -> None:
+        r = self.running.get(job_id)
+        if r is None:
+            return
+        jlog(job_id).error("%s; stopping it", message)
+        r.error = Error(kind=ErrorKind.PROTOCOL, message=message)
+        self._stop_trainer(r)
+
+    def _on_exit(self, job_id: str) -> None:
+        """Record what the end of a job's attempt means. It leaves `running` only once that is recorded: if the
+        ledger cannot be written now, the next tick tries again."""
+        r = self.running[job_id]
+        job = self.ledger.get(job_id)
+        if job.state != JobState.RUNNING:  # recorded already, by an earlier try that failed after it
+            self._forget(job_id)
+            return
+        jl = jlog(job_id)
+        seconds = time.time() - job.started_at if job.started_at else None
+        decision = decide(r.exited, r.error, job.attempt, self.policy, finished=r.finished is not None,
+                          cancelled=r.cancel, timed_out=r.timed_out or r.engine_timed_out, stopping=self.stopping,
+                          timeout_seconds=self.config.job_timeout_seconds, detail=r.detail)
+        ended = {"pid": None, "engine_state": None}
+        if decision.action == Action.SUCCEED:
+            self.succeed(job, seconds)
+        elif decision.action == Action.CANCEL:
+            jl.info("cancelled")
+            self._cancelled(job_id, seconds)
+        elif decision.action == Action.INTERRUPT:
+            jl.info("interrupted at epoch %d; it resumes when the daemon starts again", job.epoch)
+            self._set(job_id, JobState.INTERRUPTED, **ended)
+        elif decision.action == Action.RETRY:
+            jl.warning("attempt %d failed (%s); retrying from the last checkpoint", job.attempt, decision.reason)
+            self._set(job_id, JobState.QUEUED, error_kind=ErrorKind.RETRY.value,
+                      error=f"attempt {job.attempt}: {decision.reason}", **ended)
+        else:
+            if decision.kind == ErrorKind.IO:
+                # Whatever the failed write left (checkpoints, disk cache) only takes space the next job needs.
+                shutil.rmtree(self.jobs_dir / job_id / "work", ignore_errors=True)
+            self.fail(job_id, decision.kind, decision.reason, seconds=seconds)
+        self._forget(job_id)
+        self.schedule()
+
+    def _forget(self, job_id: str) -> None:
+        self.running.pop(job_id, None)
+        self.runner.release(job_id)
+
+    def succeed(self, job: Job, seconds: float | None) -> None:
+        job = self._set(job.id, JobState.SUCCEEDED, outcome="succeeded", error_kind=None, error=None,
+                        finished_at=time.time(), pid=None, engine_state=None)
+        self.metrics.job_ended(job.id, job.name, "succeeded", seconds, self.config.metrics_retention_seconds)
+        jlog(job.id).info("succeeded: %s", self.outbox / job.id)
+        self.after_success(job)
+
+    def after_success(self, job: Job) -> None:
+        """Put the dataset of a succeeded job away (config ``after_success``) and free its state folder."""
+        jl = jlog(job.id)
+        policy = self.config.after_success
+        # No recorded path (an older ledger's "" included): where a claim puts it, inside the job's own state folder.
+        dataset = Path(job.path) if job.path else self.jobs_dir / job.id / "dataset"
+        try:
+            kept = put_away(self.jobs_dir / job.id, dataset, job.name, self.archive / job.id, policy)
+        except OSError as exc:
+            jl.error("could not %s the dataset (%s); it stays in %s", policy, exc, job.path)
+            return
+        if kept.changed:
+            self._update(job.id, path=str(kept.path) if kept.path else None)
+            jl.info("dataset %s", f"archived in {kept.path}" if kept.path else "deleted")
+
+    # --- cancel ----------------------------------------------------------------------------------------------
+
+    def _poll_cancels(self) -> None:
+        # A stat per queued or running job, instead of watching the outbox (whose trainers write all the time).
+        for job in [*self.ledger.jobs(JobState.QUEUED), *(r.job for r in self.running.values())]:
+            if (self.outbox / job.id / CANCEL_FILE).exists():
+                self.cancel(job.id)
+
+    def cancel(self, job_id: str) -> None:
+        job = self.ledger.get(job_id)
+        if job is None or job.state.terminal:
+            return
+        r = self.running.get(job_id)
+        if r is not None:
+            if not r.cancel:
+                jlog(job_id).info("cancel requested; stopping the trainer")
+                r.cancel = True
+                self._stop_trainer(r)
+        elif job.state in (JobState.QUEUED, JobState.INTERRUPTED):
+            jlog(job_id).info("cancelled before it ran")
+            self._cancelled(job_id, None)
+
+    def _cancelled(self, job_id: str, seconds: float | None) -> None:
+        job = self._set(job_id, JobState.CANCELLED, outcome="cancelled", error_kind=ErrorKind.CANCELLED.value,
+                        error="cancelled by request", finished_at=time.time(), pid=None, engine_state=None)
+        self.metrics.job_ended(job_id, job.name, "cancelled", seconds, self.config.metrics_retention_seconds)
