@@ -38,6 +38,7 @@ class TrainerExit:
     status: int  # negative: killed by that signal
     timed_out: bool = False  # the engine stopped it at its time limit
     detail: str | None = None  # the engine's own words on how it ended (e.g. "NODE_FAIL"), for the reason
+    cancelled: bool = False  # cancelled in the engine (by the daemon, or by someone else there)
 
 
 @dataclass(frozen=True)

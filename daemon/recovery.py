@@ -69,8 +69,8 @@ def _resume(daemon: Daemon, job: Job) -> None:
     elif job.state == JobState.RUNNING:
         attempt = runner.reattach(job, grace)
         if attempt is not None:
-            jl.info("re-attached to %s %s (%s); not submitting it again", engine, attempt.ref,
-                    job.engine_state or "state unknown")
+            jl.info("re-attached to %s %s (%s); not submitting it again; events from epoch %d", engine, attempt.ref,
+                    job.engine_state or "state unknown", job.epoch)
             daemon.adopt(job, attempt)
             return
     finished = read_finished(daemon.outbox / job.id)

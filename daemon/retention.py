@@ -17,6 +17,7 @@ from daemon.intake import SPEC_FILE, move_tree
 from daemon.unpack import archive_kind
 
 log = logging.getLogger(__name__)
+SCRATCH = ("work", "slurm")  # what a job's state folder holds besides its dataset and spec
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ def put_away(job_state: Path, dataset: Path | None, name: str, archive: Path, po
     ``job_state`` is ``state/jobs/<job-id>``, ``archive`` is ``<archive_dir>/<job-id>``, ``name`` the inbox name.
     Safe to call again after a crash part way. Raises OSError if the dataset cannot be moved or deleted.
     """
-    shutil.rmtree(job_state / "work", ignore_errors=True)
+    for scratch in SCRATCH:  # checkpoints, events, batch scripts: nothing anyone needs after a success
+        shutil.rmtree(job_state / scratch, ignore_errors=True)
     (job_state / SPEC_FILE).unlink(missing_ok=True)  # its copy for users is outbox/<id>/job.resolved.yaml
     result = Retained(dataset, False)
     if not owned_by(job_state, dataset):

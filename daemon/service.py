@@ -235,6 +235,7 @@ class Daemon(Scheduling):
             r = self.running.get(message.job_id)
             if r is not None:
                 r.exited, r.engine_timed_out, r.detail = message.status, message.timed_out, message.detail
+                r.cancel = r.cancel or message.cancelled
                 self._on_exit(message.job_id)
         elif isinstance(message, CancelRequest):
             self.cancel(message.job_id)

@@ -35,8 +35,9 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
 class DaemonProcess:
     """A daemon in a fresh interpreter, on folders under ``root``."""
 
-    def __init__(self, root: Path, **config):
+    def __init__(self, root: Path, env: dict | None = None, **config):
         self.root = root
+        self.env = env or {}  # more environment for the daemon (e.g. SLURM_CONF)
         root.mkdir(parents=True, exist_ok=True)
         self.config = {"settle_seconds": 0.5, "metrics": {"port": 0}, "trainer_command": FAKE_TRAINER,
                        "stop_grace_seconds": 10, **config}
@@ -55,8 +56,8 @@ class DaemonProcess:
         # Its own working directory: a daemon that ever resolved a path against "." must not touch the repository
         # (a restart once ran shutil.rmtree(".")); tests look there for what it must leave alone.
         self.cwd.mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env_for_subprocess(),
-                                     cwd=self.cwd)
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                     env={**env_for_subprocess(), **self.env}, cwd=self.cwd)
         log.close()
         info = wait_for(self._info, 30, what=f"daemon start (log: {self.log_path})")
         self.url = info["metrics_url"].rsplit("/", 1)[0]
@@ -106,8 +107,8 @@ class DaemonProcess:
     def cli(self, *args, timeout: float = 60) -> subprocess.CompletedProcess:
         """``dropfit ARGS --config <this daemon's config>`` in a fresh interpreter."""
         argv = [sys.executable, "-m", "daemon", *map(str, args), "--config", str(self.root / "config.yaml")]
-        return subprocess.run(argv, capture_output=True, text=True, env=env_for_subprocess(), cwd=ROOT,
-                              timeout=timeout)
+        return subprocess.run(argv, capture_output=True, text=True, env={**env_for_subprocess(), **self.env},
+                              cwd=ROOT, timeout=timeout)
 
     def jobs(self) -> list[dict]:
         proc = self.cli("status", "--json")

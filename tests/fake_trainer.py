@@ -112,6 +112,7 @@ def main() -> int:
         end = time.time() + behaviour.get("sleep", 0.05)
         while time.time() < end or behaviour.get("hang"):
             if stop:
+                print(f"stopped on request after {epoch - 1} epoch(s)", file=sys.stderr)
                 emit("interrupted", job=args.job_id, completed_epochs=epoch - 1)
                 return ExitCode.INTERRUPTED
             time.sleep(0.01)
