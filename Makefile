@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo/shapes
 
-.PHONY: run test lint venv demo train-demo schemas docker-smoke compare bench bench-quick clean
+.PHONY: run test lint venv demo train-demo schemas docker-smoke k8s-e2e compare bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-quick: $(STAMP)
 ## docker-smoke: build the image on a debootstrap base and run a job through the compose service (root, Debian)
 docker-smoke: $(STAMP)
 	PYTHON=$(abspath $(BIN)/python) docker/smoke-test.sh
+
+## k8s-e2e: the Kubernetes runner against a real cluster ($$KUBECONFIG, $$DROPFIT_IMAGE; see tests/k8s/test_k8s_e2e.py)
+k8s-e2e: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider -rA tests/k8s/test_k8s_e2e.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -46,6 +46,7 @@ class Running:
     exited: int | None = None  # its exit status, once it ended
     engine_timed_out: bool = False  # the engine stopped it at its own time limit
     detail: str | None = None  # the engine's words on how it ended
+    stopped_by_daemon: bool = False  # terminate() or kill() came from us (a cancel, a timeout, a protocol error)
 
 
 class Scheduling:
@@ -86,15 +87,17 @@ class Scheduling:
         attempt_no = job.attempt + 1
         work = self.jobs_dir / job.id / "work"
         events_file = work / EVENTS_FILE if self.runner.follows_events_file else None
+        log_file = self.outbox / job.id / "train.log"
         argv = run_argv(self.runner.trainer_command or self.config.trainer_argv(), job.path, spec=spec_file,
-                        out=self.outbox / job.id, work=work, job_id=job.id, events_file=events_file)
+                        out=self.outbox / job.id, work=work, job_id=job.id, events_file=events_file,
+                        log_file=log_file if self.runner.writes_own_log else None)
         # Recorded before the trainer exists: a start the ledger cannot record (its disk is full) starts nothing,
         # rather than a trainer the daemon would start again at every tick.
         job = self._set(job.id, JobState.RUNNING, attempt=attempt_no, pid=None, pid_start=None, host=None, gpu=None,
                         engine=self.runner.kind, engine_ref=None, engine_state="submitted",
                         started_at=job.started_at or time.time())
         timeout = self.config.job_timeout_seconds
-        launch = Launch(job.id, attempt_no, argv, trainer_env(job.id, self.state), self.outbox / job.id / "train.log",
+        launch = Launch(job.id, attempt_no, argv, trainer_env(job.id, self.state), log_file,
                         multi_gpu=job.multi_gpu, timeout=timeout, grace=self.config.stop_grace_seconds,
                         events_file=events_file)
         try:
@@ -130,6 +133,7 @@ class Scheduling:
         self.metrics.job_started(job.id, job.name, job.epoch, job.epochs)
 
     def _stop_trainer(self, r: Running) -> None:
+        r.stopped_by_daemon = True
         r.attempt.terminate()
         r.kill_at = time.monotonic() + self.config.stop_grace_seconds
 

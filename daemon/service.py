@@ -235,7 +235,9 @@ class Daemon(Scheduling):
             r = self.running.get(message.job_id)
             if r is not None:
                 r.exited, r.engine_timed_out, r.detail = message.status, message.timed_out, message.detail
-                r.cancel = r.cancel or message.cancelled
+                # Cancelled in the engine by someone else (an admin's scancel) is a cancel; when the daemon stopped it
+                # (a timeout, a protocol error), the engine calls that "cancelled" too, and it is not.
+                r.cancel = r.cancel or (message.cancelled and not r.stopped_by_daemon)
                 self._on_exit(message.job_id)
         elif isinstance(message, CancelRequest):
             self.cancel(message.job_id)

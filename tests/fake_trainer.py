@@ -57,6 +57,20 @@ def emit(event: str, **fields) -> None:
             f.write(line + "\n")
 
 
+class Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+            stream.flush()
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+
 def on_term(signum, frame):
     global stop
     stop = True
@@ -94,6 +108,8 @@ def main() -> int:
         f.write(json.dumps({"job": args.job_id, "attempt": attempt, "resumed_from": done, "pid": os.getpid(),
                             "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "spec": args.spec,
                             "time": time.time()}) + "\n")
+    if args.log_file:  # like the real trainer's log handler: its lines go to that file too
+        sys.stderr = Tee(sys.stderr, open(args.log_file, "a"))  # noqa: SIM115 - for the process' life
     print(f"fake trainer for {args.job_id}, attempt {attempt}", file=sys.stderr)
     if behaviour.get("read_all"):
         files = 0

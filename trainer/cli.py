@@ -34,13 +34,17 @@ class _JobFilter(logging.Filter):
         return True
 
 
-def setup_logging(job_id: str = "-", level: int = logging.INFO) -> None:
-    """Log to stderr, every line tagged with the job id; quiet TensorFlow's C++ and absl chatter."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_JobFilter(job_id))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(job_id)s] %(name)s: %(message)s"))
+def setup_logging(job_id: str = "-", level: int = logging.INFO, log_file: str | None = None) -> None:
+    """Log to stderr (and ``log_file``), every line tagged with the job id; quiet TensorFlow's C++ and absl chatter."""
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
+    for handler in handlers:
+        handler.addFilter(_JobFilter(job_id))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(job_id)s] %(name)s: %(message)s"))
     root.setLevel(level)
     for noisy in ("absl", "tensorflow", "h5py", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -86,7 +90,7 @@ def cmd_run(args) -> int:
     _die_with_parent()
     job_dir = Path(args.job_dir)
     job_id = args.job_id or job_dir.resolve().name
-    setup_logging(job_id)
+    setup_logging(job_id, log_file=args.log_file)
     events = EventStream.claim_stdout(job_id, args.events_file)
     try:
         # Under the daemon, the spec it validated at intake (job_defaults merged); job.yaml is not read again.

@@ -4,6 +4,7 @@ stand-in trainer of the tests. TensorFlow-free (pydantic and the standard librar
 The daemon starts a trainer with `run_argv`; the trainer parses the same options with `add_run_arguments`::
 
     python -m trainer run JOB_DIR --spec SPEC_JSON --out OUT --work WORK --job-id ID [--events-file FILE]
+        [--log-file FILE]
 
 ``JOB_DIR`` holds the images (spec paths are relative to it); ``SPEC_JSON`` is the resolved spec the daemon
 validated at intake (``job.yaml`` with the config's ``job_defaults`` merged), and the trainer does not read
@@ -190,16 +191,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--work", help="work folder for checkpoints; rerunning with it resumes")
     parser.add_argument("--job-id", help="id shown in logs and events (default: the job folder's name)")
     parser.add_argument("--events-file", help="also append every event line to this file (flushed per line)")
+    parser.add_argument("--log-file", help="also append the log to this file (where stderr is not kept)")
     return parser
 
 
 def run_argv(trainer: list[str], job_dir: str | os.PathLike, *, spec: str | os.PathLike, out: str | os.PathLike,
-             work: str | os.PathLike, job_id: str, events_file: str | os.PathLike | None = None) -> list[str]:
+             work: str | os.PathLike, job_id: str, events_file: str | os.PathLike | None = None,
+             log_file: str | os.PathLike | None = None) -> list[str]:
     """The command line that runs one job: ``trainer`` is the trainer's own argv prefix (``python -m trainer``)."""
     argv = [*trainer, "run", os.fspath(job_dir), "--spec", os.fspath(spec), "--out", os.fspath(out), "--work",
             os.fspath(work), "--job-id", job_id]
     if events_file is not None:
         argv += ["--events-file", os.fspath(events_file)]
+    if log_file is not None:
+        argv += ["--log-file", os.fspath(log_file)]
     return argv
 
 

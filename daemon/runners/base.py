@@ -70,6 +70,7 @@ class Runner(ABC):
     kind: str = "?"
     follows_events_file: bool = False  # the trainer is given --events-file and the runner follows it
     trainer_command: list[str] | None = None  # how the engine's nodes run the trainer, if not the config's
+    writes_own_log = False  # the trainer appends its log to train.log itself (--log-file): its stderr goes elsewhere
 
     def __init__(self, post: Callable[[Message], None]):
         self.post = post

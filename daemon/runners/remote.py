@@ -70,6 +70,7 @@ class RemoteAttempt(Attempt):
     last_state: str | None = None
     unknown_polls: int = 0  # consecutive polls the engine did not know it
     ended: bool = False  # its exit has been posted
+    cancel_sent: bool = False  # the runner asked the engine to stop it
 
     def terminate(self) -> None:
         self.runner.cancel(self, graceful=True)

@@ -169,6 +169,7 @@ class SlurmRunner(RemoteRunner):
         return parse_oneliner(proc.stdout.splitlines()[0])
 
     def cancel(self, attempt: RemoteAttempt, graceful: bool) -> None:
+        attempt.cancel_sent = True
         if graceful and attempt.last_state == "running":
             # The batch script exec'd the trainer: TERM to the batch step reaches it, and it checkpoints.
             argv = ("scancel", "--signal=TERM", "--batch", attempt.ref)

@@ -1,0 +1,264 @@
+"""The Kubernetes runner's contract: a real daemon with the real ``kubernetes`` client, against an in-memory API
+server over real HTTP (kmock's emulator, tests/k8s/kmock_server.py). No cluster can run here, so a test "kubelet"
+and Job controller (tests/k8s/fake_kubelet.py) play the cluster: they run each Job's container command (the stand-in
+trainer) as a local process and report pod and Job status the way Kubernetes does, applying the Job's own
+podFailurePolicy. The manifests are checked against Kubernetes' own schemas with kubernetes-validate (offline).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import kmock
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes import client
+
+from conftest import ROOT, system_tool
+from daemon_harness import DaemonProcess, wait_for
+from fake_kubelet import FakeKubelet
+from kmock_server import KmockThread
+
+NS = "dropfit"
+FAKE = [sys.executable, str(ROOT / "tests" / "fake_trainer.py")]
+KUBERNETES_VERSION = kubernetes_validate.latest_version()  # the newest schemas it ships (1.37 here)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    server = KmockThread().start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": server.url}}],
+        "users": [{"name": "anonymous", "user": {}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "anonymous", "namespace": NS}}]}))
+    kubelets = []
+
+    def kubelet(**kw) -> FakeKubelet:
+        kubelets.append(FakeKubelet(server.api_client(), NS, tmp_path / "pod-logs", **kw).start())
+        return kubelets[-1]
+
+    yield SimpleNamespace(server=server, kubeconfig=kubeconfig, kubelet=kubelet)
+    for k in kubelets:
+        k.stop()
+    server.stop()
+
+
+def k8s_daemon(tmp_path, cluster, kubernetes: dict | None = None, **config) -> DaemonProcess:
+    root = tmp_path / "d"
+    k = {"namespace": NS, "kubeconfig": str(cluster.kubeconfig), "command": FAKE, "data_mount": str(root),
+         "image": "registry.example/dropfit:1.0", "data_claim": "dropfit-data", **(kubernetes or {})}
+    return DaemonProcess(root, max_concurrent_jobs=10, runner={"kind": "kubernetes", "poll_interval": 0.2,
+                                                              "kubernetes": k}, **config)
+
+
+def requests(cluster, action, resource="batch/v1/jobs") -> list:
+    handler = cluster.server.handler
+    return cluster.server.call(lambda: list(handler[action, kmock.resource(resource)]))
+
+
+def stored_job(cluster, name: str) -> dict:
+    handler = cluster.server.handler
+    return cluster.server.call(lambda: handler.objects["batch/v1/jobs", NS, name].raw)
+
+
+def test_a_drop_becomes_a_batch_job_that_completes(tmp_path, cluster):
+    cluster.kubelet()
+    d = k8s_daemon(tmp_path, cluster, kubernetes={"queue": "team-a", "gpus_per_job": 1},
+                   job_timeout_seconds=3600, stop_grace_seconds=45).start()
+    try:
+        d.drop("Flowers_Big", {"epochs": 3}, fake={"sleep": 0.2})
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "succeeded" and job["epoch"] == 3 and job["engine"] == "kubernetes", job
+        name = job["engine_ref"]
+        assert len(name) <= 63 and name == name.lower() and name.startswith("dropfit-")  # DNS-1123
+        k8s_job = stored_job(cluster, name)
+        spec, pod = k8s_job["spec"], k8s_job["spec"]["template"]["spec"]
+        assert k8s_job["metadata"]["annotations"]["dropfit.dev/job-id"] == job["id"]
+        assert k8s_job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert spec["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
+        assert spec["activeDeadlineSeconds"] >= 3600 and pod["terminationGracePeriodSeconds"] == 45
+        rules = spec["podFailurePolicy"]["rules"]
+        assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                                 "values": [2]}}
+        assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
+        [container] = pod["containers"]
+        assert container["image"] == "registry.example/dropfit:1.0"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "dropfit-data"
+        assert "--events-file" in container["args"] and "--log-file" in container["args"]
+        # The trainer wrote train.log itself (a pod's stderr stays in the pod's log).
+        assert "fake trainer for" in (d.outbox / job["id"] / "train.log").read_text()
+        assert kubernetes_validate.validate(k8s_job, KUBERNETES_VERSION, strict=True)
+        samples = d.scrape()
+        assert samples[("dropfit_job_epochs_total", (("dataset", "Flowers_Big"), ("job_id", job["id"])))] == 3
+    finally:
+        d.stop()
+
+
+def test_exit_2_fails_the_job_at_once_and_dropfit_does_not_retry(tmp_path, cluster):
+    cluster.kubelet()
+    d = k8s_daemon(tmp_path, cluster, retries=3).start()
+    try:
+        d.drop("bad-data", {"epochs": 3}, fake={"crash_epoch": 1, "exit_code": 2, "error_kind": "data"})
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "failed" and job["outcome"] == "rejected" and job["error_kind"] == "data", job
+        assert job["attempt"] == 1 and len(requests(cluster, kmock.action.CREATE)) == 1
+        assert stored_job(cluster, job["engine_ref"])["status"]["conditions"][0]["reason"] == "PodFailurePolicy"
+    finally:
+        d.stop()
+
+
+def test_a_killed_trainer_gets_a_new_job_and_resumes(tmp_path, cluster):
+    cluster.kubelet()
+    d = k8s_daemon(tmp_path, cluster).start()
+    try:
+        d.drop("flaky", {"epochs": 5}, fake={"crash_epoch": 3, "crash_attempts": 1, "sleep": 0.1})
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "succeeded" and job["attempt"] == 2 and job["epoch"] == 5, job
+        posts = requests(cluster, kmock.action.CREATE)
+        assert [p.data["metadata"]["labels"]["dropfit.dev/attempt"] for p in posts] == ["1", "2"]
+        assert [r["resumed_from"] for r in d.runs(job["id"])] == [0, 2]
+        assert "killed by SIGKILL" in d.log() and "BackoffLimitExceeded" in d.log()
+    finally:
+        d.stop()
+
+
+def test_the_active_deadline_fails_the_job_as_timeout(tmp_path, cluster):
+    cluster.kubelet(deadline=2.0)  # the cluster enforces activeDeadlineSeconds (here on a faster clock)
+    d = k8s_daemon(tmp_path, cluster, job_timeout_seconds=600, stop_grace_seconds=1).start()
+    try:
+        d.drop("stuck", {"epochs": 3}, fake={"hang": True})
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "failed" and job["error_kind"] == "timeout", job
+        assert "DeadlineExceeded" in job["error"] and job["attempt"] == 1
+    finally:
+        d.stop()
+
+
+def test_a_dropped_watch_and_410_gone_are_survived(tmp_path, cluster):
+    cluster.kubelet()
+    d = k8s_daemon(tmp_path, cluster).start()
+    try:
+        d.drop("steady", {"epochs": 30}, fake={"sleep": 0.1})
+        wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 2, 30, what="epoch 2")
+        lists_before = len([r for r in requests(cluster, kmock.action.LIST)])
+        handler = cluster.server.handler
+        cluster.server.call(handler.drop_watches)  # the connection breaks mid-stream
+        time.sleep(1.0)
+        # Other objects change (the runner's watch of its Jobs does not see them), then history is compacted: the
+        # version the runner watches from is too old now, and its next watch gets 410 Gone.
+        core = client.CoreV1Api(cluster.server.api_client())
+        [pod] = core.list_namespaced_pod(NS).items
+        core.patch_namespaced_pod(pod.metadata.name, NS, {"metadata": {"labels": {"touched": "yes"}}})
+        cluster.server.call(handler.compact)
+        cluster.server.call(handler.end_watches)
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "succeeded" and job["epoch"] == 30
+        assert len(requests(cluster, kmock.action.LIST)) > lists_before  # it listed again
+        log = d.log()
+        assert "Kubernetes watch broke" in log and "410 Gone" in log
+    finally:
+        d.stop()
+
+
+def test_cancel_deletes_the_job_with_background_propagation(tmp_path, cluster):
+    cluster.kubelet()
+    d = k8s_daemon(tmp_path, cluster, stop_grace_seconds=10).start()
+    try:
+        d.drop("long", {"epochs": 300}, fake={"sleep": 0.1})
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 2 and j[0], 30, what="epoch 2")
+        assert d.cli("cancel", job["id"]).returncode == 0
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "cancelled" and job["epoch"] < 300
+        [delete] = requests(cluster, kmock.action.DELETE)
+        policy = delete.params.get("propagationPolicy") or (delete.data or {}).get("propagationPolicy")
+        assert delete.name == job["engine_ref"] and policy == "Background"
+        assert "stopped on request" in (d.outbox / job["id"] / "train.log").read_text()  # SIGTERM: checkpointed
+    finally:
+        d.stop()
+
+
+def test_a_restarted_daemon_re_attaches_without_a_second_post(tmp_path, cluster):
+    cluster.kubelet()
+    d = k8s_daemon(tmp_path, cluster).start()
+    try:
+        d.drop("survivor", {"epochs": 40}, fake={"sleep": 0.1})
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 3 and j[0], 30, what="epoch 3")
+        d.kill9()
+        time.sleep(1.0)  # the pod trains on meanwhile
+        d.start()
+        assert f"re-attached to kubernetes {job['engine_ref']}" in d.log()
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "succeeded" and job["epoch"] == 40 and job["attempt"] == 1
+        assert len(requests(cluster, kmock.action.CREATE)) == 1 and len(d.runs(job["id"])) == 1
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+def test_a_disrupted_pod_is_replaced_and_resumes_within_the_same_attempt(tmp_path, cluster):
+    kubelet = cluster.kubelet()
+    d = k8s_daemon(tmp_path, cluster).start()
+    try:
+        d.drop("evicted", {"epochs": 30}, fake={"sleep": 0.1})
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 3 and j[0], 30, what="epoch 3")
+        kubelet.disrupt(job["engine_ref"])  # a node drain: the pod dies with DisruptionTarget
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "succeeded" and job["epoch"] == 30 and job["attempt"] == 1
+        runs = d.runs(job["id"])
+        assert len(runs) == 2 and runs[1]["resumed_from"] >= 3  # the replacement pod resumed
+        assert len(requests(cluster, kmock.action.CREATE)) == 1  # the Job controller replaced it, not dropfit
+    finally:
+        d.stop()
+
+
+def test_a_job_waiting_for_a_node_shows_pending_in_kubernetes(tmp_path, cluster):
+    cluster.kubelet(capacity=1)
+    d = k8s_daemon(tmp_path, cluster).start()
+    try:
+        d.drop("first", {"epochs": 20}, fake={"sleep": 0.1})
+        d.drop("second", {"epochs": 2})
+        wait_for(lambda: (j := d.jobs()) and len(j) == 2 and [x["engine_state"] for x in j] == ["running", "pending"],
+                 30, what="one running, one pending")
+        assert "pending in kubernetes" in d.cli("status").stdout
+        assert d.scrape()[("dropfit_jobs_pending_in_engine", ())] == 1
+        jobs = d.wait_jobs(2, timeout=60)
+        assert [j["state"] for j in jobs] == ["succeeded", "succeeded"]
+    finally:
+        d.stop()
+
+
+def test_the_kustomize_base_renders_and_validates_strictly():
+    kubectl = system_tool("kubectl", "https://kubernetes.io/docs/tasks/tools/")
+    proc = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "k8s")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(["Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap",
+                            "PersistentVolumeClaim", "PersistentVolumeClaim", "Deployment", "Service"]), kinds
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    role = next(d for d in docs if d["kind"] == "Role")
+    verbs = {(r["resources"][0], tuple(sorted(r["verbs"]))) for r in role["rules"]}
+    assert verbs == {("jobs", ("create", "delete", "get", "list", "watch")), ("pods", ("get", "list"))}
+    claims = {d["metadata"]["name"]: d["spec"]["accessModes"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    assert claims == {"dropfit-ledger": ["ReadWriteOnce"], "dropfit-data": ["ReadWriteMany"]}
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert service["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    config = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"])
+    assert config["runner"]["kind"] == "kubernetes" and config["ledger"].startswith("/var/lib/dropfit")
+    # The rendered daemon config is a valid one, and the Job it would create is valid Kubernetes.
+    from daemon.config import Config
+
+    Config.model_validate(config)
+    assert json.dumps(config)
