@@ -135,6 +135,9 @@ def cmd_cancel(args) -> int:
     if job.state.terminal:
         print(f"job {job.id} already ended: {job.state.value}", file=sys.stderr)
         return EXIT_FAILED
+    if job.state.value == "claiming":
+        print(f"job {job.id} is still being taken in (claiming); cancel it once it is queued", file=sys.stderr)
+        return EXIT_FAILED
     write_text(config.path("outbox") / job.id / CANCEL_FILE, f"cancel requested at {time.ctime()}\n")
     print(f"cancel requested for {job.id} ({job.state.value})")
     return EXIT_OK
@@ -145,10 +148,15 @@ def cmd_validate(args) -> int:
     from pathlib import Path
 
     from daemon.intake import validate
+    from daemon.unpack import archive_kind
     from trainer.spec import JOB_FILE, resolved_yaml
 
     config = _config(args)
     path = Path(args.path)
+    if path.is_file() and archive_kind(path.name):
+        print(f"{path}: validate checks a job folder; extract the archive and validate the folder "
+              "(the daemon takes the archive itself as it is)", file=sys.stderr)
+        return EXIT_USAGE
     folder = path.parent if path.name == JOB_FILE and not path.is_dir() else path
     spec, error = validate(folder, config.job_defaults, max_classes=config.limits.max_classes)
     if error:
@@ -163,9 +171,16 @@ def cmd_health(args) -> int:
     import urllib.error
     import urllib.request
 
+    from daemon.service import DAEMON_FILE
+
     config = _config(args)
     host = config.metrics.host if config.metrics.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     url = f"http://{host}:{config.metrics.port}/healthz"
+    try:  # the running daemon says where it listens (metrics.port: 0 picks a port when it starts)
+        info = json.loads((config.path("state_dir") / DAEMON_FILE).read_text())
+        url = info["metrics_url"].rsplit("/", 1)[0].replace("//0.0.0.0:", "//127.0.0.1:") + "/healthz"
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             body = resp.read().decode()

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, ValidationError, field_validator
 
-from trainer.spec import JobSpec, SpecError, load_yaml_model
+from trainer.spec import JobSpec, SpecError, explain, load_yaml_model
 
 CONFIG_FILE = "config.yaml"
 ENV_CONFIG = "DROPFIT_CONFIG"
@@ -156,7 +156,7 @@ class Config(_Section):
         try:
             JobSpec.model_validate(value)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join(f"{p.field}: {p.message}" for p in explain(exc, JobSpec))
             raise ValueError(f"not a valid job spec: {problems}") from None
         return value
 

@@ -26,17 +26,6 @@ class Decision:
     kind: ErrorKind | None = None  # why it failed, for FAIL
     reason: str | None = None  # readable, for FAIL and RETRY
 
-    @property
-    def outcome(self) -> str | None:
-        """The job's outcome for the ``dropfit_jobs_total`` counter (None while it is not over)."""
-        if self.action == Action.SUCCEED:
-            return "succeeded"
-        if self.action == Action.CANCEL:
-            return "cancelled"
-        if self.action == Action.FAIL:
-            return "rejected" if self.kind is not None and self.kind.rejects_input else "failed"
-        return None
-
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -66,7 +55,8 @@ def decide(status: int, error: Error | None, attempt: int, policy: RetryPolicy, 
 
     Args:
         error: the trainer's last `Error` event, if it sent one (or one the daemon recorded, e.g. a protocol error).
-        attempt: the attempt that just ended (1 for the first).
+        attempt: which failure this would be (1 for the first): the policy allows ``retries`` of them. Attempts
+            that a daemon restart cut short do not count.
         finished: whether the trainer sent its `Finished` event.
         cancelled, timed_out, stopping: whether the daemon stopped it because of a cancel, the job timeout or its
             own shutdown (in that order of precedence, after success).

@@ -69,12 +69,17 @@ def take_in(name: str, source: Path | None, hidden: Path, dataset: Path, default
             return Intake("gone")
     except OSError as exc:
         # The dataset is still in the inbox (or our hidden copy of it); nothing is lost, the job fails.
-        return Intake("failed", kind="io", message=f"could not move the dataset out of the inbox: {exc}")
+        still = next((p for p in (hidden, source) if p is not None and p.exists()), None)
+        return Intake("failed", kind="io", message=f"could not move the dataset out of the inbox: "
+                                                   f"{_describe(exc)}", kept=still)
     if is_archive and not dataset.exists():
         try:
             extract(kept, dataset, limits)
-        except (ArchiveError, OSError) as exc:
+        except ArchiveError as exc:
             return Intake("rejected", kind="archive", message=f"{name}: {exc}", kept=kept)
+        except OSError as exc:  # our disk, not the archive: a failure, not a rejection
+            return Intake("failed", kind="io", message=f"{name}: could not extract it: {_describe(exc)}",
+                          kept=kept)
     spec, error = validate(dataset, defaults, display=name, max_classes=limits.max_classes)
     if error:
         return Intake("rejected", kind="spec", message=error)
@@ -83,6 +88,14 @@ def take_in(name: str, source: Path | None, hidden: Path, dataset: Path, default
     except OSError as exc:
         return Intake("failed", kind="io", message=f"could not write {dataset.parent / SPEC_FILE}: {exc}")
     return Intake("queued", spec=spec)
+
+
+def _describe(exc: OSError) -> str:
+    """'no space left on device: /the/file (and 12 more file(s))' rather than a repr."""
+    reason = (exc.strerror or str(exc)).lower() if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    text = f"{reason}: {exc.filename}" if exc.filename else reason
+    more = getattr(exc, "more", 0)
+    return text + (f" (and {more} more file(s))" if more else "")
 
 
 def new_job_id(name: str, now: float | None = None) -> str:
@@ -117,15 +130,38 @@ def _remove(path: Path) -> None:
 
 
 def copy_into_place(src: Path, dst: Path) -> None:
-    """Copy ``src`` (a folder or a file) to ``dst`` via a temporary sibling, so ``dst`` exists only once complete."""
+    """Copy ``src`` (a folder or a file) to ``dst`` via a temporary sibling, so ``dst`` exists only once complete.
+
+    Raises:
+        OSError: naming the first file that could not be copied (and how many more failed); the partial copy is
+            removed, so a full disk is not left fuller.
+    """
     tmp = dst.with_name(f".{dst.name}.partial")
     _remove(tmp)
-    if src.is_dir():
-        shutil.copytree(src, tmp, symlinks=True)
-    else:
-        shutil.copy2(src, tmp)
-    os.rename(tmp, dst)
+    try:
+        if src.is_dir():
+            shutil.copytree(src, tmp, symlinks=True)
+        else:
+            shutil.copy2(src, tmp)
+        os.rename(tmp, dst)
+    except shutil.Error as exc:
+        _remove(tmp)
+        # copytree collects one (source, destination, reason) per file: a full disk gives thousands.
+        failures = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+        _src, dst, reason = failures[0] if failures else ("?", None, str(exc))
+        code = _errno(reason)
+        error = OSError(code, os.strerror(code) if code else str(reason), dst)
+        error.more = len(failures) - 1  # the other files that failed the same way
+        raise error from None
+    except OSError:
+        _remove(tmp)
+        raise
     _fsync_dir(dst.parent)
+
+
+def _errno(reason: str) -> int | None:
+    match = re.search(r"\[Errno (\d+)\]", str(reason))
+    return int(match.group(1)) if match else None
 
 
 def claim(source: Path | None, hidden: Path, target: Path) -> bool:

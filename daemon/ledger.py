@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS {name} (
     name TEXT NOT NULL,
     state TEXT NOT NULL,
     attempt INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
     source TEXT,
     path TEXT,
     created_at REAL NOT NULL,
@@ -95,7 +96,7 @@ class Job:
     id: str
     name: str
     state: JobState
-    attempt: int
+    attempt: int  # attempts started (a restart of the daemon starts one more)
     source: str | None  # where the dataset was dropped (None: not known, e.g. rebuilt from the outbox)
     path: str | None  # where the dataset is now (None: nowhere, it was deleted)
     created_at: float
@@ -118,6 +119,7 @@ class Job:
     engine_ref: str | None = None  # the engine's name for that attempt: a Slurm job id, a Kubernetes Job name
     engine_state: str | None = None  # pending (waiting in the engine) or running
     events_offset: int = 0  # how far the trainer's events file has been read and applied (remote runners)
+    failures: int = 0  # attempts that failed and were retried: what `retries` limits (a daemon restart is none)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:

@@ -16,11 +16,13 @@ with the others: one bad record must never keep the daemon from serving the rest
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from typing import TYPE_CHECKING
 
 from daemon.ledger import Job, JobState
 from daemon.repair import status_is_readable
+from daemon.retention import unfinished
 from daemon.runners.local import stop_left_over
 from daemon.watch import CANCEL_FILE
 from trainer.protocol import ErrorKind, read_finished
@@ -42,15 +44,21 @@ def recover(daemon: Daemon) -> None:
         _jlog(job.id).info("finishing an interrupted claim of inbox/%s", job.name)
         _isolated(daemon, job, daemon.finish_claim)
     for job in ledger.jobs(JobState.RUNNING, JobState.INTERRUPTED):
-        _isolated(daemon, job, lambda job: _resume(daemon, job))
+        if job.id not in daemon.running:  # (a second pass after the ledger could not be written: adopted already)
+            _isolated(daemon, job, lambda job: _resume(daemon, job))
     for job in ledger.jobs(JobState.QUEUED):
         if (daemon.outbox / job.id / CANCEL_FILE).exists():
             _isolated(daemon, job, lambda job: daemon.cancel(job.id))
+        else:  # queued by a version that wrote no resolved spec
+            _isolated(daemon, job, daemon.resolve_spec)
     for job in ledger.jobs(JobState.SUCCEEDED):
-        # A crash during the clean-up after success leaves the job's state folder behind: finish it.
-        if daemon.config.after_success != "keep" and (daemon.jobs_dir / job.id).exists():
+        # A crash during (or just before) the clean-up after success leaves it unfinished: finish it as it began.
+        policy = unfinished(daemon.jobs_dir / job.id)
+        if policy is not None:
             try:
-                daemon.after_success(job)
+                daemon.after_success(job, policy or None)
+            except sqlite3.OperationalError:
+                raise
             except Exception:
                 _jlog(job.id).exception("could not finish the clean-up after its success; carrying on")
 
@@ -87,6 +95,10 @@ def _resume(daemon: Daemon, job: Job) -> None:
 def _isolated(daemon: Daemon, job: Job, step) -> None:
     try:
         step(job)
+    except sqlite3.OperationalError:
+        if job.state == JobState.CLAIMING:
+            daemon.unfinished_claims.add(job.id)
+        raise  # the ledger cannot be written: the daemon pauses and tries again (not a bug in this job)
     except Exception:
         daemon.fail_with_traceback(job, "recovering this job after a restart")
 

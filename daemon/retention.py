@@ -18,6 +18,20 @@ from daemon.unpack import archive_kind
 
 log = logging.getLogger(__name__)
 SCRATCH = ("work", "slurm")  # what a job's state folder holds besides its dataset and spec
+# Written first and removed last: a clean-up a crash cut short is finished with the policy it started with, and a
+# dataset kept on purpose (after_success: keep) is never mistaken for one (whatever the config says later).
+MARKER = ".after-success"
+
+
+def unfinished(job_state: Path) -> str | None:
+    """The policy of a clean-up that did not finish in ``job_state``, if one did not: ``None`` when there is none to
+    finish, ``""`` when it never started (the job's spec is still there: use the current policy)."""
+    try:
+        return (job_state / MARKER).read_text().strip()
+    except FileNotFoundError:
+        return "" if (job_state / SPEC_FILE).exists() else None
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,8 @@ def put_away(job_state: Path, dataset: Path | None, name: str, archive: Path, po
     ``job_state`` is ``state/jobs/<job-id>``, ``archive`` is ``<archive_dir>/<job-id>``, ``name`` the inbox name.
     Safe to call again after a crash part way. Raises OSError if the dataset cannot be moved or deleted.
     """
+    if job_state.is_dir():
+        (job_state / MARKER).write_text(policy + "\n")
     for scratch in SCRATCH:  # checkpoints, events, batch scripts: nothing anyone needs after a success
         shutil.rmtree(job_state / scratch, ignore_errors=True)
     (job_state / SPEC_FILE).unlink(missing_ok=True)  # its copy for users is outbox/<id>/job.resolved.yaml
@@ -74,5 +90,6 @@ def put_away(job_state: Path, dataset: Path | None, name: str, archive: Path, po
 
 
 def _remove_if_empty(folder: Path) -> None:
+    (folder / MARKER).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         folder.rmdir()

@@ -64,25 +64,31 @@ class Scheduling:
             if not self._start(job):
                 return
 
-    def _spec_file(self, job: Job) -> Path | None:
-        """The job's resolved spec, written at intake; made again (and checked) for a job queued by an older
-        version or restored from the outbox. None if its spec is no longer valid (the job has been failed)."""
+    def resolve_spec(self, job: Job) -> bool:
+        """Write the resolved spec of a job queued by an older version (which had none); False if its spec is no
+        longer valid (the job has been failed). Called by recovery; intake writes it for every new job."""
         spec_file = self.jobs_dir / job.id / SPEC_FILE
         if spec_file.is_file():
-            return spec_file
+            return True
+        if not job.path:
+            self.fail(job.id, ErrorKind.SPEC, "the job's dataset is not recorded (a ledger rebuilt without it); "
+                                              "drop the dataset again")
+            return False
         spec, error = validate(Path(job.path), self.config.job_defaults, display=job.name,
-                               max_classes=self.config.limits.max_classes) if job.path else (None, "no dataset")
+                               max_classes=self.config.limits.max_classes)
         if error:
             self.fail(job.id, ErrorKind.SPEC, error)
-            return None
+            return False
         write_json(spec_file, spec.model_dump(mode="json"))
         self._write_resolved(job.id, spec)
-        return spec_file
+        return True
 
     def _start(self, job: Job) -> bool:
         """Hand one job to the runner; False if the runner refused it for now (scheduling pauses)."""
-        spec_file = self._spec_file(job)
-        if spec_file is None:
+        spec_file = self.jobs_dir / job.id / SPEC_FILE
+        if not spec_file.is_file():
+            self.fail(job.id, ErrorKind.INTERNAL, f"its resolved spec {spec_file} is missing (removed by hand?); "
+                                                  "drop the dataset again")
             return True
         attempt_no = job.attempt + 1
         work = self.jobs_dir / job.id / "work"
@@ -203,7 +209,7 @@ class Scheduling:
             return
         jl = jlog(job_id)
         seconds = time.time() - job.started_at if job.started_at else None
-        decision = decide(r.exited, r.error, job.attempt, self.policy, finished=r.finished is not None,
+        decision = decide(r.exited, r.error, job.failures + 1, self.policy, finished=r.finished is not None,
                           cancelled=r.cancel, timed_out=r.timed_out or r.engine_timed_out, stopping=self.stopping,
                           timeout_seconds=self.config.job_timeout_seconds, detail=r.detail)
         ended = {"pid": None, "engine_state": None}
@@ -217,12 +223,14 @@ class Scheduling:
             self._set(job_id, JobState.INTERRUPTED, **ended)
         elif decision.action == Action.RETRY:
             jl.warning("attempt %d failed (%s); retrying from the last checkpoint", job.attempt, decision.reason)
-            self._set(job_id, JobState.QUEUED, error_kind=ErrorKind.RETRY.value,
+            self._set(job_id, JobState.QUEUED, error_kind=ErrorKind.RETRY.value, failures=job.failures + 1,
                       error=f"attempt {job.attempt}: {decision.reason}", **ended)
         else:
             if decision.kind == ErrorKind.IO:
                 # Whatever the failed write left (checkpoints, disk cache) only takes space the next job needs.
                 shutil.rmtree(self.jobs_dir / job_id / "work", ignore_errors=True)
+            jl.warning("failed (%s) after %d attempt(s): %s", decision.kind.value, job.attempt,
+                       (decision.reason or "").splitlines()[0][:300])
             self.fail(job_id, decision.kind, decision.reason, seconds=seconds)
         self._forget(job_id)
         self.schedule()
@@ -238,10 +246,11 @@ class Scheduling:
         jlog(job.id).info("succeeded: %s", self.outbox / job.id)
         self.after_success(job)
 
-    def after_success(self, job: Job) -> None:
-        """Put the dataset of a succeeded job away (config ``after_success``) and free its state folder."""
+    def after_success(self, job: Job, policy: str | None = None) -> None:
+        """Put the dataset of a succeeded job away (``policy``, default the config's ``after_success``) and free its
+        state folder."""
         jl = jlog(job.id)
-        policy = self.config.after_success
+        policy = policy or self.config.after_success
         # No recorded path (an older ledger's "" included): where a claim puts it, inside the job's own state folder.
         dataset = Path(job.path) if job.path else self.jobs_dir / job.id / "dataset"
         try:

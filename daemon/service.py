@@ -82,6 +82,9 @@ class Daemon(Scheduling):
         self.stopping = False
         self.next_cancel_poll = 0.0
         self.ledger_blocked_until: float | None = None  # set while the ledger cannot be written
+        self.ledger_complained = False  # the error was logged (once, until the ledger works again)
+        self.unfinished_claims: set[str] = set()  # claims cut short by a ledger that could not be written
+        self.recovery_pending = False  # start-up recovery was cut short (the ledger could not be written)
         self.lock = StateLock(self.state)
         self.ledger: Ledger | None = None
         self.server: MetricsServer | None = None
@@ -103,7 +106,10 @@ class Daemon(Scheduling):
             except LedgerLocationError as exc:
                 raise StartupError(str(exc)) from None
             self.server = self._metrics_server()
-            self.recover()
+            try:
+                self.recover()
+            except sqlite3.OperationalError as exc:  # retried from the loop once the ledger can be written
+                self._ledger_trouble(exc)
             self.runner.start()
             self.server.start()
             self.watcher = Watcher(self.inbox, lambda name: self.messages.put(InboxActivity(name)),
@@ -116,9 +122,7 @@ class Daemon(Scheduling):
             if install_signals:
                 signal.signal(signal.SIGTERM, self._on_signal)
                 signal.signal(signal.SIGINT, self._on_signal)
-            write_json(self.state / DAEMON_FILE, {"pid": os.getpid(), "host": self.host, "started_at": time.time(),
-                                                  "metrics_url": f"http://{self.server.host}:{self.server.port}/metrics",
-                                                  "inbox": str(self.inbox), "outbox": str(self.outbox)})
+            self._write_daemon_file()
             log.info("dropfit daemon ready: inbox %s, outbox %s, %s runner: %s", self.inbox, self.outbox,
                      self.runner.kind, self.runner.describe())
             self.ready.set()
@@ -129,9 +133,22 @@ class Daemon(Scheduling):
         log.info("dropfit daemon stopped")
         return 0
 
+    def _write_daemon_file(self) -> None:
+        """state/daemon.json: who runs and where its metrics are (for `dropfit health`, `dropfit demo`, tests).
+        Only informative: a full state disk must not stop the daemon from starting."""
+        try:
+            write_json(self.state / DAEMON_FILE, {"pid": os.getpid(), "host": self.host, "started_at": time.time(),
+                                                  "metrics_url": f"http://{self.server.host}:{self.server.port}/metrics",
+                                                  "inbox": str(self.inbox), "outbox": str(self.outbox)})
+        except OSError as exc:
+            log.error("could not write %s (%s); the daemon runs without it", self.state / DAEMON_FILE,
+                      exc.strerror or exc)
+
     def recover(self) -> None:
-        """Finish what a crash or stop left half done (see `daemon.recovery`)."""
+        """Finish what a crash or stop left half done (see `daemon.recovery`); safe to call again."""
+        self.recovery_pending = True
         recovery.recover(self)
+        self.recovery_pending = False
 
     def _close(self) -> None:
         for step in (lambda: self.watcher and self.watcher.stop(), self.runner.stop,
@@ -151,6 +168,8 @@ class Daemon(Scheduling):
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StartupError(f"{name}: cannot create {folder}: {exc.strerror}") from None
+            if os.statvfs(folder).f_flag & os.ST_RDONLY:
+                raise StartupError(f"{name}: {folder} is on a read-only filesystem; mount it read-write")
             if not os.access(folder, os.W_OK | os.X_OK):
                 st = folder.stat()
                 raise StartupError(f"{name}: {folder} is not writable by uid {os.getuid()} (owner uid {st.st_uid}, "
@@ -200,14 +219,18 @@ class Daemon(Scheduling):
         try:
             fn(*args)
         except sqlite3.OperationalError as exc:
-            # Most often a full disk under the state folder. Nothing can be recorded, so nothing new is started;
-            # the daemon keeps serving and tries again shortly (a trainer already running carries on).
-            if self.ledger_blocked_until is None:
-                log.error("the ledger %s cannot be written (%s); starting and taking in nothing until it can, "
-                          "trying again every %.0f s", self.ledger.path, exc, LEDGER_RETRY_SECONDS)
-            self.ledger_blocked_until = time.monotonic() + LEDGER_RETRY_SECONDS
+            self._ledger_trouble(exc)
         except Exception:
             log.exception("unexpected error in %s%s; carrying on", fn.__name__, args[:1])
+
+    def _ledger_trouble(self, exc: sqlite3.OperationalError) -> None:
+        # Most often a full disk under the state folder. Nothing can be recorded, so nothing new is started; the
+        # daemon keeps serving and tries again shortly (a trainer already running carries on).
+        if not self.ledger_complained:
+            log.error("the ledger %s cannot be written (%s); starting and taking in nothing until it can, trying "
+                      "again every %.0f s", self.ledger.path, exc, LEDGER_RETRY_SECONDS)
+            self.ledger_complained = True
+        self.ledger_blocked_until = time.monotonic() + LEDGER_RETRY_SECONDS
 
     def _timeout(self) -> float | None:
         deadlines = [self.settler.next_deadline(), self.metrics.next_expiry(), self.ledger_blocked_until,
@@ -249,11 +272,22 @@ class Daemon(Scheduling):
         blocked = self.ledger_blocked_until is not None and now < self.ledger_blocked_until
         if self.ledger_blocked_until is not None and not blocked:
             self.ledger_blocked_until = None
-            log.info("trying the ledger again")
+        if not blocked and self.recovery_pending:
+            self.recover()
         if not blocked:
             for job_id, r in list(self.running.items()):
                 if r.exited is not None:  # its end could not be recorded before
                     self._on_exit(job_id)
+            for job_id in list(self.unfinished_claims):
+                self.unfinished_claims.discard(job_id)
+                job = self.ledger.get(job_id)
+                if job is not None and job.state == JobState.CLAIMING:
+                    self.unfinished_claims.add(job_id)
+                    self.finish_claim(job)
+                    self.unfinished_claims.discard(job_id)
+            if self.ledger_complained:
+                log.info("the ledger can be written again")
+                self.ledger_complained = False
         if not self.stopping and not blocked:
             for name in self.settler.due():
                 try:
@@ -277,7 +311,7 @@ class Daemon(Scheduling):
         pending = sum(1 for r in self.running.values() if r.job.engine_state in ("pending", "submitted"))
         self.metrics.pending_in_engine.set(pending)
         self.metrics.running.set(len(self.running) - pending)
-        self.metrics.inbox_pending.set(len(self.settler) + len(self.waiting))
+        self.metrics.inbox_pending.set(len(self.settler))
 
     def _shutdown(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -333,13 +367,17 @@ class Daemon(Scheduling):
         spec = source / JOB_FILE
         # A job.yaml that is a folder or a dangling link is a job too: it is rejected with the reason, not waited on.
         if source.is_dir() and not (spec.exists() or spec.is_symlink()):
-            log.info("inbox/%s has no %s yet; waiting for one", name, JOB_FILE)
+            log.info("inbox/%s has no %s yet; it becomes a job when one appears", name, JOB_FILE)
             self.waiting[name] = time.monotonic() + WAITING_POLL_SECONDS
             return
         job_id = new_job_id(name)
         job = self.ledger.create(job_id, name, str(source), str(self.jobs_dir / job_id / "dataset"))
         try:
             self.finish_claim(job)
+        except sqlite3.OperationalError:
+            # The ledger cannot be written (a full disk): the claim is finished once it can (see _tick).
+            self.unfinished_claims.add(job.id)
+            raise
         except Exception:
             self.fail_with_traceback(job, "taking this drop in")
 
@@ -378,7 +416,8 @@ class Daemon(Scheduling):
             jlog(job_id).error("could not write outbox/%s/%s: %s", job_id, outbox.RESOLVED_FILE, exc.strerror or exc)
 
     def fail_with_traceback(self, job: Job, doing: str) -> None:
-        """A bug (ours) while ``doing`` something for one job: that job fails with the traceback, the rest go on."""
+        """A bug (ours) while ``doing`` something for one job: that job fails with the traceback, the rest go on.
+        (Not for a ledger that cannot be written: that is no bug, and failing the job could not be recorded either.)"""
         text = traceback.format_exc()
         jlog(job.id).error("%s failed; failing the job and carrying on:\n%s", doing, text)
         try:

@@ -35,9 +35,8 @@ class ArchiveError(ValueError):
 
 
 # What a member that cannot be read raises, besides the archive modules' own errors: an unsupported compression
-# method (NotImplementedError), a corrupt stream (zlib, lzma), a password (RuntimeError).
-_UNREADABLE = (zipfile.BadZipFile, tarfile.TarError, EOFError, NotImplementedError, RuntimeError, zlib.error,
-               lzma.LZMAError, ValueError)
+# method (NotImplementedError), a corrupt stream (zlib, lzma). (A password is found before reading: flag bit 0.)
+_UNREADABLE = (zipfile.BadZipFile, tarfile.TarError, EOFError, NotImplementedError, zlib.error, lzma.LZMAError)
 
 
 def archive_kind(name: str) -> str | None:

@@ -3,8 +3,8 @@
 Only the inbox's top level is watched, never recursively: a recursive inotify watch follows a folder the daemon
 claims out of the inbox and keeps reporting every read the trainer makes of it (a 60,000-image dataset overflowed
 the kernel's event queue and lost events), and a recursive poll re-lists every file of every dataset each interval.
-Whether a dropped folder is still being written is judged instead by `fingerprint` — file count, total size, newest
-modification time — taken again while it is pending, at a pace that keeps the cost of large folders small.
+Whether a dropped folder is still being written is judged instead by `fingerprint` — file and folder counts, total
+size, newest modification time — taken again while it is pending, at a pace that keeps the cost of large folders small.
 
 Handlers run on watchdog's observer thread and only hand names to a callback (which enqueues them); all decisions
 happen on the daemon's own loop.

@@ -193,6 +193,7 @@ def test_a_restart_never_deletes_outside_the_jobs_state_folder(tmp_path):
         leftover = d.state / "jobs" / job["id"] / "dataset" / "circle"
         leftover.mkdir(parents=True)
         (leftover / "x.png").write_bytes(b"x")
+        (d.state / "jobs" / job["id"] / ".after-success").write_text("delete\n")
         _ledger_set(d, job["id"], path="")
         d.start()
         wait_for(lambda: not (d.state / "jobs" / job["id"]).exists(), 10, what="the clean-up to finish")
@@ -200,6 +201,26 @@ def test_a_restart_never_deletes_outside_the_jobs_state_folder(tmp_path):
         assert d.get("/healthz")[0] == 200
     finally:
         d.stop(signal.SIGKILL)
+
+
+def test_changing_after_success_never_touches_datasets_kept_on_purpose(tmp_path):
+    d = DaemonProcess(tmp_path / "d", after_success="keep")
+    d.start()
+    d.drop("kept", {"epochs": 1})
+    [job] = d.wait_jobs(1)
+    d.stop()
+    kept = Path(job["path"])
+    assert kept.is_dir() and kept.is_relative_to(d.state / "jobs")
+    d.config["after_success"] = "delete"
+    (d.root / "config.yaml").write_text(yaml.safe_dump(d.config))
+    d.start()
+    try:
+        d.drop("later", {"epochs": 1})
+        d.wait_jobs(2)
+        assert kept.is_dir() and list(kept.rglob("*.png"))  # the new policy applies to new successes only
+        assert d.jobs()[1]["path"] is None
+    finally:
+        d.stop()
 
 
 def test_an_interrupted_job_whose_trainer_had_finished_is_not_run_again(daemon):
@@ -352,3 +373,26 @@ def test_the_daemon_imports_only_the_trainers_contract_modules():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_for_subprocess(),
                           cwd=ROOT, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_daemon_restart_does_not_use_up_a_retry(tmp_path):
+    d = DaemonProcess(tmp_path / "d", retries=1)
+    d.start()
+    try:
+        # Attempts 1 and 2 would crash at epoch 4; the daemon is killed during attempt 1, before that.
+        d.drop("unlucky", {"epochs": 6}, fake={"sleep": 0.3, "crash_epoch": 4, "crash_attempts": 2})
+        wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 2, 30, what="epoch 2")
+        d.kill9()
+        d.start()
+        [job] = d.wait_jobs(1, timeout=60)
+        # Attempt 2 (after the restart) crashed: its first failure, so it was retried once as configured.
+        assert job["state"] == "succeeded" and job["attempt"] == 3, job
+        assert [r["attempt"] for r in d.runs(job["id"])] == [1, 2, 3]
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+def test_dropfit_health_finds_a_daemon_that_picked_its_own_port(daemon):
+    daemon.start()  # metrics.port: 0
+    proc = daemon.cli("health")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["status"] == "ok", proc.stderr

@@ -374,6 +374,11 @@ def parse_yaml_model(text: str, model: type[M], source: str, defaults: dict | No
         raise SpecError(source, [_problem(err, lines, model) for err in exc.errors()]) from None
 
 
+def explain(exc: ValidationError, model: type[BaseModel]) -> list[Problem]:
+    """The problems of a pydantic error in the words job.yaml errors use (field, message, value), without lines."""
+    return [_problem(err, {}, model) for err in exc.errors()]
+
+
 def resolve_path(job_dir: str | os.PathLike, relative: str, field: str) -> Path:
     """Turn a spec path into an absolute one, refusing anything (symlinks included) that leaves ``job_dir``."""
     root = Path(job_dir).resolve()

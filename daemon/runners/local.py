@@ -158,11 +158,13 @@ def stop_left_over(job: Job, state_dir: Path, grace: float) -> None:
     jl = logging.LoggerAdapter(log, {"job_id": job.id})
     if not job.pid:
         return
-    if job.host and job.host != socket.gethostname():
+    if job.host != socket.gethostname():
         jl.warning("its trainer (pid %d) was started on host %s, not here; not signalling it", job.pid, job.host)
     elif is_own_trainer(job.pid, job.id, state_dir, job.pid_start):
         jl.warning("stopping trainer pid %d left running by the previous daemon", job.pid)
         stop_orphan(job.pid, grace)
+    elif _alive(job.pid):
+        jl.warning("pid %d, recorded for its trainer, is not provably that trainer; not signalling it", job.pid)
 
 
 def trainer_env(job_id: str, state_dir: Path) -> dict:
@@ -188,8 +190,8 @@ def process_start_ticks(pid: int) -> int | None:
 def is_own_trainer(pid: int, job_id: str, state_dir: Path, started_ticks: int | None) -> bool:
     """True only if ``pid`` is provably the trainer this state folder started for ``job_id``: the same process
     (start time), with our job id and state folder in its environment. Anything unproven is left alone."""
-    if started_ticks is not None and process_start_ticks(pid) != started_ticks:
-        return False
+    if started_ticks is None or process_start_ticks(pid) != started_ticks:
+        return False  # (a ledger from before 0.2 recorded no start time: nothing can be proven)
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:

@@ -234,3 +234,39 @@ def test_a_claim_across_filesystems_survives_kill_9_mid_copy(tmpfs_inbox):
         assert list(inbox.iterdir()) == [] and not list(d.state.glob("jobs/*"))  # no hidden copy, no partial
     finally:
         d.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def small_jobs_dir(tmp_path):
+    """Only state/jobs (where claimed datasets go) on a 2 MB tmpfs: a drop bigger than that cannot be claimed."""
+    yield from _small_disk(tmp_path, "state/jobs", "2m")
+
+
+def test_a_claim_or_extraction_that_runs_out_of_disk_fails_cleanly_and_loses_nothing(small_jobs_dir):
+    root, small = small_jobs_dir
+    d = DaemonProcess(root)
+    try:
+        d.start()
+        staging = root / "staging" / "big"
+        make_shapes(staging, classes=2, per_class=2, size_range=(16, 20), job={"epochs": 1})
+        rng = random.Random(3)
+        for i in range(40):  # 4 MB: more than the 2 MB the claim can copy
+            (staging / "circle" / f"pad{i:02d}.bin").write_bytes(rng.randbytes(100_000))
+        archive = shutil.make_archive(str(root / "staging" / "packed"), "zip", staging)
+        os.rename(staging, d.inbox / "big")
+        jobs = d.wait_jobs(1, timeout=60)
+        os.rename(archive, d.inbox / "packed.zip")
+        big, packed = d.wait_jobs(2, timeout=60)
+        for job in (big, packed):  # our disk, not the user's data: failed (io), never "rejected"
+            assert job["state"] == "failed" and job["error_kind"] == "io" and job["outcome"] == "failed", job
+            assert "no space left on device: /" in job["error"], job["error"]
+            assert len(job["error"]) < 1000  # one file named, not thousands
+        assert "more file(s)" in big["error"] or "pad" in big["error"]
+        hidden = Path(big["path"])
+        assert hidden.parent == d.inbox and hidden.name.startswith(".dropfit-claim-")  # where the data is now
+        assert len(list(hidden.rglob("*.bin"))) == 40  # all of it
+        assert str(hidden) in (d.outbox / big["id"] / "error.txt").read_text()
+        assert not list(small.rglob(".*.partial")) and not list(small.rglob(".*.extracting"))  # space given back
+        assert jobs and d.get("/healthz")[0] == 200
+    finally:
+        d.stop(signal.SIGKILL)
