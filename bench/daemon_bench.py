@@ -170,3 +170,79 @@ def polling_cost(root: Path, interval: float = 2.0, seconds: float = 30.0) -> di
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
+
+
+def slurm_latency(jobs: int = 5) -> dict:
+    """Submit-to-running on a real one-node Slurm cluster on localhost (tests/slurm_cluster.py; needs Debian's
+    slurmctld, slurmd, slurm-client, munge and root): from the moment the daemon hands a job to sbatch (recorded as
+    the job's start) to the trainer process running on the node. Jobs are dropped one after another."""
+    import shutil as _shutil
+    import statistics
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from slurm_cluster import REQUIRED_BINARIES, SlurmCluster
+
+    if os.geteuid() != 0 or any(_shutil.which(b) is None for b in REQUIRED_BINARIES):
+        return {"slurm_submit_to_running_s": None, "slurm_note": "needs root and Slurm (see .ci/run)"}
+    fake = [sys.executable, str(ROOT / "tests" / "fake_trainer.py")]
+    with SlurmCluster(cpus=2) as cluster, tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        os.environ["SLURM_CONF"] = str(cluster.conf)
+        try:
+            proc, _ = _start(folder, settle_seconds=0.2, trainer_command=fake, max_concurrent_jobs=10,
+                             runner={"kind": "slurm", "poll_interval": 0.5, "slurm": {"cpus_per_job": 1}})
+        finally:
+            del os.environ["SLURM_CONF"]
+        try:
+            from trainer.demo import make_shapes
+
+            waits = []
+            for i in range(jobs):
+                staging = make_shapes(folder / "staging" / f"s{i}", classes=2, per_class=2, size_range=(16, 20),
+                                      job={"epochs": 1})
+                os.rename(staging, folder / "inbox" / f"s{i}")
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    runs = list((folder / "outbox").glob(f"s{i}-*/fake_runs.jsonl"))
+                    status = list((folder / "outbox").glob(f"s{i}-*/status.json"))
+                    if runs and status:
+                        started = json.loads(status[0].read_text())["started_at"]
+                        waits.append(json.loads(runs[0].read_text().splitlines()[0])["time"] - started)
+                        break
+                    time.sleep(0.02)
+            return {"slurm_submit_to_running_s": round(statistics.median(waits), 2),
+                    "slurm_submit_to_running_max_s": round(max(waits), 2), "slurm_jobs": len(waits)}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+
+def idle_with_history(finished: int = 1000, seconds: float = 30.0) -> dict:
+    """Idle CPU of a daemon whose ledger holds ``finished`` succeeded jobs, with a polled inbox (observer.kind:
+    polling, as on shared storage): what stays constant however long the daemon has been in service."""
+    from daemon.ledger import JobState, Ledger
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        ledger = Ledger(folder / "state" / "ledger.sqlite3")
+        now = time.time()
+        for i in range(finished):
+            job_id = f"old{i:05d}-20261127T000000Z-000000"
+            ledger.restore({"id": job_id, "name": f"old{i:05d}", "state": JobState.SUCCEEDED.value, "attempt": 1,
+                            "source": None, "path": None, "created_at": now - 86400 + i, "epoch": 10,
+                            "epochs": 10, "outcome": "succeeded", "finished_at": now - 3600})
+            status = folder / "outbox" / job_id / "status.json"
+            status.parent.mkdir(parents=True)
+            status.write_text(json.dumps({"id": job_id, "state": "succeeded"}))
+        ledger.close()
+        proc, _ = _start(folder, observer={"kind": "polling", "interval": 2.0})
+        try:
+            time.sleep(5)
+            before, start = _cpu_seconds(proc.pid), time.monotonic()
+            time.sleep(seconds)
+            cpu = 100 * (_cpu_seconds(proc.pid) - before) / (time.monotonic() - start)
+            return {"idle_cpu_percent_with_history": round(cpu, 3), "history_jobs": finished,
+                    "rss_mb_with_history": round(_rss_mb(proc.pid), 1)}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)

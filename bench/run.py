@@ -112,6 +112,8 @@ def main() -> int:
         d.update(daemon_bench.scan_and_validate(many))
         d["big_drop"] = daemon_bench.big_drop(many)
         d.update(daemon_bench.polling_cost(many, seconds=10 if args.quick else 30))
+        d.update(daemon_bench.idle_with_history(1000, seconds=10 if args.quick else 30))
+        d.update(daemon_bench.slurm_latency(3 if args.quick else 5))
         out["daemon"] = d
         print(json.dumps({"daemon": d}), flush=True)
 
@@ -193,6 +195,13 @@ def render(out: dict) -> str:
         if "polling_cpu_ms_per_interval" in d:
             lines.append(f"| polling observer, that folder in the inbox: CPU per {d['polling_interval_s']:g} s "
                          f"interval | {d['polling_cpu_ms_per_interval']:.1f} ms | |")
+        if "idle_cpu_percent_with_history" in d:
+            lines.append(f"| idle CPU with {d['history_jobs']:,} finished jobs in the ledger, polled inbox | "
+                         f"{d['idle_cpu_percent_with_history']:.2f}% ({d['rss_mb_with_history']:.0f} MB) | < 0.5% |")
+        if d.get("slurm_submit_to_running_s") is not None:
+            lines.append(f"| Slurm (local one-node cluster): submitted to the trainer running, median of "
+                         f"{d['slurm_jobs']} | {d['slurm_submit_to_running_s']:.2f} s "
+                         f"(max {d['slurm_submit_to_running_max_s']:.2f} s) | |")
     return "\n".join(lines)
 
 

@@ -48,3 +48,24 @@ def test_published_config_schema_is_current_and_accepts_the_shipped_file():
     proc = subprocess.run([checker, "--schemafile", ROOT / "daemon" / "schemas" / "config.schema.json",
                            ROOT / "config.yaml"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("path", ["deploy/slurm/config.yaml", "deploy/k8s/config.yaml", "docker/config.yaml"])
+def test_the_shipped_example_configs_are_valid(path):
+    config = load_config(ROOT / path)
+    assert config.ledger_path().is_absolute()
+
+
+def test_a_ledger_on_a_network_filesystem_is_refused_with_where_to_put_it(tmp_path):
+    from daemon.repair import LedgerLocationError, check_local_disk, filesystem_of
+
+    mounts = ("/dev/vda1 / ext4 rw 0 0\n"
+              "server:/export /shared nfs4 rw,relatime 0 0\n"
+              "/dev/vdb /shared/local\\040disk xfs rw 0 0\n")  # /proc/mounts escapes a space as \040
+    assert filesystem_of(Path("/shared/dropfit/ledger.sqlite3"), mounts) == ("nfs4", "/shared")
+    assert filesystem_of(Path("/shared/local disk/ledger.sqlite3"), mounts) == ("xfs", "/shared/local disk")
+    assert filesystem_of(Path("/var/lib/dropfit/ledger.sqlite3"), mounts) == ("ext4", "/")
+    with pytest.raises(LedgerLocationError, match=r"ledger: /shared/dropfit/ledger.sqlite3 is on a nfs4 filesystem "
+                                                  r"\(mounted at /shared\).*put the ledger on a local disk"):
+        check_local_disk(Path("/shared/dropfit/ledger.sqlite3"), mounts)
+    check_local_disk(tmp_path / "ledger.sqlite3")  # this machine's own disk: accepted
