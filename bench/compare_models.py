@@ -7,7 +7,9 @@ Datasets (generated or bundled, nothing downloaded):
 
 Both runs use the same held-out test split (20%, stratified, seeded) and the same input size (``target_size: auto``),
 so the comparison is about the network and its training: ``recipe`` is the classic network with the recipe's
-training (RMSprop 1e-3, no augmentation, no early stopping); ``default`` is an empty job.yaml.
+training (RMSprop 1e-3, no augmentation, no early stopping); ``default`` is an empty job.yaml; ``budget 1m`` is
+``time_budget: 1m`` and nothing else (its planner picks the input, channels, width and batch). "Accuracy per minute" is
+test accuracy divided by the whole run's minutes (scan to report).
 
     python bench/compare_models.py [--datasets shapes digits] [--candidates recipe default] [--json out.json]
 """
@@ -34,7 +36,7 @@ from trainer.spec import JobSpec
 RECIPE = {"model": {"architecture": "recipe"}, "optimizer": {"name": "rmsprop", "learning_rate": 0.001},
           "augmentation": {"enabled": False}, "training": {"early_stopping_patience": None,
                                                             "reduce_lr_patience": None, "class_weight": "none"}}
-CANDIDATES = {"recipe": RECIPE, "default": {}}
+CANDIDATES = {"recipe": RECIPE, "default": {}, "budget 1m": {"time_budget": "1m"}}
 COMMON = {"data": {"test_split": 0.2, "validation_split": 0.15}, "epochs": 40}
 
 
@@ -63,13 +65,21 @@ def run(name: str, data: Path, overrides: dict, seed: int) -> dict:
 
     spec = JobSpec.model_validate(_merge(_merge(COMMON, overrides), {"seed": seed}))
     with tempfile.TemporaryDirectory() as out:
-        started = time.time()
-        train_cnn(data, options=spec.train_options(), output_dir=out, verbose=0)
+        started = time.monotonic()
+        train_cnn(data, options=spec.train_options(), output_dir=out, verbose=0, started_at=started)
+        seconds = time.monotonic() - started
         summary = json.loads((Path(out) / "summary.json").read_text())
-    return {"candidate": name, "test_accuracy": summary["evaluations"].get("test", {}).get("accuracy"),
+    accuracy = summary["evaluations"].get("test", {}).get("accuracy")
+    return {"candidate": name, "test_accuracy": accuracy,
             "val_accuracy": summary["evaluations"].get("validation", {}).get("accuracy"),
-            "epochs": summary["epochs_trained"], "seconds": round(time.time() - started, 1),
+            "epochs": summary["epochs_trained"], "seconds": round(seconds, 1),
+            "accuracy_per_minute": round(accuracy / (seconds / 60), 4) if accuracy is not None else None,
+            "input_channels": (summary["budget"]["plan"]["channels"] if summary.get("budget") else None),
             "parameters": summary["parameters"], "target_size": summary["config"]["target_size"]}
+
+
+def _channels(row: dict) -> str:
+    return f"x{row['input_channels']}" if row.get("input_channels") else ""
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -96,12 +106,14 @@ def main() -> int:
                 result = {"dataset": dataset, **run(name, data, candidates[name], args.seed)}
                 rows.append(result)
                 print(json.dumps(result), flush=True)
-    print("\n| dataset | model | test accuracy | validation accuracy | epochs | seconds | parameters | input |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("\n| dataset | model | test accuracy | validation accuracy | epochs | seconds | accuracy per minute | "
+          "parameters | input |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         print(f"| {r['dataset']} | {r['candidate']} | {100 * r['test_accuracy']:.1f}% | "
-              f"{100 * r['val_accuracy']:.1f}% | {r['epochs']} | {r['seconds']:.0f} | {r['parameters']:,} | "
-              f"{r['target_size'][0]}x{r['target_size'][1]} |")
+              f"{100 * r['val_accuracy']:.1f}% | {r['epochs']} | {r['seconds']:.0f} | "
+              f"{r['accuracy_per_minute']:.2f} | {r['parameters']:,} | "
+              f"{r['target_size'][0]}x{r['target_size'][1]}{_channels(r)} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -111,6 +111,11 @@ def cmd_status(args) -> int:
         detail = (j.error or "").splitlines()[0][:80] if j.error else ""
         if j.state.value == "running" and j.engine not in (None, "local"):
             detail = f"{j.engine} job {j.engine_ref}" + (f"; {detail}" if detail else "")
+        if j.deadline is not None and not j.state.terminal:
+            from trainer.duration import format_duration
+
+            left = f"{format_duration(max(0.0, j.deadline - now))} left of {format_duration(j.time_budget or 0)}"
+            detail = left + (f"; {detail}" if detail else "")
         print(f"{j.id:<48} {_state(j):<20} {progress:>9} {best:>13} {_age(now - j.created_at):>6}  {detail}")
     return EXIT_OK
 

@@ -80,7 +80,10 @@ CREATE TABLE IF NOT EXISTS {name} (
     engine TEXT,
     engine_ref TEXT,
     engine_state TEXT,
-    events_offset INTEGER NOT NULL DEFAULT 0
+    events_offset INTEGER NOT NULL DEFAULT 0,
+    time_budget REAL,
+    deadline REAL,
+    warnings TEXT
 );
 """
 _SCHEMA = _TABLE.format(name="jobs") + "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);\n"
@@ -120,12 +123,16 @@ class Job:
     engine_state: str | None = None  # pending (waiting in the engine) or running
     events_offset: int = 0  # how far the trainer's events file has been read and applied (remote runners)
     failures: int = 0  # attempts that failed and were retried: what `retries` limits (a daemon restart is none)
+    time_budget: float | None = None  # seconds (job.yaml's time_budget), once the trainer has started
+    deadline: float | None = None  # Unix time the trainer will have ended by, under a time budget
+    warnings: list | None = None  # the trainer's warnings about the data
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
         data = dict(row)
         data["state"] = JobState(data["state"])
         data["metrics"] = json.loads(data["metrics"]) if data["metrics"] else None
+        data["warnings"] = json.loads(data["warnings"]) if data.get("warnings") else None
         data["multi_gpu"] = bool(data.get("multi_gpu"))
         for key in ("source", "path"):  # ledgers before 0.2 wrote "" for "none"
             data[key] = data.get(key) or None
@@ -243,8 +250,9 @@ class Ledger:
         if unknown:
             raise ValueError(f"unknown job fields: {sorted(unknown)}")
         changes = dict(changes, updated_at=time.time())
-        if "metrics" in changes and changes["metrics"] is not None:
-            changes["metrics"] = json.dumps(changes["metrics"])
+        for key in ("metrics", "warnings"):
+            if changes.get(key) is not None:
+                changes[key] = json.dumps(changes[key])
         assignments = ", ".join(f"{k} = ?" for k in changes)
         self.db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*changes.values(), job_id])
         return self.get(job_id)
@@ -252,8 +260,9 @@ class Ledger:
     def restore(self, record: dict) -> Job:
         """Insert a job as recorded elsewhere (its outbox status.json), when rebuilding a lost ledger."""
         row = {k: v for k, v in record.items() if k in _COLUMNS | {"id", "created_at"}}
-        if row.get("metrics") is not None:
-            row["metrics"] = json.dumps(row["metrics"])
+        for key in ("metrics", "warnings"):
+            if row.get(key) is not None:
+                row[key] = json.dumps(row[key])
         row.setdefault("updated_at", time.time())
         names = ", ".join(row)
         self.db.execute(f"INSERT INTO jobs ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values()))

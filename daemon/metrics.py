@@ -56,6 +56,11 @@ class Metrics:
                                   registry=r)
         self.job_images_per_second = Gauge("dropfit_job_images_per_second",
                                            "Training throughput of the last completed epoch.", _JOB, registry=r)
+        self.job_time_budget = Gauge("dropfit_job_time_budget_seconds", "A job's time budget (job.yaml time_budget).",
+                                     _JOB, registry=r)
+        self.job_deadline = Gauge("dropfit_job_deadline_timestamp_seconds",
+                                  "Unix time a job with a time budget will have ended by (time left: minus time()).",
+                                  _JOB, registry=r)
         self.epoch_duration = Histogram("dropfit_epoch_duration_seconds", "Duration of training epochs.",
                                         buckets=EPOCH_BUCKETS, registry=r)
         self.job_duration = Histogram("dropfit_job_duration_seconds", "Duration of jobs that ran, start to end.",
@@ -89,6 +94,12 @@ class Metrics:
         if row.get("seconds") is not None:
             self.epoch_duration.observe(row["seconds"])
 
+    def budget(self, job_id: str, dataset: str, seconds: float | None, deadline: float | None) -> None:
+        """Record a job's time budget and deadline (from its trainer's `started` event)."""
+        if seconds is not None and deadline is not None:
+            self.job_time_budget.labels(job_id, dataset).set(seconds)
+            self.job_deadline.labels(job_id, dataset).set(deadline)
+
     def job_started(self, job_id: str, dataset: str, epoch: int, epochs: int | None) -> None:
         with self._lock:
             self._expiry.pop((job_id, dataset), None)
@@ -119,7 +130,8 @@ class Metrics:
             for key in due:
                 del self._expiry[key]
         for labels in due:
-            for gauge in (self.job_epoch, self.job_epochs_planned, self.job_epochs_done, self.job_images_per_second):
+            for gauge in (self.job_epoch, self.job_epochs_planned, self.job_epochs_done, self.job_images_per_second,
+                          self.job_time_budget, self.job_deadline):
                 _remove(gauge, *labels)
             for gauge in (self.job_loss, self.job_accuracy):
                 for split in ("train", "validation"):

@@ -26,7 +26,10 @@ def write_status(outbox: Path, job: Job) -> None:
     data["dataset"] = data.pop("name")
     data["dataset_path"] = data.pop("path")
     data["progress"] = f"{job.epoch}/{job.epochs}" if job.epochs else None
-    for key in ("created_at", "updated_at", "started_at", "finished_at"):
+    if job.deadline is not None:
+        data["time_left_seconds"] = round(max(0.0, job.deadline - time.time()), 1) if not job.state.terminal \
+            else None
+    for key in ("created_at", "updated_at", "started_at", "finished_at", "deadline"):
         if data.get(key):
             data[key + "_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(data[key]))
     write_json(outbox / job.id / STATUS_FILE, data)

@@ -167,7 +167,9 @@ class Scheduling:
         moved = {"events_offset": offset} if offset is not None else {}
         if isinstance(event, Started):
             job = r.job = self._update(job_id, epochs=event.epochs, epoch=event.resumed_from,
-                                       engine_state="running", **moved)
+                                       engine_state="running", time_budget=event.time_budget,
+                                       deadline=event.deadline, warnings=event.warnings or None, **moved)
+            self.metrics.budget(job_id, job.name, event.time_budget, event.deadline)
             if event.skipped and r.first_attempt and not event.resumed_from:
                 self.metrics.invalid_images.inc(event.skipped)
             self.metrics.job_started(job_id, job.name, job.epoch, job.epochs)

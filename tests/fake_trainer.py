@@ -12,6 +12,7 @@ Behaviour comes from an optional ``fake.json`` in the job folder:
      "ignore_sigterm": true,   ignore SIGTERM (and the parent-death SIGTERM): only SIGKILL stops it
      "read_all": true,         open and read every file of the dataset first, as the real trainer's scan does
      "protocol": 1,            speak this protocol version instead of the current one
+     "warnings": ["..."],      warnings about the data, in the started event
      "garbage": true}          print lines that are not JSON
 
 Epochs come from the resolved spec (``--spec``), else from job.yaml. It resumes from ``--work`` like the real trainer
@@ -119,8 +120,10 @@ def main() -> int:
                     f.read()
                 files += 1
         print(f"read {files} files", file=sys.stderr)
+    budget = spec.get("time_budget")
     emit("started", job=args.job_id, classes=["a", "b"], epochs=epochs, resumed_from=done, skipped=2,
-         train_images=10, val_images=2)
+         train_images=10, val_images=2, warnings=behaviour.get("warnings", []), time_budget=budget,
+         deadline=time.time() + budget if budget else None)
     if behaviour.get("garbage"):
         print("this is not json", flush=True)
         print("[1, 2, 3]", flush=True)

@@ -53,7 +53,8 @@ def test_run_writes_every_artifact_and_speaks_json_lines(finished_run):
             "images_per_second"} <= set(epoch)
     finished = stream[-1]
     assert set(finished["artifacts"]) == {"model", "labels", "metrics", "history_plot", "confusion_matrix",
-                                          "errors_plot", "report", "report_html", "dataset", "summary"}
+                                          "errors_plot", "report", "report_html", "dataset", "summary", "suspects",
+                                          "calibration_plot"}
     for name in ARTIFACTS:
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
@@ -199,7 +200,8 @@ def test_train_command_from_a_terminal(tmp_path):
 def test_validate_schema_and_the_dropfit_command(tmp_path):
     (tmp_path / "job.yaml").write_text("batch_size: 0\n")
     proc = run_trainer("validate", tmp_path)
-    assert proc.returncode == 2 and "job.yaml:1: batch_size: must be a positive integer, got 0" in proc.stderr
+    assert proc.returncode == 2 and "job.yaml:1: batch_size: must be auto or an integer from 1 to 8192, got 0" \
+        in proc.stderr
     (tmp_path / "job.yaml").write_text("batch_size: 8\n")
     proc = run_trainer("validate", tmp_path)
     assert proc.returncode == 0 and json.loads(proc.stdout)["batch_size"] == 8

@@ -163,6 +163,7 @@ def test_restart_stops_its_own_orphan_even_one_that_ignores_sigterm(tmp_path):
         d.drop("stubborn", {"epochs": 5}, fake={"hang": True, "ignore_sigterm": True})
         job = wait_for(lambda: (j := d.jobs()) and j[0]["state"] == "running" and j[0]["pid"] and j[0], 30,
                        what="running")
+        wait_for(lambda: d.runs(job["id"]), 30, what="the trainer to be past its start-up")  # signals set up
         d.kill9()
         time.sleep(1.0)
         assert _alive(job["pid"])  # it ignored the parent-death SIGTERM: an orphan
@@ -351,7 +352,7 @@ def test_the_daemon_imports_only_the_trainers_contract_modules():
     only the TensorFlow-free contract (spec, protocol, atomic writers), plus the demo and the trainer's CLI lazily."""
     import ast
 
-    allowed = {"trainer.spec", "trainer.protocol", "trainer.atomic"}
+    allowed = {"trainer.spec", "trainer.protocol", "trainer.atomic", "trainer.duration"}
     lazy_only = {"trainer.demo", "trainer.cli"}
     for path in sorted((ROOT / "daemon").rglob("*.py")):
         tree = ast.parse(path.read_text())
@@ -396,3 +397,25 @@ def test_dropfit_health_finds_a_daemon_that_picked_its_own_port(daemon):
     daemon.start()  # metrics.port: 0
     proc = daemon.cli("health")
     assert proc.returncode == 0 and json.loads(proc.stdout)["status"] == "ok", proc.stderr
+
+
+def test_a_time_budget_and_data_warnings_show_in_status_metrics_and_the_table(tmp_path):
+    d = DaemonProcess(tmp_path / "d", job_defaults={"time_budget": "15m"})
+    try:
+        d.start()
+        d.drop("budgeted", {"epochs": 100}, fake={"sleep": 0.1, "warnings": ["12 image(s) are copies of others"]})
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 2 and j[0], 30, what="epoch 2")
+        status = d.status(job["id"])
+        assert status["time_budget"] == 900 and 880 < status["time_left_seconds"] <= 900
+        assert status["warnings"] == ["12 image(s) are copies of others"] and status["deadline_iso"]
+        assert "left of 15m00s" in d.cli("status").stdout
+        labels = {"job_id": job["id"], "dataset": "budgeted"}
+        samples = d.scrape()
+        assert samples[("dropfit_job_time_budget_seconds", tuple(sorted(labels.items())))] == 900
+        left = samples[("dropfit_job_deadline_timestamp_seconds", tuple(sorted(labels.items())))] - time.time()
+        assert 880 < left <= 900
+        assert d.cli("cancel", job["id"]).returncode == 0
+        [job] = d.wait_jobs(1)
+        assert job["state"] == "cancelled" and d.status(job["id"])["time_left_seconds"] is None
+    finally:
+        d.stop()

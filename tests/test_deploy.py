@@ -153,7 +153,8 @@ def test_dashboard_datasource_matches_the_provisioned_one_and_covers_the_brief()
     for needed in ("dropfit_jobs_queued", "dropfit_jobs_running", "dropfit_jobs_total", "dropfit_job_epoch",
                    "dropfit_job_loss", "dropfit_job_accuracy", "dropfit_job_images_per_second",
                    "dropfit_epoch_duration_seconds", "dropfit_job_duration_seconds",
-                   "dropfit_last_success_timestamp_seconds", 'up{job="dropfit"}'):
+                   "dropfit_last_success_timestamp_seconds", "dropfit_job_deadline_timestamp_seconds",
+                   'up{job="dropfit"}'):
         assert needed in text, needed
     provider = yaml.safe_load((ROOT / "docker/grafana/provisioning/dashboards/dropfit.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"

@@ -23,7 +23,8 @@ def errors(text: str) -> list[str]:
 
 def test_empty_spec_means_dropfit_defaults():
     spec = parse_spec("")
-    assert spec.epochs == 50 and spec.batch_size == 32 and spec.target_size == "auto"
+    assert spec.epochs == 50 and spec.batch_size == "auto" and spec.target_size == "auto" and spec.time_budget is None
+    assert spec.color_mode == "auto" and spec.data.audit.enabled
     assert spec.model.architecture == "cnn" and spec.optimizer.name == "adam"
     assert spec.optimizer.learning_rate == pytest.approx(1e-3) and spec.data.validation_split == pytest.approx(0.2)
     assert spec.augmentation.enabled and spec.augmentation.flip == "none"
@@ -67,7 +68,11 @@ def test_recipe_job_and_paths():
     ("epochs: 0", "job.yaml:1: epochs: must be a positive integer, got 0"),
     ("epochs: -3", "job.yaml:1: epochs: must be a positive integer, got -3"),
     ("epochs: '5'", "job.yaml:1: epochs: must be an integer, got '5'"),
-    ("batch_size: 2.5", "job.yaml:1: batch_size: must be an integer, got 2.5"),
+    ("batch_size: 2.5", "job.yaml:1: batch_size: must be auto or an integer from 1 to 8192, got 2.5"),
+    ("time_budget: soon", "job.yaml:1: time_budget: must be a duration such as 90s, 15m or 1h30m, or a number of "
+                          "seconds, got 'soon'"),
+    ("time_budget: 5s", "job.yaml:1: time_budget: must be from 10 seconds to 30 days, got '5s'"),
+    ("data: {audit: {conflicts: drop}}", "data.audit.conflicts: must be one of 'exclude' or 'keep', got 'drop'"),
     ("seed: 1\nepoch: 3", "job.yaml:2: epoch: unknown key (did you mean 'epochs'?)"),
     ("model:\n  filters: [16, 0]", "job.yaml:2: model.filters[1]: must be a positive integer, got 0"),
     ("optimizer: {name: adamw}", "optimizer.name: must be one of 'rmsprop', 'adam' or 'sgd', got 'adamw'"),
@@ -139,6 +144,12 @@ def test_file_level_errors(tmp_path):
     binary.write_bytes(b"epochs: \xff\xfe")
     with pytest.raises(SpecError, match="is not UTF-8"):
         load_spec(binary)
+
+
+def test_time_budgets_as_people_write_them():
+    for text, seconds in (("90s", 90), ("15m", 900), ("1h30m", 5400), ("2h", 7200), ("600", 600), ("1.5h", 5400)):
+        assert parse_spec(f"time_budget: {text}").time_budget == seconds
+    assert parse_spec("time_budget: 900").train_options().time_budget == 900
 
 
 def test_square_target_size_and_defaults_merge():

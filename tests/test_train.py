@@ -43,7 +43,10 @@ def test_every_artifact_is_written_and_well_formed(trained):
     assert [int(r["epoch"]) for r in rows] == list(range(1, 11))
     assert all(float(r["images_per_second"]) > 0 and float(r["learning_rate"]) == pytest.approx(1e-3) for r in rows)
     labels = json.loads((out / "labels.json").read_text())
+    calibration = labels.pop("calibration")
     assert labels == {"classes": ["circle", "square", "triangle"], "target_size": [48, 48], "color_mode": "rgb"}
+    assert calibration["temperature"] > 0 and calibration["measured_on"] == "validation"
+    assert calibration["target_accuracy"] == 0.99 and 0 < calibration["coverage_at_min_confidence"] <= 1
     report = json.loads((out / "report.json").read_text())
     assert report["split"] == "validation" and set(report["per_class"]) == set(labels["classes"])
     assert {"precision", "recall", "f1", "support"} <= set(report["per_class"]["circle"])

@@ -271,7 +271,8 @@ def test_report_html_is_one_self_contained_page_with_everything(report_run):
     page = _Page()
     text = (report_run / "report.html").read_text()
     page.feed(text)
-    assert len(page.images) == 3 and all(src.startswith("data:image/png;base64,") for src in page.images)
+    # Learning curves, confusion matrix, misclassified images, calibration (no duplicates, no suspects here).
+    assert len(page.images) == 4 and all(src.startswith("data:image/png;base64,") for src in page.images)
     assert not page.links  # no scripts, stylesheets or links to fetch
     report = json.loads((report_run / "report.json").read_text())
     expected = {"Learning curves", "Per class (validation images)", "Confusion matrix", "Dataset",
@@ -279,6 +280,7 @@ def test_report_html_is_one_self_contained_page_with_everything(report_run):
     if report["most_confused"]:
         expected.add("Most confused pairs")
     assert expected <= set(page.headings), page.headings
+    assert any(h.startswith("Confidence (temperature ") for h in page.headings)
     cells = [t.strip() for t in page.text if t.strip()]
     for name, m in report["per_class"].items():  # each class's row carries its own figures, in order
         row = [name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"])]

@@ -147,3 +147,80 @@ def library_versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
     return out
+
+
+def plot_calibration(path: str | os.PathLike, calibration: dict) -> Path:
+    """Reliability diagram (confidence against accuracy, before and after temperature scaling) and the
+    coverage/accuracy curve ("answer only above confidence t")."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    try:
+        ax = axes[0]
+        ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+        for name, style in (("before", "-o"), ("after", "-s")):
+            bins = [b for b in calibration[f"reliability_{name}"] if b["count"]]
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style, markersize=3,
+                    label=f"{name}: ECE {calibration[name]['ece']:.3f}")
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"reliability (temperature {calibration['temperature']:.2f})")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax = axes[1]
+        curve = calibration["coverage"]
+        ax.plot([c["coverage"] for c in curve], [c["accuracy"] for c in curve], "-")
+        suggested = calibration.get("suggested") or {}
+        if suggested.get("threshold") is not None:
+            ax.axhline(suggested["target_accuracy"], linestyle=":", color="grey")
+            ax.plot([suggested["coverage"]], [suggested["target_accuracy"]], "o",
+                    label=f"confidence >= {suggested['threshold']:.3f}")
+            ax.legend()
+        ax.set_xlabel("share of images answered")
+        ax.set_ylabel("accuracy of those answers")
+        ax.set_title("answer only above a confidence")
+        ax.grid(alpha=0.3)
+        return write_bytes(path, _figure_bytes(fig))
+    finally:
+        plt.close(fig)
+
+
+def plot_groups(path: str | os.PathLike, groups: list[dict], root: str, color_mode: str = "rgb",
+                per_row: int = 6) -> Path:
+    """Duplicate groups of the audit, one per row: each image titled with its label and split."""
+    from trainer.images import BadImage, load_rgb
+
+    plt = _pyplot()
+    rows = max(1, len(groups))
+    fig, axes = plt.subplots(rows, per_row, figsize=(1.9 * per_row, 2.2 * rows), squeeze=False)
+    try:
+        for ax in axes.flat:
+            ax.axis("off")
+        if not groups:
+            axes[0][0].text(0, 0.5, "no duplicates", fontsize=12)
+        for r, group in enumerate(groups):
+            for c, (file, label) in enumerate(list(zip(group["files"], group["labels"], strict=True))[:per_row]):
+                ax = axes[r][c]
+                try:
+                    image = load_rgb(os.path.join(root, file), 1 if color_mode == "grayscale" else 3)
+                    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image,
+                              cmap="gray" if image.shape[-1] == 1 else None)
+                except BadImage:
+                    ax.text(0.5, 0.5, "unreadable", ha="center")
+                ax.set_title(label, fontsize=8, color="firebrick" if group["conflict"] else "black")
+        return write_bytes(path, _figure_bytes(fig))
+    finally:
+        plt.close(fig)
+
+
+def write_suspects_csv(path: str | os.PathLike, suspects: list[dict], root: str | None) -> Path:
+    """suspects.csv: file, given label, predicted label, confidence — the held-out images whose label the model
+    contradicts most confidently, first."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file", "given_label", "predicted_label", "confidence"])
+    for s in suspects:
+        file = os.path.relpath(s["file"], root) if root and s["file"].startswith(root) else s["file"]
+        writer.writerow([file, s["true"], s["predicted"], f"{s['probability']:.4f}"])
+    return write_text(path, buf.getvalue())

@@ -13,7 +13,7 @@ import os
 import keras
 import numpy as np
 
-from trainer.augment import augmentation_layers
+from trainer.layers import augmentation_layers
 from trainer.scan import DatasetError
 
 MIN_SIZE = 32

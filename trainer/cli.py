@@ -83,6 +83,7 @@ def _import_tensorflow() -> None:
 # --- run: what the daemon launches -------------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
+    started_at = time.monotonic()  # a time budget counts from here: TensorFlow's import is part of the job
     from trainer.events import EventStream
     from trainer.protocol import write_finished
     from trainer.spec import JOB_FILE, SpecError, load_spec, resolve_path
@@ -125,7 +126,7 @@ def cmd_run(args) -> int:
 
         options = spec.train_options(paths)
         train_cnn(paths["data.train"], options=options, verbose=0, output_dir=args.out, work_dir=args.work,
-                  on_event=on_event, stop_event=stop,
+                  on_event=on_event, stop_event=stop, started_at=started_at,
                   metadata={"job_id": job_id, "job_dir": str(job_dir.resolve()),
                             "spec": spec.model_dump(mode="json")})
     except TrainingInterrupted as exc:
@@ -294,7 +295,11 @@ def cmd_predict(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.INVALID
-    results = predict(model, _expand(args.images), top_k=args.top_k)
+    try:
+        results = predict(model, _expand(args.images), top_k=args.top_k, min_confidence=args.min_confidence)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.INVALID
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -303,7 +308,8 @@ def cmd_predict(args) -> int:
                 print(f"{r['file']}\tERROR\t{r['error']}")
             else:
                 ranked = "  ".join(f"{t['label']}:{t['probability']:.3f}" for t in r["top_k"])
-                print(f"{r['file']}\t{r['label']}\t{r['probability']:.4f}" + (f"\t{ranked}" if args.top_k > 1 else ""))
+                label = r["label"] + (f" (best guess {r['best']})" if "best" in r else "")
+                print(f"{r['file']}\t{label}\t{r['probability']:.4f}" + (f"\t{ranked}" if args.top_k > 1 else ""))
     return ExitCode.FAILED if any("error" in r for r in results) else ExitCode.OK
 
 
@@ -399,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--min-confidence", metavar="T", help="below this calibrated probability the answer is 'unknown'; "
+                                                         "'suggested': the threshold labels.json records")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
 

@@ -15,8 +15,8 @@ import logging
 
 import keras
 
-from trainer.augment import augmentation_layers
 from trainer.backbones import build_transfer
+from trainer.layers import augmentation_layers
 from trainer.spec import ARCHITECTURES, BACKBONES, OPTIMIZERS
 
 log = logging.getLogger(__name__)

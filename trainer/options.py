@@ -37,7 +37,7 @@ class TrainOptions:
 
     target_size: tuple[int, int] | str = (200, 200)
     classes: tuple[str, ...] | None = None
-    batch_size: int = 32
+    batch_size: int | str = 32  # or "auto": 32, or chosen for throughput under a time budget
     num_epochs: int = 20
     num_classes: int | None = None
     validation_split: float = 0.2
@@ -45,7 +45,7 @@ class TrainOptions:
     test_split: float = 0.0
     test_directory: str | None = None
     labels_csv: str | None = None
-    color_mode: str = "rgb"
+    color_mode: str = "rgb"  # or "auto": rgb, or grayscale for greyscale data under a time budget
     seed: int = 1337
     architecture: str = "recipe"
     optimizer: Any = "rmsprop"  # a name from OPTIMIZERS or a keras.optimizers.Optimizer
@@ -72,6 +72,10 @@ class TrainOptions:
     jit_compile: str | bool = "auto"
     multi_gpu: bool = False
     cache: str = "auto"
+    time_budget: float | None = None  # seconds the whole run may take (see trainer.budget)
+    audit: bool = False  # the dataset audit (trainer.audit); job.yaml turns it on by default
+    near_threshold: int = 10
+    audit_conflicts: str = "exclude"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen: normalise once
@@ -103,7 +107,13 @@ class TrainOptions:
 
     @property
     def channels(self) -> int:
+        """Input channels (once ``color_mode`` is resolved: ``auto`` counts as rgb)."""
         return 1 if self.color_mode == "grayscale" else 3
+
+    @property
+    def resolved(self) -> bool:
+        """No ``auto`` left that the data or the time budget decide."""
+        return "auto" not in (self.target_size, self.color_mode, self.batch_size)
 
     def to_json(self) -> dict:
         """What ``summary.json`` records under ``config``."""
@@ -150,7 +160,8 @@ def _validate(o: TrainOptions) -> None:
             or not all(_is_int(v) and v >= 4 for v in o.target_size)):
         raise ValueError(f"target_size must be 'auto' or a (height, width) pair of integers >= 4. "
                          f"Received: target_size={o.target_size!r}")
-    positive_int("batch_size")
+    if o.batch_size != "auto":
+        positive_int("batch_size")
     positive_int("num_epochs")
     positive_int("fine_tune_epochs", zero_ok=True)
     optional("num_classes", positive_int)
@@ -194,6 +205,14 @@ def _validate(o: TrainOptions) -> None:
     if o.jit_compile not in ("auto", True, False):
         raise ValueError(f"jit_compile must be 'auto', True or False. Received: jit_compile={o.jit_compile!r}")
     one_of("cache", CACHE_MODES)
+    one_of("audit_conflicts", ("exclude", "keep"))
+    if not _is_int(o.near_threshold) or not 0 <= o.near_threshold <= 32:
+        raise ValueError(f"near_threshold must be an integer from 0 to 32. "
+                         f"Received: near_threshold={o.near_threshold!r}")
+    if o.time_budget is not None and (isinstance(o.time_budget, bool) or not isinstance(o.time_budget, (int, float))
+                                      or not 10 <= o.time_budget <= 30 * 86400):
+        raise ValueError(f"time_budget must be a number of seconds from 10 to 30 days (or None). "
+                         f"Received: time_budget={o.time_budget!r}")
     if o.augmentation is not None and not isinstance(o.augmentation, dict):
         raise ValueError(f"augmentation must be True, None or a dict of options. "
                          f"Received: augmentation={o.augmentation!r}")

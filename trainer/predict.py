@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import trainer.layers  # noqa: F401 - registers dropfit's layers, so safe_mode loading knows them
 from trainer.data import decode_native, make_dataset, resize
 from trainer.images import BadImage, load_rgb, probe
 from trainer.report import classification_report
@@ -34,9 +35,29 @@ def load_model(model_dir: str | os.PathLike) -> keras.Model:
     try:
         labels = json.loads(labels_file.read_text(encoding="utf-8"))
         model.class_names = list(labels["classes"])
+        model.calibration = labels.get("calibration")
     except FileNotFoundError:
         model.class_names = [str(i) for i in range(model.output_shape[-1])]
     return model
+
+
+def _threshold(model, min_confidence) -> float | None:
+    if min_confidence is None:
+        return None
+    if min_confidence == "suggested":
+        value = (getattr(model, "calibration", None) or {}).get("min_confidence")
+        if value is None:
+            raise ValueError("min_confidence='suggested': this model's labels.json records no threshold (it was not "
+                             "calibrated, or no threshold reached the target accuracy)")
+        return float(value)
+    try:
+        value = float(min_confidence)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"min_confidence must be a probability from 0 to 1 or 'suggested'. "
+                         f"Received: min_confidence={min_confidence!r}")
+    return value
 
 
 def _as_model(model) -> keras.Model:
@@ -64,13 +85,18 @@ def decode_file(path: str | os.PathLike, channels: int = 3, target_size: tuple[i
     return tf.convert_to_tensor(load_rgb(path, channels))
 
 
-def predict(model, images, *, top_k: int = 1, batch_size: int = 32) -> list[dict]:
+UNKNOWN = "unknown"
+
+
+def predict(model, images, *, top_k: int = 1, batch_size: int = 32, min_confidence=None) -> list[dict]:
     """Predict the class of each image.
 
     Args:
         model: a ``keras.Model`` (with ``class_names``) or the path of a dropfit output folder.
         images: image file paths (any format, size or colour mode Pillow reads) or uint8 arrays (H, W, C).
         top_k: how many of the most likely classes to list per image.
+        min_confidence: a probability from 0 to 1 (the model's are calibrated), or ``"suggested"`` for the threshold
+            the training recorded in labels.json: below it, ``label`` is ``"unknown"`` (``best`` keeps the guess).
 
     Returns:
         One dict per image, in order: ``file``, ``label``, ``probability`` and ``top_k`` (a list of
@@ -79,6 +105,7 @@ def predict(model, images, *, top_k: int = 1, batch_size: int = 32) -> list[dict
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive integer. Received: top_k={top_k!r}")
     model = _as_model(model)
+    threshold = _threshold(model, min_confidence)
     names = _class_names(model)
     height, width, channels = model.input_shape[1:]
     top_k = min(top_k, len(names))
@@ -94,6 +121,8 @@ def predict(model, images, *, top_k: int = 1, batch_size: int = 32) -> list[dict
             order = np.argsort(-p)[:top_k]
             ranked = [{"label": names[i], "probability": float(p[i])} for i in order]
             results[slot].update(label=ranked[0]["label"], probability=ranked[0]["probability"], top_k=ranked)
+            if threshold is not None and ranked[0]["probability"] < threshold:
+                results[slot].update(label=UNKNOWN, best=ranked[0]["label"])
         batch.clear()
         slots.clear()
 

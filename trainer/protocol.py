@@ -96,6 +96,9 @@ class Started(_Event):
     target_size: list[int] | None = None
     batch_size: int | None = None
     architecture: str | None = None
+    warnings: list[str] = Field(default_factory=list)  # about the data (duplicates, conflicts, tiny classes...)
+    time_budget: float | None = None  # seconds, when the job has one
+    deadline: float | None = None  # Unix time the job will have ended by, when it has a time budget
 
 
 class EpochEnd(_Event):

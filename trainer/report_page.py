@@ -1,6 +1,7 @@
 """report.html: one self-contained page (plots embedded as data URIs, no scripts, no external files) that shows
 whether a model is good and why: learning curves, confusion matrix, per-class metrics, the most confused pairs,
-misclassified images, the dataset and its skipped files, and the resolved job spec."""
+misclassified images, how far to trust its confidence (calibration), label suspects, the dataset audit
+(duplicates, conflicts), the time budget's plan, the dataset and its skipped files, and the resolved job spec."""
 
 from __future__ import annotations
 
@@ -116,6 +117,17 @@ def render_report(out: Path, report: dict, dataset: dict, summary: dict, history
                               _f(e["probability"])] for e in errors[:50]], numeric={3}))
     parts.append("</section>")
 
+    parts += _calibration(out, report.get("calibration"))
+    suspects = report.get("suspects") or []
+    if suspects:
+        parts.append(f"<section><h2>Label suspects ({len(suspects)})</h2><p>Held-out images whose given label the "
+                     "calibrated model contradicts with 90% confidence or more: check their folders (the full list "
+                     "is suspects.csv).</p>" + _img(out / "suspects.png", "label suspects") + _table(
+                         ["file", "given label", "predicted", "confidence"],
+                         [[_short(e["file"], dataset.get("root")), e["true"], e["predicted"], _f(e["probability"])]
+                          for e in suspects[:50]], numeric={3}) + "</section>")
+    parts += _audit(out, dataset.get("audit"))
+    parts += _budget(summary.get("budget"))
     counts = dataset.get("counts", {})
     parts.append("<section><h2>Dataset</h2>" + _table(
         ["class", "train", "validation", "test", "total"],
@@ -138,6 +150,71 @@ def render_report(out: Path, report: dict, dataset: dict, summary: dict, history
                     if summary.get("exports") else "") + "</section>")
     parts.append("</main></body></html>\n")
     return "\n".join(parts)
+
+
+def _calibration(out: Path, cal: dict | None) -> list[str]:
+    if not cal:
+        return ["<section><h2>Confidence</h2><p>Not calibrated: no validation images to fit a temperature on.</p>"
+                "</section>"]
+    suggested = cal["suggested"]
+    rows = [[name, _f(cal[key]["ece"]), _f(cal[key]["nll"])] for key, name in (("before", "before"),
+                                                                                ("after", "after scaling"))]
+    answer = (f"<p>For {_pct(suggested['target_accuracy'])} accuracy, answer only at confidence "
+              f"{suggested['threshold']:.3f} or more: that answers {_pct(suggested['coverage'])} of the "
+              f"{_e(cal['split'])} images (labels.json: <code>calibration.min_confidence</code>; "
+              f"<code>predict --min-confidence</code>).</p>" if suggested["threshold"] is not None
+              else f"<p>No confidence threshold reaches {_pct(suggested['target_accuracy'])} accuracy on the "
+                   f"{_e(cal['split'])} images.</p>")
+    return [f"<section><h2>Confidence (temperature {cal['temperature']:.3f})</h2><p>The model's probabilities are "
+            f"calibrated by temperature scaling fitted on the validation images and built into the saved model. "
+            f"Expected calibration error and negative log-likelihood on {cal['images']} {_e(cal['split'])} "
+            f"images:</p>" + _table(["", "ECE", "NLL"], rows, numeric={1, 2})
+            + (f"<p class='warn'>{_e(cal['note'])}.</p>" if cal.get("note") else "") + answer
+            + _img(out / "calibration.png", "reliability and coverage") + "</section>"]
+
+
+def _audit(out: Path, audit: dict | None) -> list[str]:
+    if not audit:
+        return []
+    rows = [["images examined", audit["images"]], ["duplicate groups (exact / near)",
+                                                   f"{audit['duplicate_groups']} ({audit['exact_groups']} / "
+                                                   f"{audit['near_groups']})"],
+            ["copies", f"{audit['duplicate_images']} ({_pct(audit['duplicate_fraction'])})"],
+            ["conflicting labels (groups)", audit["conflicts"]],
+            ["left out: conflicting / copies of held-out images",
+             f"{len(audit['excluded'])} / {len(audit['excluded_as_copies_of_held_out_images'])}"],
+            ["groups split across train and held-out", audit["groups_straddling_splits"]],
+            ["class imbalance (largest / smallest)", audit["imbalance_ratio"]],
+            ["greyscale images", _pct(audit["grey_fraction"])], ["audit time", f"{audit['seconds']:.1f} s"]]
+    if audit.get("aspect_ratio"):
+        a = audit["aspect_ratio"]
+        rows.append(["aspect ratio (width / height: min, median, max)", f"{a['min']}, {a['median']}, {a['max']}"])
+    body = _table(["", ""], rows)
+    if audit["groups"]:
+        body += ("<p>Duplicate groups, conflicts first (a red label is a conflict); every group is in dataset.json. "
+                 "Each group is kept on one side of the splits.</p>" + _img(out / "duplicates.png", "duplicates"))
+    return [f"<section><h2>Dataset audit</h2>{body}</section>"]
+
+
+def _budget(budget: dict | None) -> list[str]:
+    if not budget:
+        return []
+    plan = budget["plan"]
+    rows = [["time budget", f"{budget['seconds']:.0f} s"], ["used", f"{budget['used_seconds']:.0f} s"],
+            ["before training (start-up, scan, audit, planning)", f"{plan['used_before_training']:.0f} s"],
+            ["planned for training", f"{plan['training_seconds']:.0f} s"],
+            ["kept for evaluation, report and exports", f"{plan['reserve']:.0f} s"],
+            ["input", f"{'×'.join(map(str, plan['target_size']))}×{plan['channels']}"],
+            ["batch size", plan["batch_size"]], ["filters", plan["filters"] or "default"],
+            ["measured training speed", f"{plan['images_per_second']:.0f} images/s"],
+            ["planned epochs", plan["epochs"]], ["ended by", budget["stopped_by"]]]
+    tried = _table(["input", "channels", "filters", "batch", "images/s", "epochs that fit"],
+                   [[c["target_size"], c["channels"], c["filters"], c["batch_size"], c["images_per_second"],
+                     c["epochs_that_fit"]] for c in plan["candidates"]], numeric={3, 4, 5})
+    replans = "".join(f"<li>after epoch {r['after_epoch']} ({r['epoch_seconds']:.1f} s): {r['was']} → "
+                      f"{r['planned_epochs']} epochs</li>" for r in plan["replans"])
+    return ["<section><h2>Time budget</h2>" + _table(["", ""], rows) + "<p>Configurations measured:</p>" + tried
+            + (f"<p>Re-planned:</p><ul>{replans}</ul>" if replans else "") + "</section>"]
 
 
 def _f(value, digits: int = 4) -> str:

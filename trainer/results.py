@@ -81,16 +81,32 @@ def write_all(out: Path, model, class_names, target_size, color_mode, history_ro
     out.mkdir(parents=True, exist_ok=True)
     cm = report["confusion_matrix"]
     split = report["split"] if report["held_out"] else "training, not held out"
+    cal = report.get("calibration")
+    labels = {"classes": class_names, "target_size": list(target_size), "color_mode": color_mode}
+    if cal:
+        suggested = cal["suggested"]
+        labels["calibration"] = {"temperature": cal["temperature"], "min_confidence": suggested["threshold"],
+                                 "target_accuracy": suggested["target_accuracy"],
+                                 "coverage_at_min_confidence": suggested["coverage"], "measured_on": cal["split"]}
     paths = {
         "model": artifacts.save_model(out / "model.keras", model),
-        "labels": artifacts.write_json(out / "labels.json", {"classes": class_names, "target_size": list(target_size),
-                                                             "color_mode": color_mode}),
+        "labels": artifacts.write_json(out / "labels.json", labels),
         "metrics": artifacts.write_metrics_csv(out / "metrics.csv", history_rows),
         "history_plot": artifacts.plot_history(out / "history.png", history_rows),
         "confusion_matrix": artifacts.plot_confusion(out / "confusion_matrix.png", cm["matrix"], cm["labels"],
                                                      f"confusion matrix ({split} images)"),
         "errors_plot": artifacts.plot_errors(out / "errors.png", errors[:25], color_mode),
+        "suspects": artifacts.write_suspects_csv(out / "suspects.csv", report.get("suspects", []),
+                                                 dataset.get("root")),
     }
+    if cal:
+        paths["calibration_plot"] = artifacts.plot_calibration(out / "calibration.png", cal)
+    if report.get("suspects"):
+        paths["suspects_plot"] = artifacts.plot_errors(out / "suspects.png", report["suspects"][:25], color_mode)
+    audit = dataset.get("audit")
+    if audit and audit["groups"]:
+        shown = sorted(audit["groups"], key=lambda g: (not g["conflict"], -len(g["files"])))[:12]
+        paths["duplicates_plot"] = artifacts.plot_groups(out / "duplicates.png", shown, dataset["root"], color_mode)
     if exports:
         from trainer.exports import export_model
 

@@ -266,37 +266,58 @@ def scan_csv(directory: str | os.PathLike, labels_csv: str | os.PathLike, classe
     return Scan(root, names, samples, skipped)
 
 
-def split(samples: list[Sample], fraction: float, seed: int, salt: str = "") -> tuple[list[Sample], list[Sample]]:
+def split(samples: list[Sample], fraction: float, seed: int, salt: str = "",
+          groups: dict[str, int] | None = None) -> tuple[list[Sample], list[Sample]]:
     """Stratified, deterministic split: the same seed always holds out the same files.
 
     Returns ``(kept, held_out)``. Each class keeps at least one image and, when it has two or more, gives at least
-    one to the held-out part. ``salt`` makes independent splits (validation and test) from one seed.
+    one to the held-out part. ``salt`` makes independent splits (validation and test) from one seed. ``groups`` maps
+    paths to duplicate groups (`trainer.audit`): a group goes to one side whole, so no copy of a held-out image is
+    trained on (a group counts with the class of its first member).
     """
     if fraction <= 0:
         return list(samples), []
-    by_class: dict[int, list[Sample]] = {}
+    groups = groups or {}
+    units: dict[object, list[Sample]] = {}
     for s in sorted(samples, key=lambda s: s.path):
-        by_class.setdefault(s.label, []).append(s)
+        units.setdefault(("group", groups[s.path]) if s.path in groups else s.path, []).append(s)
+    by_class: dict[int, list[list[Sample]]] = {}
+    for unit in units.values():  # in path order: without groups, exactly the samples' order
+        by_class.setdefault(unit[0].label, []).append(unit)
     kept, held = [], []
-    for label, group in sorted(by_class.items()):
-        random.Random(f"{seed}/{salt}{label}").shuffle(group)
-        n_held = 0 if len(group) < 2 else min(max(round(len(group) * fraction), 1), len(group) - 1)
-        held.extend(group[:n_held])
-        kept.extend(group[n_held:])
+    for label, unit_list in sorted(by_class.items()):
+        random.Random(f"{seed}/{salt}{label}").shuffle(unit_list)
+        total = sum(len(u) for u in unit_list)
+        n_held = 0 if total < 2 else min(max(round(total * fraction), 1), total - 1)
+        taken = 0
+        for unit in unit_list:
+            if taken < n_held and taken + len(unit) <= total - 1:
+                held.extend(unit)
+                taken += len(unit)
+            else:
+                kept.extend(unit)
     return kept, held
 
 
-def auto_target_size(samples: list[Sample], cap: int = 224, floor: int = 28, multiple: int = 8) -> tuple[int, int]:
+def auto_target_size(samples: list[Sample], cap: int = 224, floor: int = 28, multiple: int = 8,
+                     upscale: bool = True) -> tuple[int, int]:
     """A ``(height, width)`` that suits the images: their median size, scaled down to at most ``cap`` pixels on the
     longer side, rounded to a multiple of ``multiple``, and at least ``floor`` — small images are never blown up
-    to 200x200 and trained many times slower."""
+    to 200x200 and trained many times slower. With ``upscale=False``, never larger than the median either (28-pixel
+    images stay 28, not 32)."""
     sizes = [s.size for s in samples if s.size]
     if not sizes:
         return (cap, cap)
     height = float(statistics.median(h for h, _ in sizes))
     width = float(statistics.median(w for _, w in sizes))
     scale = min(1.0, cap / max(height, width))
-    return tuple(max(floor, multiple * round(v * scale / multiple)) for v in (height, width))
+    out = []
+    for v in (height, width):
+        size = max(floor, multiple * round(v * scale / multiple))
+        if not upscale and size > v * scale:
+            size = max(floor, multiple * int(v * scale // multiple), min(int(v), floor))
+        out.append(size)
+    return tuple(out)
 
 
 def shuffled(samples: list[Sample], seed: int) -> list[Sample]:

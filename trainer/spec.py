@@ -48,7 +48,7 @@ OPTIMIZERS = ("rmsprop", "adam", "sgd")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 CACHE_MODES = ("auto", "memory", "disk", "none")
 EXPORT_FORMATS = ("savedmodel", "tflite")
-COLOR_MODES = ("rgb", "grayscale")
+COLOR_MODES = ("auto", "rgb", "grayscale")
 FLIPS = ("none", "horizontal", "vertical", "both")
 CLASS_WEIGHTS = ("balanced", "none")
 
@@ -101,6 +101,20 @@ def _target_size(value: Any) -> Any:
     raise ValueError("must be auto, one number, or [height, width], each from 8 to 4096")
 
 
+def _time_budget(value: Any) -> Any:
+    if value is None:
+        return None
+    from trainer.duration import parse_duration
+
+    return parse_duration(value)
+
+
+def _batch_size(value: Any) -> Any:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 8192):
+        return value
+    raise ValueError("must be auto or an integer from 1 to 8192")
+
+
 def _weights(value: Any) -> Any:
     if value is None or value == "imagenet":
         return value
@@ -115,12 +129,30 @@ _DIMENSION_SCHEMA = {"type": "integer", "minimum": 8, "maximum": 4096}
 TargetSize = Annotated[Any, PlainValidator(_target_size), WithJsonSchema({"anyOf": [
     {"const": "auto"}, _DIMENSION_SCHEMA,
     {"type": "array", "prefixItems": [_DIMENSION_SCHEMA] * 2, "minItems": 2, "maxItems": 2}]})]
+TimeBudget = Annotated[Any, PlainValidator(_time_budget), WithJsonSchema({"anyOf": [
+    {"type": "null"}, {"type": "number", "exclusiveMinimum": 0},
+    {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?\s*h)?\s*(\d+(\.\d+)?\s*m(in)?)?\s*(\d+(\.\d+)?\s*s)?\s*$"}]})]
+BatchSize = Annotated[Any, PlainValidator(lambda v: _batch_size(v)), WithJsonSchema({"anyOf": [
+    {"const": "auto"}, {"type": "integer", "minimum": 1, "maximum": 8192}]})]
 Weights = Annotated[Any, PlainValidator(_weights), WithJsonSchema({"anyOf": [
     {"type": "null"}, {"const": "imagenet"}, {"type": "string", "description": "a file in the job folder"}]})]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class AuditSpec(_Section):
+    """The dataset audit before training: duplicates, conflicting labels, leakage across the splits."""
+
+    enabled: Annotated[bool, Strict()] = Field(
+        True, description="Decode and hash every image before training (about 1-2 s per 10,000 small images).")
+    near_threshold: Annotated[int, Strict(), Field(ge=0, le=32)] = Field(
+        10, description="Bits (of 64) two perceptual hashes may differ by for a near-duplicate candidate; 0: exact "
+                        "duplicates only.")
+    conflicts: Literal["exclude", "keep"] = Field(
+        "exclude", description="Images that appear under two labels: left out of training and evaluation (listed in "
+                               "dataset.json), or kept.")
 
 
 class DataSpec(_Section):
@@ -142,6 +174,7 @@ class DataSpec(_Section):
     cache: Literal[CACHE_MODES] = Field(
         "auto", description="Decoded images between epochs: auto (memory, or disk in the work folder when they "
                             "would fill more than half the available memory), memory, disk or none.")
+    audit: AuditSpec = Field(default_factory=AuditSpec)
 
 
 class FineTuneSpec(_Section):
@@ -229,8 +262,14 @@ class JobSpec(_Section):
     data: DataSpec = Field(default_factory=DataSpec)
     target_size: TargetSize = Field(
         "auto", description="auto (from the images' median size, 28 to 224 px), [height, width], or one number.")
-    color_mode: Literal[COLOR_MODES] = "rgb"
-    batch_size: Annotated[int, Strict(), Field(gt=0, le=8192)] = 32
+    color_mode: Literal[COLOR_MODES] = Field(
+        "auto", description="auto: rgb, or one channel for greyscale data when the job has a time_budget.")
+    batch_size: BatchSize = Field(
+        "auto", description="auto: 32, or what trains fastest per image under a time_budget (64 to 256).")
+    time_budget: TimeBudget = Field(
+        None, description="The whole job (scan, training, evaluation, artifacts) ends within this: 90s, 15m, 1h30m "
+                          "or seconds. Training is planned to fit, and the input size, channels, network width and "
+                          "batch size left on auto are chosen to fit it. null: no limit.")
     epochs: Annotated[int, Strict(), Field(gt=0, le=100_000)] = Field(
         50, description="Most epochs to train (early stopping usually ends sooner); for backbones, the head phase.")
     num_classes: PositiveInt | None = Field(
@@ -259,6 +298,7 @@ class JobSpec(_Section):
             target_size=self.target_size,
             classes=self.data.classes,
             batch_size=self.batch_size,
+            time_budget=self.time_budget,
             num_epochs=self.epochs,
             num_classes=self.num_classes,
             validation_split=self.data.validation_split,
@@ -293,6 +333,9 @@ class JobSpec(_Section):
             jit_compile=self.hardware.jit_compile,
             multi_gpu=self.hardware.multi_gpu,
             cache=self.data.cache,
+            audit=self.data.audit.enabled,
+            near_threshold=self.data.audit.near_threshold if self.data.audit.near_threshold else 0,
+            audit_conflicts=self.data.audit.conflicts,
         )
 
     def paths(self) -> dict[str, str]:

@@ -1,8 +1,10 @@
 """`train_cnn`: scan a class-per-folder dataset, build the input pipeline and the network, train, write the results.
 
-The steps, in order: `_load_data` (scan and split), `_pipelines` (tf.data, cached), `_build` (network and phases),
-`_fit` (phase by phase, resumable from ``work_dir``), `_for_inference` (the model users get), `_evaluate` (held-out
-images), `_summary`; then `trainer.results.write_all` writes the artifacts.
+The steps, in order: `trainer.dataset.load` (scan, audit, split), `_resolve` (what is left on ``auto``: by the data,
+and under a ``time_budget`` by measurement, `trainer.budget`), `_pipelines` (tf.data, cached), `_build` (network and
+phases), `_fit` (phase by phase, resumable from ``work_dir``, on the budget's schedule), `_for_inference` (the model
+users get), `_evaluate` (held-out images; the temperature fitted and built in, `trainer.calibration`), `_summary`;
+then `trainer.results.write_all` writes the artifacts.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import keras
 
-from trainer import artifacts, results
+from trainer import artifacts, budget, calibration, dataset, results
 from trainer.backbones import has_backbone, set_backbone_trainable
 from trainer.callbacks import (
     AtomicBackupAndRestore,
@@ -31,14 +33,17 @@ from trainer.callbacks import (
     load_json,
 )
 from trainer.data import DecodeFailures, make_dataset, plan_cache
+from trainer.dataset import Dataset
 from trainer.hardware import Runtime, configure
-from trainer.model import build_model, compile_model
+from trainer.model import CNN_FILTERS, RECIPE_FILTERS, build_model, compile_model
 from trainer.options import TrainOptions
 from trainer.predict import labels_and_predictions
 from trainer.report import classification_report
-from trainer.scan import DatasetError, Sample, Scan, auto_target_size, scan_csv, scan_directory, shuffled, split
+from trainer.scan import auto_target_size, shuffled
 
 log = logging.getLogger(__name__)
+# A held-out image is a label suspect when the calibrated model gives another class at least this probability.
+SUSPECT_CONFIDENCE = 0.9
 
 __all__ = ["TrainOptions", "TrainingInterrupted", "train_cnn"]
 
@@ -55,19 +60,6 @@ class Phase:
 
 
 @dataclass
-class _Data:
-    """What the data step found: the scan, the three splits and the input size."""
-
-    scan: Scan
-    class_names: list[str]
-    train: list[Sample]
-    val: list[Sample]
-    test: list[Sample]
-    target_size: tuple[int, int]
-    info: dict  # dataset.json
-
-
-@dataclass
 class _Fit:
     """How training went."""
 
@@ -78,12 +70,13 @@ class _Fit:
     best: BestWeights | None
     seconds: float
     class_weights: dict[int, float] | None
+    budget: object | None = None  # the BudgetSchedule callback, when there is a time budget
 
 
 def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=32, num_epochs=20, num_classes=None,
               verbose=0, *, options: TrainOptions | None = None, callbacks: Sequence | None = None, output_dir=None,
               work_dir=None, on_event: EventHook | None = None, stop_event: threading.Event | None = None,
-              metadata: dict | None = None, **kwargs) -> keras.Model:
+              metadata: dict | None = None, started_at: float | None = None, **kwargs) -> keras.Model:
     """Train an image classifier on a folder with one subfolder of images per class.
 
     The classic two lines still work, and with no other arguments train the classic network::
@@ -159,6 +152,8 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
         on_event: called as ``on_event(name, payload)`` for ``started``, ``epoch_end`` and ``finished``.
         stop_event: when set, training stops at the next batch and raises `TrainingInterrupted`.
         metadata: extra JSON-ready fields recorded in ``summary.json`` (the command line records the job spec).
+        started_at: ``time.monotonic()`` when the run really began (the command line's start), for ``time_budget``;
+            default: now.
 
     Returns:
         The trained ``keras.Model``. ``model.class_names`` lists the class of each output, in order.
@@ -171,26 +166,33 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
     _check_call(options, verbose, callbacks, output_dir)
     emit = on_event or (lambda name, payload: None)
     started = time.time()
-    data = _load_data(train_directory, options)
+    work = Path(work_dir) if work_dir is not None else None
+    clock = budget.Clock.start(options.time_budget, started_at, work) if options.time_budget else None
+    data = dataset.load(train_directory, options)
     keras.utils.set_random_seed(options.seed)
     runtime = configure(options.precision, options.jit_compile, options.multi_gpu)
+    options, plan = _resolve(options, data, runtime, clock)
     failures = DecodeFailures(data.scan.root)
     with _cache_folder(work_dir, options.cache) as cache_folder:
         train_ds, val_ds, cache_mode = _pipelines(data, options, failures, cache_folder)
         model, phases = _build(data, options, runtime)
         fit = _fit(model, phases, train_ds, val_ds, data, options, runtime, work_dir, output_dir, emit, stop_event,
-                   callbacks, verbose)
+                   callbacks, verbose, clock, plan)
     model = _for_inference(model, data, options, runtime, phases)
     if failures.items:
         data.info["skipped"].extend({"file": s.path, "reason": s.reason} for s in failures.items)
+    report, errors, model = _evaluate(model, data, options)
     model.class_names = list(data.class_names)
-    report, errors = _evaluate(model, data, options)
-    summary = _summary(data, options, runtime, model, fit, report, cache_mode, started, metadata)
+    summary = _summary(data, options, runtime, model, fit, report, cache_mode, started, metadata, clock, plan)
     paths = {}
     if output_dir is not None:
         paths = results.write_all(Path(output_dir), model, data.class_names, data.target_size, options.color_mode,
                                   fit.rows, report, errors, data.info, summary, options.exports,
                                   sample_images=[s.path for s in (data.test or data.val or data.train)[:8]])
+    if clock is not None:
+        clock.save(work)
+        summary["budget"]["used_seconds"] = round(clock.used(), 1)
+        log.info("time budget: %.0f of %.0f s used", clock.used(), clock.budget)
     emit("finished", {"artifacts": {k: str(v) for k, v in paths.items()}, "final": summary["final"],
                       "epochs_trained": summary["epochs_trained"],
                       "best_val_accuracy": summary["best_val_accuracy"], "evaluation": summary["evaluation"],
@@ -225,34 +227,47 @@ def _check_call(options: TrainOptions, verbose, callbacks, output_dir) -> None:
         raise ValueError("exports need an output_dir to write to")
 
 
-def _load_data(train_directory, o: TrainOptions) -> _Data:
-    classes = list(o.classes) if o.classes else None
-    scan = scan_csv(train_directory, o.labels_csv, classes) if o.labels_csv is not None \
-        else scan_directory(train_directory, classes)
-    class_names = scan.class_names
-    if o.num_classes is not None and o.num_classes != len(class_names):
-        raise DatasetError(f"num_classes={o.num_classes} does not match the {len(class_names)} classes found in "
-                           f"{str(train_directory)!r}: {class_names}. Leave num_classes out to derive it.")
-    pool = scan.samples
-    extra_scans = {}
-    if o.test_directory is not None:
-        extra_scans["test"] = _side_scan(o.test_directory, class_names, "test_directory")
-        test = extra_scans["test"].samples
+def _resolve(o: TrainOptions, data: Dataset, runtime: Runtime, clock: budget.Clock | None):
+    """Settle what is left on ``auto``: input size and channels by the data; under a time budget also the batch
+    size, and (by measuring this machine) the network's width and the input size, so that enough epochs fit."""
+    grey = data.grey_fraction is not None and data.grey_fraction >= 0.95
+    color_mode = o.color_mode if o.color_mode != "auto" else ("grayscale" if clock is not None and grey else "rgb")
+    channels = 1 if color_mode == "grayscale" else 3
+    target = o.target_size
+    if target == "auto":
+        # Under a budget small images train at their own size: blowing 28-pixel images up to 32 costs time, not
+        # accuracy (measured: bench/budget_choices.py).
+        target = auto_target_size(data.train, floor=16, multiple=4, upscale=False) if clock is not None \
+            else auto_target_size(data.train)
+        log.info("target_size auto: %dx%d from the images' median size", *target)
+    target = (int(target[0]), int(target[1]))
+    plan = None
+    if clock is None:
+        o = o.replace(color_mode=color_mode, target_size=target, batch_size=32 if o.batch_size == "auto"
+                      else o.batch_size)
     else:
-        pool, test = split(pool, o.test_split, o.seed, salt="test/")
-    if o.validation_directory is not None:
-        extra_scans["validation"] = _side_scan(o.validation_directory, class_names, "validation_directory")
-        train, val = pool, extra_scans["validation"].samples
-    else:
-        train, val = split(pool, o.validation_split, o.seed)
-    target_size = o.target_size
-    if target_size == "auto":
-        target_size = auto_target_size(train)
-        log.info("target_size auto: %dx%d from the images' median size", *target_size)
-    info = results.dataset_info(scan, extra_scans, train, val, test)
-    log.info("%d classes; %d training, %d validation, %d test images; %d file(s) skipped", len(class_names),
-             len(train), len(val), len(test), len(info["skipped"]))
-    return _Data(scan, class_names, train, val, test, (int(target_size[0]), int(target_size[1])), info)
+        defaults = {"cnn": CNN_FILTERS, "recipe": RECIPE_FILTERS}.get(o.architecture)
+
+        def build(size, ch, filters):
+            with runtime.building():
+                model = build_model((*size, ch), len(data.class_names), architecture=o.architecture,
+                                    filters=filters, dense_units=o.dense_units, dropout=o.dropout,
+                                    batch_norm=o.batch_norm, augmentation=None, weights=o.weights, seed=o.seed)
+                compile_model(model, o.optimizer, o.learning_rate, o.momentum, o.label_smoothing,
+                              runtime.jit_compile)
+            return model
+
+        plan = budget.choose(clock, train_images=len(data.train), held_out=len(data.val) + len(data.test),
+                             exports=len(o.exports), num_classes=len(data.class_names), target_size=target,
+                             channels=channels, batch_size=o.batch_size, filters=o.filters or defaults,
+                             can_shrink_width=o.filters is None and defaults is not None,
+                             can_shrink_input=o.target_size == "auto", max_epochs=o.num_epochs, build=build)
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(o.seed)
+        o = o.replace(color_mode=color_mode, target_size=plan.target_size, batch_size=plan.batch_size,
+                      filters=plan.filters if plan.filters != (o.filters or defaults) else o.filters)
+    data.target_size = o.target_size
+    return o, plan
 
 
 @contextlib.contextmanager
@@ -267,7 +282,7 @@ def _cache_folder(work_dir, cache: str) -> Iterator[Path | None]:
         yield None
 
 
-def _pipelines(data: _Data, o: TrainOptions, failures: DecodeFailures, cache_folder: Path | None):
+def _pipelines(data: Dataset, o: TrainOptions, failures: DecodeFailures, cache_folder: Path | None):
     cache_mode, cache_dir = plan_cache(o.cache, len(data.train) + len(data.val), data.target_size, o.channels,
                                        cache_folder)
 
@@ -280,13 +295,13 @@ def _pipelines(data: _Data, o: TrainOptions, failures: DecodeFailures, cache_fol
     return dataset(data.train, "train", shuffle=True), dataset(data.val, "val") if data.val else None, cache_mode
 
 
-def _network(data: _Data, o: TrainOptions, augmentation) -> keras.Model:
+def _network(data: Dataset, o: TrainOptions, augmentation) -> keras.Model:
     return build_model((*data.target_size, o.channels), len(data.class_names), architecture=o.architecture,
                        filters=o.filters, dense_units=o.dense_units, dropout=o.dropout, batch_norm=o.batch_norm,
                        augmentation=augmentation, weights=o.weights, seed=o.seed)
 
 
-def _build(data: _Data, o: TrainOptions, runtime: Runtime) -> tuple[keras.Model, list[Phase]]:
+def _build(data: Dataset, o: TrainOptions, runtime: Runtime) -> tuple[keras.Model, list[Phase]]:
     with runtime.building():
         model = _network(data, o, o.augmentation)
     pretrained = has_backbone(model) and o.weights is not None
@@ -296,8 +311,9 @@ def _build(data: _Data, o: TrainOptions, runtime: Runtime) -> tuple[keras.Model,
     return model, phases
 
 
-def _fit(model, phases: list[Phase], train_ds, val_ds, data: _Data, o: TrainOptions, runtime: Runtime, work_dir,
-         output_dir, emit: EventHook, stop_event, callbacks, verbose) -> _Fit:
+def _fit(model, phases: list[Phase], train_ds, val_ds, data: Dataset, o: TrainOptions, runtime: Runtime, work_dir,
+         output_dir, emit: EventHook, stop_event, callbacks, verbose, clock: budget.Clock | None = None,
+         plan: budget.Plan | None = None) -> _Fit:
     """Train phase by phase; with ``work_dir``, back up every epoch and resume from where a previous run stopped."""
     total_epochs = sum(p.epochs for p in phases)
     work = Path(work_dir) if work_dir is not None else None
@@ -310,14 +326,20 @@ def _fit(model, phases: list[Phase], train_ds, val_ds, data: _Data, o: TrainOpti
             log.info("resuming after epoch %d of %d", resumed_from, total_epochs)
         if done_phases:
             model.load_weights(work / f"phase{done_phases}.weights.h5")
-    recorder = EpochRecorder(len(data.train), total_epochs, rows, work_dir, output_dir, emit)
+    # Under a time budget the events announce the planned epochs (re-planned as training goes).
+    shares = [p.epochs / total_epochs for p in phases]
+    planned = [max(1, round(plan.epochs * share)) for share in shares] if plan else [p.epochs for p in phases]
+    recorder = EpochRecorder(len(data.train), sum(planned), rows, work_dir, output_dir, emit)
     best = BestWeights("val_loss", work_dir, resumed_from) if o.restore_best_weights and val_ds is not None else None
     emit("started", {"classes": data.class_names,
                      "counts": {n: c["total"] for n, c in data.info["counts"].items()},
                      "train_images": len(data.train), "val_images": len(data.val), "test_images": len(data.test),
-                     "skipped": len(data.info["skipped"]), "epochs": total_epochs, "resumed_from": resumed_from,
+                     "skipped": len(data.info["skipped"]), "epochs": sum(planned), "resumed_from": resumed_from,
                      "target_size": list(data.target_size), "batch_size": o.batch_size,
-                     "architecture": o.architecture})
+                     "architecture": o.architecture, "warnings": list(data.info["warnings"]),
+                     "time_budget": clock.budget if clock else None, "deadline": clock.deadline() if clock else None})
+    steps_per_epoch = -(-len(data.train) // o.batch_size)
+    schedule = None
     weights_by_class = _class_weights(o.class_weight, data.train, len(data.class_names))
     fit_started = time.time()
     stopped_early = False
@@ -325,19 +347,29 @@ def _fit(model, phases: list[Phase], train_ds, val_ds, data: _Data, o: TrainOpti
         set_backbone_trainable(model, phase.backbone_trainable, phase.fine_tune_layers)
         with runtime.building():
             compile_model(model, o.optimizer, phase.learning_rate, o.momentum, o.label_smoothing, runtime.jit_compile)
-        end_epoch = first_epoch + phase.epochs
+        phase_start = first_epoch  # (a resumed run starts the phase again here; the backup restores its epoch)
+        resumes_at = max(first_epoch, resumed_from) if index == done_phases else first_epoch
+        end_epoch = phase_start + phase.epochs
         fit_callbacks = [recorder]
         if work is not None:
             # After the recorder has saved the epoch's row, before the epoch is announced as done.
             fit_callbacks.append(AtomicBackupAndRestore(str(work / f"backup{index + 1}"), double_checkpoint=True))
         if best is not None:
             fit_callbacks.append(best)
+        if plan is not None:
+            # Before the announcer: an epoch's event carries the plan as re-made after that epoch.
+            ends = plan.used_before_training + plan.training_seconds * sum(shares[:index + 1])
+            schedule = budget.schedule_callback(
+                clock, plan, base_lr=phase.learning_rate, min_lr=o.min_learning_rate, steps_per_epoch=steps_per_epoch,
+                phase_start=phase_start, first_epoch=resumes_at, planned_end=phase_start + planned[index],
+                max_end=end_epoch, training_ends=ends, recorder=recorder, work=work)
+            fit_callbacks.append(schedule)
         fit_callbacks.append(recorder.announcer)
         early = None
         if val_ds is not None and o.early_stopping_patience:
             early = keras.callbacks.EarlyStopping("val_loss", patience=o.early_stopping_patience, min_delta=1e-4)
             fit_callbacks.append(early)
-        if val_ds is not None and o.reduce_lr_patience:
+        if val_ds is not None and o.reduce_lr_patience and plan is None:  # a budget has its own schedule
             fit_callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=o.reduce_lr_factor,
                                                                    patience=o.reduce_lr_patience,
                                                                    min_lr=o.min_learning_rate))
@@ -358,10 +390,11 @@ def _fit(model, phases: list[Phase], train_ds, val_ds, data: _Data, o: TrainOpti
             artifacts.write_json(work / "phases.json", {"completed": index + 1, "epoch": recorder.completed})
         # An early-stopped phase ends before end_epoch; the next one continues the epoch count from there.
         first_epoch = recorder.completed
-    return _Fit(rows, phases, resumed_from, stopped_early, best, time.time() - fit_started, weights_by_class)
+    return _Fit(rows, phases, resumed_from, stopped_early, best, time.time() - fit_started, weights_by_class,
+                schedule)
 
 
-def _for_inference(model, data: _Data, o: TrainOptions, runtime: Runtime, phases: list[Phase]) -> keras.Model:
+def _for_inference(model, data: Dataset, o: TrainOptions, runtime: Runtime, phases: list[Phase]) -> keras.Model:
     """The model users get (and model.keras): the same network without the training-only augmentation, in float32
     and on one device: built-in layers only, so plain keras.models.load_model() reads it anywhere, and nothing random
     at inference. It is left uncompiled: it is for predicting."""
@@ -373,37 +406,63 @@ def _for_inference(model, data: _Data, o: TrainOptions, runtime: Runtime, phases
     return plain
 
 
-def _evaluate(model, data: _Data, o: TrainOptions) -> tuple[dict, list[dict]]:
-    """The report on held-out images (test, else validation; training images when none are held out)."""
+def _evaluate(model, data: Dataset, o: TrainOptions) -> tuple[dict, list[dict], keras.Model]:
+    """The report on held-out images (test, else validation; training images when none are held out), with the
+    temperature fitted on the validation images and built into the returned model (`trainer.calibration`)."""
     def predictions(samples):
         ds = make_dataset(samples, num_classes=len(data.class_names), target_size=data.target_size,
                           batch_size=o.batch_size, channels=o.channels, cache=False, with_index=True)
         return labels_and_predictions(model, ds, with_details=True)
 
+    raw = {name: (samples, *predictions(samples)) for name, samples in (("test", data.test), ("validation", data.val))
+           if samples}
+    temperature, cal = 1.0, None
+    if "validation" in raw:
+        _, y_val, _, p_val, _ = raw["validation"]
+        temperature = round(calibration.fit_temperature(p_val, y_val), 4)  # as recorded, so all forms agree
+        model = calibration.calibrated(model, temperature)
+        log.info("calibration: temperature %.3f fitted on %d validation images", temperature, len(y_val))
     evaluations = {}
-    for name, samples in (("test", data.test), ("validation", data.val)):
-        if samples:
-            y_true, y_pred, probs, idx = predictions(samples)
-            evaluations[name] = (classification_report(y_true, y_pred, data.class_names),
-                                 results.misclassified(samples, y_true, y_pred, probs, idx, data.class_names))
+    for name, (samples, y_true, y_pred, probs, idx) in raw.items():
+        scaled = calibration.scale(probs, temperature)
+        evaluations[name] = (classification_report(y_true, y_pred, data.class_names),
+                             results.misclassified(samples, y_true, y_pred, scaled, idx, data.class_names),
+                             probs, scaled, y_true)
     main_split = next(iter(evaluations), None)
     if main_split is None:
         data.info["warnings"].append("no held-out images (validation_split and test_split are 0): the model "
-                                     "was not evaluated; the confusion matrix shows training images")
+                                     "was not evaluated or calibrated; the confusion matrix shows training images")
         y_true, y_pred, _, _ = predictions(data.train)
-        evaluations["train"] = (classification_report(y_true, y_pred, data.class_names), [])
+        evaluations["train"] = (classification_report(y_true, y_pred, data.class_names), [], None, None, None)
         main_split = "train"
     report = {"split": main_split, "held_out": main_split != "train", **evaluations[main_split][0],
-              "splits": {name: {k: r[k] for k in ("accuracy", "macro_f1", "images")}
-                         for name, (r, _) in evaluations.items()}}
+              "splits": {name: {k: e[0][k] for k in ("accuracy", "macro_f1", "images")}
+                         for name, e in evaluations.items()}}
     errors = evaluations[main_split][1]
     report["misclassified"] = errors[:100]
-    return report, errors
+    _, _, before, after, labels = evaluations[main_split]
+    if "validation" in raw:
+        cal = {"temperature": round(temperature, 4), "fitted_on": "validation", "split": main_split,
+               "images": len(labels),
+               "before": calibration.measures(before, labels), "after": calibration.measures(after, labels),
+               "reliability_before": calibration.reliability(before, labels),
+               "reliability_after": calibration.reliability(after, labels),
+               "coverage": calibration.coverage(after, labels),
+               "suggested": calibration.suggested_threshold(after, labels)}
+        if main_split == "validation":
+            cal["note"] = ("measured on the validation images the temperature was fitted on (set test_split for "
+                           "an independent measure)")
+    report["calibration"] = cal
+    # The images whose given label the calibrated model contradicts most confidently: worth a look.
+    report["suspects"] = [e for e in errors if e["probability"] >= SUSPECT_CONFIDENCE][:200]
+    return report, errors, model
 
 
-def _summary(data: _Data, o: TrainOptions, runtime: Runtime, model, fit: _Fit, report: dict, cache_mode: str,
-             started: float, metadata: dict | None) -> dict:
+def _summary(data: Dataset, o: TrainOptions, runtime: Runtime, model, fit: _Fit, report: dict, cache_mode: str,
+             started: float, metadata: dict | None, clock: budget.Clock | None = None,
+             plan: budget.Plan | None = None) -> dict:
     final = fit.rows[-1] if fit.rows else {}
+    cal = report.get("calibration")
     return {
         "classes": data.class_names,
         "num_classes": len(data.class_names),
@@ -427,6 +486,12 @@ def _summary(data: _Data, o: TrainOptions, runtime: Runtime, model, fit: _Fit, r
                    "requested_target_size": o.to_json()["target_size"],
                    "class_weights": {data.class_names[i]: w for i, w in (fit.class_weights or {}).items()}},
         "parameters": int(model.count_params()),
+        "calibration": {k: cal[k] for k in ("temperature", "before", "after", "suggested")} if cal else None,
+        "budget": None if plan is None else {
+            "seconds": plan.budget, "plan": plan.to_json(),
+            "stopped_by": getattr(fit.budget, "stopped_by", None) or ("early stopping" if fit.stopped_early
+                                                                      else "epochs"),
+            "used_seconds": round(clock.used(), 1)},
         "runtime": {**runtime.to_json(), "cache": cache_mode},
         "versions": artifacts.library_versions(),
         **(metadata or {}),
@@ -434,13 +499,6 @@ def _summary(data: _Data, o: TrainOptions, runtime: Runtime, model, fit: _Fit, r
 
 
 # --- internals ---------------------------------------------------------------------------------------------------
-
-def _side_scan(directory, class_names, what):
-    side = scan_directory(directory, class_names, allow_missing=True, what=what)
-    if not side.samples:
-        raise DatasetError(f"{what} {str(directory)!r} holds no usable image of the classes {class_names}")
-    return side
-
 
 def _class_weights(class_weight, samples, num_classes) -> dict[int, float] | None:
     if class_weight is None or class_weight == "none":

@@ -1,4 +1,6 @@
-"""Training-time augmentation as a layer inside the model: active only while training, on 0-255 pixels."""
+"""dropfit's own Keras layers, registered so that ``safe_mode`` loading (no code in model files) knows them:
+`Augmentation` (training-time augmentation inside the model, active only while training, on 0-255 pixels) and
+`Calibration` (temperature scaling of the softmax output, see `trainer.calibration`)."""
 
 from __future__ import annotations
 
@@ -58,3 +60,23 @@ def augmentation_layers(options: dict | None, seed: int | None = None) -> list[k
     if options.get("flip", "none") == "none" and not any(options.get(k) for k in _RANDOM_STEPS):
         return []
     return [Augmentation(options, seed, name="augmentation")]
+
+
+@keras.saving.register_keras_serializable(package="dropfit")
+class Calibration(keras.layers.Layer):
+    """Temperature scaling of softmax probabilities: ``softmax(log p / T)``; the largest class never changes."""
+
+    def __init__(self, temperature: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature = float(temperature)
+
+    def call(self, probabilities):
+        ops = keras.ops
+        logits = ops.log(ops.clip(probabilities, 1e-12, 1.0)) / self.temperature
+        return ops.softmax(logits, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}

@@ -1,0 +1,157 @@
+"""The dataset audit: planted duplicates are found, distinct images are not paired, groups stay on one side of the
+splits, conflicting labels are left out and reported. Real files, real decoding, real perceptual hashes; the
+"hard same-class set" is scikit-learn's real handwritten digits (one digit, many writers)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, events, run_trainer
+from trainer.audit import audit
+from trainer.dataset import load
+from trainer.demo import make_shapes
+from trainer.options import TrainOptions
+
+sys.path.insert(0, str(ROOT / "bench"))
+from audit_threshold import copies
+
+
+def _save(im: Image.Image, path: Path, fmt: str, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.convert("RGB").save(path, fmt, **kw)
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Photo-like shapes with planted copies: exact (a copied file; a PNG re-saved from a JPEG: the same pixels),
+    resized and re-encoded ones, one conflicting pair (the same image under two labels)."""
+    root = make_shapes(tmp_path_factory.mktemp("audit") / "data", classes=3, per_class=30, size_range=(48, 96),
+                       formats=("jpeg", "png"), seed=21)
+    originals = sorted((root / "circle").iterdir())
+    exact, near = [], []
+    for i, src in enumerate(originals[:4]):  # exact copies
+        dst = root / "circle" / f"exact-{i}{src.suffix}"
+        shutil.copy(src, dst)
+        exact.append((src, dst))
+    jpeg = next(p for p in originals if p.suffix == ".jpg")
+    resaved = root / "circle" / "resaved-from-jpeg.png"
+    Image.open(jpeg).save(resaved, "PNG")
+    exact.append((jpeg, resaved))
+    for i, src in enumerate(sorted((root / "square").iterdir())[:3]):  # resized and re-encoded copies
+        for j, variant in enumerate(copies(Image.open(src))):
+            fmt = "JPEG" if j % 2 else "PNG"
+            near.append((src, _save(variant, root / "square" / f"near-{i}-{j}.{fmt.lower()}", fmt)))
+    conflict = sorted((root / "triangle").iterdir())[0]
+    twin = shutil.copy(conflict, root / "circle" / f"also-a-circle{conflict.suffix}")
+    return root, exact, near, (conflict, Path(twin))
+
+
+def test_planted_copies_are_found_and_nothing_else_is_paired(planted):
+    root, exact, near, (conflict, twin) = planted
+    samples = load(root, TrainOptions(validation_split=0.0, audit=False)).train
+    paths = [s.path for s in samples]
+    result = audit(paths, [s.label for s in samples])
+    group_of = {paths[i]: g for i, g in result.group_of.items()}
+
+    def together(a: Path, b: Path) -> bool:
+        return str(a) in group_of and group_of.get(str(a)) == group_of.get(str(b))
+
+    assert all(together(a, b) for a, b in exact)  # every exact copy
+    found = sum(together(a, b) for a, b in near)
+    assert found >= 0.9 * len(near), f"{found} of {len(near)} resized/re-encoded copies found"
+    planted_files = {str(p) for pair in (*exact, *near, (conflict, twin)) for p in pair}
+    stray = [g for g in result.groups if not {paths[i] for i in g} & planted_files]
+    assert stray == [], [[paths[i] for i in g] for g in stray]  # no distinct images paired
+    assert len(result.conflicts) == 1 and together(conflict, twin)
+
+
+def test_no_false_pairs_among_one_digit_by_many_writers(tmp_path):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    paths = []
+    for i, image in enumerate(digits.images[digits.target == 1]):
+        pixels = np.clip(np.rint(image * (255 / 16)), 0, 255).astype(np.uint8)
+        path = tmp_path / f"{i:03d}.png"
+        Image.fromarray(pixels, "L").resize((28, 28), Image.BILINEAR).save(path)
+        paths.append(str(path))
+    result = audit(paths, [0] * len(paths))
+    # Distinct images are never paired; identical ones may be (the 8x8 originals hold a few exact repeats).
+    for group in result.groups:
+        pixels = {np.asarray(Image.open(paths[i])).tobytes() for i in group}
+        assert len(pixels) == 1, [paths[i] for i in group]
+
+
+def test_no_false_pairs_among_thousands_of_look_alike_shapes(tmp_path):
+    """2,400 generated images: one shape per class in one colour family, at similar places on similar noisy
+    backgrounds — their perceptual hashes pair thousands of them; no two may be called copies, above all not across
+    classes (a false conflict would leave both out of training)."""
+    root = make_shapes(tmp_path / "data", classes=4, per_class=600, size_range=(96, 96), formats=("png",), seed=11)
+    samples = load(root, TrainOptions(validation_split=0.0, audit=False)).train
+    result = audit([s.path for s in samples], [s.label for s in samples])
+    assert result.groups == [] and result.conflicts == []
+
+
+def test_splits_keep_groups_whole_and_leave_conflicts_out(planted):
+    root, exact, _near, (conflict, twin) = planted
+    data = load(root, TrainOptions(validation_split=0.3, test_split=0.2, audit=True, seed=5))
+    split_of = {s.path: name for name, ss in (("train", data.train), ("val", data.val), ("test", data.test))
+                for s in ss}
+    report = data.info["audit"]
+    assert report["groups_straddling_splits"] == 0 and report["duplicate_groups"] >= len(exact)
+    for group in report["groups"]:
+        assert len({split_of.get(str(root / f)) for f in group["files"]} - {None}) <= 1, group
+    assert str(conflict) not in split_of and str(twin) not in split_of  # excluded from every split
+    assert sorted(report["excluded"]) == sorted([str(conflict.relative_to(root)), str(twin.relative_to(root))])
+    assert report["conflicts"] == 1 and any("under more than one label" in w for w in data.info["warnings"])
+    assert report["seconds"] > 0 and 0 <= report["grey_fraction"] <= 1 and report["imbalance_ratio"] >= 1
+
+
+def test_a_training_copy_of_a_validation_image_is_left_out(tmp_path):
+    train = make_shapes(tmp_path / "train", classes=2, per_class=10, size_range=(48, 64), seed=1)
+    val = make_shapes(tmp_path / "val", classes=2, per_class=4, size_range=(48, 64), seed=2)
+    leaked = sorted((val / "circle").iterdir())[0]
+    buf = io.BytesIO()
+    Image.open(leaked).convert("RGB").save(buf, "JPEG", quality=95)  # re-encoded, under another name
+    (train / "circle" / "borrowed.jpg").write_bytes(buf.getvalue())
+    data = load(train, TrainOptions(validation_directory=str(val), audit=True))
+    assert str(train / "circle" / "borrowed.jpg") not in {s.path for s in data.train}
+    assert data.info["audit"]["excluded_as_copies_of_held_out_images"] == ["circle/borrowed.jpg"]
+
+
+def test_a_job_reports_its_audit_and_its_label_suspects(planted, tmp_path):
+    root, *_ = planted
+    job = tmp_path / "job"
+    shutil.copytree(root, job)
+    for path in sorted((job / "square").iterdir())[-3:]:  # three squares filed as triangles: wrong labels
+        path.rename(job / "triangle" / f"mislabelled-{path.name}")
+    (job / "job.yaml").write_text(json.dumps({"target_size": 32, "epochs": 12, "batch_size": 16, "seed": 3,
+                                              "data": {"validation_split": 0.4}}))
+    proc = run_trainer("run", job, "--out", tmp_path / "out", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    started = events(proc.stdout)[0]
+    assert any("copies of others" in w for w in started["warnings"])  # reaches status.json through the daemon
+    out = tmp_path / "out"
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["audit"]["duplicate_groups"] > 0 and dataset["audit"]["groups"][0]["files"]
+    html = (out / "report.html").read_text()
+    assert "Dataset audit" in html and "Duplicate groups" in html
+    assert (out / "duplicates.png").is_file()
+    suspects = (out / "suspects.csv").read_text().splitlines()
+    assert suspects[0] == "file,given_label,predicted_label,confidence"
+    flagged = [line for line in suspects[1:] if "mislabelled-" in line]
+    held_out = [p for p in json.loads((out / "report.json").read_text())["misclassified"]
+                if "mislabelled-" in p["file"]]
+    # Every mislabelled image the model saw as held out and contradicted with >= 0.9 is listed, as a square.
+    for miss in held_out:
+        if miss["probability"] >= 0.9:
+            assert any(Path(miss["file"]).name in line and ",triangle,square," in line for line in flagged)

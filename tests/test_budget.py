@@ -1,0 +1,82 @@
+"""``time_budget``: a job that would take several times longer ends inside its budget, on a plan it can explain."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+
+import yaml
+
+from tests.conftest import ROOT, env_for_subprocess, events
+from trainer import budget
+from trainer.demo import make_shapes
+
+BUDGET = 40.0
+
+
+def test_a_budgeted_job_ends_inside_its_budget_on_data_that_would_take_several_times_longer(tmp_path):
+    data = make_shapes(tmp_path / "big", classes=4, per_class=600, size_range=(96, 96), formats=("png",), seed=11)
+    (data / "job.yaml").write_text(yaml.safe_dump({"time_budget": f"{int(BUDGET)}s"}))
+    out = tmp_path / "out"
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "trainer", "run", str(data), "--out", str(out),
+                           "--work", str(tmp_path / "work"), "--job-id", "budgeted"],
+                          capture_output=True, text=True, timeout=300, env=env_for_subprocess(), cwd=ROOT)
+    wall = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # The whole job (interpreter, TensorFlow's import, scan, training, evaluation, artifacts) within 5%.
+    assert wall <= BUDGET * 1.05 + 1.0, wall
+
+    summary = json.loads((out / "summary.json").read_text())
+    plan = summary["budget"]["plan"]
+    assert summary["budget"]["seconds"] == BUDGET and summary["budget"]["used_seconds"] <= BUDGET * 1.05
+    # Without the budget the job's 50 epochs at the measured speed of its first candidate would take > 3x as long.
+    first = plan["candidates"][0]
+    train_images = plan["train_images"]
+    assert 50 * train_images / first["images_per_second"] > 3 * BUDGET, (first, train_images)
+    assert 1 <= summary["epochs_trained"] < 50
+    assert summary["budget"]["stopped_by"] in {"plan", "time", "early stopping"}
+    assert (out / "model.keras").is_file() and (out / "report.html").is_file()
+
+    # The learning rate decays over the plan (cosine ending on the last planned epoch).
+    with open(out / "metrics.csv") as f:
+        rates = [float(row["learning_rate"]) for row in csv.DictReader(f)]
+    if summary["budget"]["stopped_by"] == "plan" and len(rates) >= 3:
+        assert rates[-1] < max(rates) / 3, rates
+
+    started_event = next(e for e in events(proc.stdout) if e["event"] == "started")
+    assert started_event["time_budget"] == BUDGET and started_event["deadline"] > time.time() - wall
+    assert "Time budget" in (out / "report.html").read_text()
+
+
+def test_a_resumed_job_counts_the_time_its_earlier_attempts_used(tmp_path):
+    first = budget.Clock.start(100.0, time.monotonic() - 30.0, tmp_path)
+    first.save(tmp_path)
+    again = budget.Clock.start(100.0, time.monotonic(), tmp_path)
+    assert 29.5 < again.used() < 31.5 and 68.5 < again.left() < 70.5
+    (tmp_path / budget.USED_FILE).write_text("not json")
+    assert budget.Clock.start(100.0, time.monotonic(), tmp_path).used() < 1.0
+
+
+def test_the_planner_shrinks_the_network_when_too_few_epochs_fit():
+    """``choose`` on a real (tiny) Keras model: with no time to spare it tries cheaper candidates, in turn."""
+    from trainer.model import build_model, compile_model
+
+    built = []
+
+    def build(size, channels, filters):
+        built.append((tuple(size), filters))
+        model = build_model((*size, channels), 3, filters=list(filters) if filters else [8, 16])
+        compile_model(model)
+        return model
+
+    clock = budget.Clock(budget=12.0, started=time.monotonic())
+    plan = budget.choose(clock, train_images=200_000, held_out=100, exports=0, num_classes=3, target_size=(64, 64),
+                         channels=1, batch_size="auto", filters=(8, 16), can_shrink_width=True, can_shrink_input=True,
+                         max_epochs=50, build=build)
+    assert len(plan.candidates) > 1 and built[1] != built[0]
+    assert plan.batch_size == 128 and plan.epochs >= 1
+    assert plan.epochs <= 50 and plan.target_size[0] <= 64

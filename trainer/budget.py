@@ -1,0 +1,255 @@
+"""``time_budget``: the whole job — scan, audit, training, evaluation, artifacts, exports — ends within a time the
+user gives, with the best model that fits in it.
+
+1. The clock starts when the trainer starts (a resumed job adds what its earlier attempts used, kept in the work
+   folder); what is not training (evaluation, calibration, plots, reports, exports) is estimated and reserved.
+2. Before training, the planner measures how fast the network trains on this machine (a few steps on random pixels
+   of the real input shape) and chooses what is left on ``auto`` to fit a useful number of epochs: greyscale data
+   trains on one channel, small images at their own size (never blown up), a batch size that keeps the CPU or GPU
+   busy, and — when even then too few epochs fit — a narrower network or a smaller input, by measurement.
+3. Training follows a cosine learning-rate schedule (with a short warm-up) that ends exactly on the last planned
+   epoch; after every epoch the plan is made again from the measured epoch time, and the schedule stretched or
+   shortened to match. Early stopping still ends sooner; the best weights found within the budget are kept. A hard
+   stop at the end of the training time is the safety net.
+
+TensorFlow is imported lazily: the daemon reads nothing here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MIN_EPOCHS = 12  # fewer and the schedule is too short to converge: shrink the network or the input instead
+RESERVE_FIXED = 8.0  # seconds after training: model copy, calibration, plots, report, saving (measured: 3-4 s)
+RESERVE_PER_EXPORT = 25.0  # SavedModel or TFLite conversion and its check
+SAFETY = 0.04  # of the budget, kept for what no estimate sees
+PLANNING_SHARE = 0.06  # of the budget, at most, spent measuring candidates (at least 3 s)
+WIDTH_GAIN, INPUT_GAIN = 2.0, 1.5  # typical speed-ups of half the filters, 3/4 of the input side (2-core CPU, 96 px)
+USED_FILE = "budget.json"
+
+
+@dataclass
+class Clock:
+    """Time used by the job: this run (since ``started``, a ``time.monotonic()``) plus earlier attempts."""
+
+    budget: float
+    started: float
+    used_before: float = 0.0
+
+    def used(self) -> float:
+        return self.used_before + time.monotonic() - self.started
+
+    def left(self) -> float:
+        return self.budget - self.used()
+
+    def deadline(self) -> float:
+        """Wall-clock time (Unix seconds) the job must have ended by."""
+        return time.time() + self.left()
+
+    @classmethod
+    def start(cls, budget: float, started: float | None, work: Path | None) -> Clock:
+        used = 0.0
+        if work is not None:
+            try:
+                used = float(json.loads((work / USED_FILE).read_text())["used"])
+            except (OSError, ValueError, KeyError, TypeError):
+                used = 0.0
+        return cls(budget, started if started is not None else time.monotonic(), used)
+
+    def save(self, work: Path | None) -> None:
+        if work is not None:
+            from trainer.atomic import write_json
+
+            write_json(work / USED_FILE, {"used": self.used(), "budget": self.budget})
+
+
+@dataclass
+class Plan:
+    """What the planner chose, and why (recorded in summary.json and the report)."""
+
+    budget: float
+    used_before_training: float
+    reserve: float
+    training_seconds: float
+    batch_size: int
+    target_size: tuple[int, int]
+    channels: int
+    filters: tuple[int, ...] | None
+    images_per_second: float
+    epoch_seconds: float
+    epochs: int
+    train_images: int = 0
+    candidates: list[dict] = field(default_factory=list)
+    replans: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["target_size"] = list(self.target_size)
+        out["filters"] = list(self.filters) if self.filters else None
+        for key in ("used_before_training", "reserve", "training_seconds", "images_per_second", "epoch_seconds"):
+            out[key] = round(out[key], 2)
+        return out
+
+
+def reserve(held_out: int, exports: int, images_per_second: float, budget: float) -> float:
+    """Seconds to keep for everything after training."""
+    inference = 3 * images_per_second  # predicting runs about three times faster than training
+    return RESERVE_FIXED + RESERVE_PER_EXPORT * exports + held_out / max(inference, 1.0) + SAFETY * budget
+
+
+def measure(model, input_shape: tuple[int, int, int], num_classes: int, batch_size: int,
+            seconds: float = 1.5) -> float:
+    """Images per second ``model`` (compiled) trains at on this machine: steps on random pixels, after warm-up."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (batch_size, *input_shape), dtype=np.uint8)
+    y = np.eye(num_classes, dtype="float32")[rng.integers(0, num_classes, batch_size)]
+    for _ in range(2):  # tracing and the first allocations
+        model.train_on_batch(x, y)
+    steps, started = 0, time.perf_counter()
+    while steps < 3 or time.perf_counter() - started < seconds:
+        model.train_on_batch(x, y)
+        steps += 1
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def choose(clock: Clock, *, train_images: int, held_out: int, exports: int, num_classes: int, target_size,
+           channels: int, batch_size: int | str, filters, can_shrink_width: bool, can_shrink_input: bool,
+           max_epochs: int, build) -> Plan:
+    """Measure candidates and pick the first that fits `MIN_EPOCHS` (or the cheapest measured): ``build(target_size,
+    channels, filters)`` returns a compiled model. Cheaper candidates halve the width and shrink the input by a
+    quarter, in turn; from the speed measured, the planner skips straight to the first one predicted to fit, and
+    spends at most `PLANNING_SHARE` of the budget measuring."""
+    batch = batch_size if batch_size != "auto" else _auto_batch(train_images)
+    size, width = tuple(target_size), filters
+    seconds = min(1.5, max(0.3, clock.budget * 0.004))
+    planning_ends = clock.used() + max(3.0, PLANNING_SHARE * clock.budget)
+    candidates, step = [], 0
+    while True:
+        model = build(size, channels, width)
+        ips = measure(model, (*size, channels), num_classes, batch, seconds)
+        epoch = train_images / ips * 1.08  # the shuffle, the last partial batch and the validation pass
+        spare = reserve(held_out, exports, ips, clock.budget)
+        training = clock.left() - spare
+        fits = max(0, math.floor(training / epoch)) if training > 0 else 0
+        candidates.append({"target_size": list(size), "channels": channels, "filters": list(width) if width else None,
+                           "batch_size": batch, "images_per_second": round(ips, 1), "epochs_that_fit": fits,
+                           "epoch_seconds": round(epoch, 2)})
+        log.info("budget: %dx%dx%d, filters %s, batch %d: %.0f images/s, %d epoch(s) fit in %.0f s", *size, channels,
+                 width or "default", batch, ips, fits, training)
+        if fits >= min(MIN_EPOCHS, max_epochs) or clock.used() >= planning_ends:
+            break
+        # How much faster the next candidate must be, and the first shrink predicted to get there.
+        needed = min(MIN_EPOCHS, max_epochs) * epoch / max(training, 1e-3)
+        gain, nxt = 1.0, None
+        while gain < needed:
+            smaller = _shrink(size if nxt is None else nxt[0], width if nxt is None else nxt[1], can_shrink_width,
+                              can_shrink_input, step)
+            if smaller is None:
+                break
+            step += 1
+            gain *= WIDTH_GAIN if smaller[1] != (width if nxt is None else nxt[1]) else INPUT_GAIN
+            nxt = smaller
+        if nxt is None:
+            break
+        size, width = nxt
+    best = candidates[-1]
+    return Plan(budget=clock.budget, used_before_training=clock.used(), reserve=spare, training_seconds=training,
+                batch_size=best["batch_size"], target_size=tuple(best["target_size"]), channels=channels,
+                filters=tuple(best["filters"]) if best["filters"] else None,
+                images_per_second=best["images_per_second"], epoch_seconds=epoch,
+                epochs=max(1, min(max_epochs, best["epochs_that_fit"])), train_images=train_images,
+                candidates=candidates)
+
+
+def _auto_batch(train_images: int) -> int:
+    """Larger batches keep a CPU's cores (and a GPU) busy; small datasets need enough steps per epoch."""
+    for batch in (128, 64):
+        if train_images >= 40 * batch:
+            return batch
+    return 32
+
+
+def _shrink(size, width, can_shrink_width: bool, can_shrink_input: bool, step: int):
+    """The next cheaper candidate: halve the width and shrink the input by a quarter, alternately (at most 6)."""
+    if step >= 6:
+        return None
+    options = []
+    if can_shrink_width and width and min(width) >= 8:
+        options.append((size, tuple(max(4, f // 2) for f in width)))
+    if can_shrink_input and min(size) >= 48:
+        options.append((tuple(max(32, 4 * round(v * 0.75 / 4)) for v in size), width))
+    if not options:
+        return None
+    return options[step % len(options)] if len(options) > 1 else options[0]
+
+
+def schedule_callback(clock: Clock, plan: Plan, *, base_lr: float, min_lr: float, steps_per_epoch: int,
+                      phase_start: int, first_epoch: int, planned_end: int, max_end: int, training_ends: float,
+                      recorder, work: Path | None):
+    """The Keras callback that runs the plan for one phase (epochs ``phase_start`` to at most ``max_end``, planned to
+    end at ``planned_end``, resuming at ``first_epoch``), until ``training_ends`` seconds of the budget are used."""
+    import keras
+
+    class BudgetSchedule(keras.callbacks.Callback):
+        """Cosine learning rate over the planned epochs, re-planned after each; stops when the plan is done or the
+        training time is up."""
+
+        def __init__(self):
+            super().__init__()
+            self.planned_end = max(planned_end, first_epoch + 1)
+            self.epoch = first_epoch
+            self.epoch_started = 0.0
+            self.stopped_by: str | None = None
+            self.warmup = max(1, min(steps_per_epoch, int(0.05 * (planned_end - phase_start) * steps_per_epoch)))
+
+        def _lr(self, step: int) -> float:
+            total = max(1, (self.planned_end - phase_start) * steps_per_epoch)
+            if step < self.warmup and first_epoch == phase_start:
+                return base_lr * (step + 1) / self.warmup
+            progress = min(1.0, step / total)
+            return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+            self.epoch_started = time.monotonic()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            step = (self.epoch - phase_start) * steps_per_epoch + batch
+            self.model.optimizer.learning_rate.assign(self._lr(step))
+
+        def on_train_batch_end(self, batch, logs=None):
+            if clock.used() >= training_ends and not self.model.stop_training:
+                log.warning("budget: training time is up in epoch %d; stopping after it", self.epoch + 1)
+                self.model.stop_training = True
+                self.stopped_by = "time"
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds = time.monotonic() - self.epoch_started
+            clock.save(work)
+            done = epoch + 1
+            left = training_ends - clock.used()
+            # A run's first epoch also fills the cache and traces the graph: trust it only half against the plan.
+            estimate = (seconds + plan.epoch_seconds) / 2 if epoch == first_epoch else seconds
+            fits = max(0, math.floor(left / (estimate * 1.03))) if estimate > 0 else 0
+            planned = max(done, min(max_end, done + fits))
+            if planned != self.planned_end:
+                plan.replans.append({"after_epoch": done, "epoch_seconds": round(seconds, 2),
+                                     "planned_epochs": planned, "was": self.planned_end})
+                log.info("budget: epoch %d took %.1f s; plan %d -> %d epochs", done, seconds, self.planned_end,
+                         planned)
+                recorder.epochs += planned - self.planned_end
+                self.planned_end = planned
+            if done >= self.planned_end and not self.model.stop_training:
+                self.model.stop_training = True
+                self.stopped_by = self.stopped_by or "plan"
+
+    return BudgetSchedule()
