@@ -67,7 +67,7 @@ def bound_without_onednn() -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a 100-per-class dataset")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["pipeline", "training", "audit", "daemon"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["pipeline", "training", "audit", "predict", "daemon"])
     args = parser.parse_args()
     import daemon_bench
     import pipeline
@@ -109,6 +109,12 @@ def main() -> int:
     if "audit" not in args.skip:
         out["audit"] = audit_cost(files, repeats)
         print(json.dumps({"audit": out["audit"]}), flush=True)
+
+    if "predict" not in args.skip:
+        import predict_bench
+
+        out["predict"] = predict_bench.run_all(args.quick)
+        print(json.dumps({"predict": out["predict"]}), flush=True)
 
     if "daemon" not in args.skip:
         d = {**daemon_bench.idle(10 if args.quick else 60), **daemon_bench.latency()}
@@ -201,6 +207,14 @@ def render(out: dict) -> str:
         lines.append(f"| dataset audit (exact and near duplicates, conflicts) | {_r(a['images'] / a['seconds'])} | "
                      f"{a['seconds_per_10k']:.1f} s per 10,000 | <= 60 s per 10,000 "
                      f"{'met' if a['seconds_per_10k'] <= 60 else 'missed'} |")
+    pr = out.get("predict")
+    if pr:
+        for name, what in (("photos", "~320x240 JPEGs, 128x128x3 model"), ("small", "28x28 PNGs, 28x28x1 model")):
+            r = pr[name]
+            lines.append(f"| prediction job, {r['images']:,} {what}: streamed from disk (peak memory "
+                         f"{r['peak_memory_mb']:.0f} MB) | {_r(r['streamed_images_per_second'])} | "
+                         f"{r['ratio']:.2f} of the model in memory ({_r(r['model_in_memory_images_per_second'])}/s) | "
+                         f">= 0.80 {'met' if r['ratio'] >= 0.8 else 'missed'} |")
     d = out.get("daemon")
     if d:
         lines += ["", "| daemon | value | target |", "| --- | ---: | --- |",

@@ -1,4 +1,5 @@
-"""``dropfit``: the daemon (``serve``), its jobs (``status``, ``cancel``, ``demo``), and the trainer's commands.
+"""``dropfit``: the daemon (``serve``), its jobs (``status``, ``models``, ``cancel``, ``demo``), and the trainer's
+commands.
 
 The trainer's commands (``run``, ``train``, ``predict``, ``evaluate``, ``validate``, ``schema``) are handed to
 `trainer.cli`; nothing here imports TensorFlow.
@@ -109,6 +110,9 @@ def cmd_status(args) -> int:
         progress = f"{j.epoch}/{j.epochs}" if j.epochs else "-"
         best = f"{j.best_val_accuracy:.4f}" if j.best_val_accuracy is not None else "-"
         detail = (j.error or "").splitlines()[0][:80] if j.error else ""
+        if j.kind == "predict":
+            progress = f"{j.epoch}/{j.epochs}img" if j.epochs else "-"
+            detail = f"predict with {j.model_job}" + (f"; {detail}" if detail else "")
         if j.state.value == "running" and j.engine not in (None, "local"):
             detail = f"{j.engine} job {j.engine_ref}" + (f"; {detail}" if detail else "")
         if j.deadline is not None and not j.state.terminal:
@@ -117,6 +121,25 @@ def cmd_status(args) -> int:
             left = f"{format_duration(max(0.0, j.deadline - now))} left of {format_duration(j.time_budget or 0)}"
             detail = left + (f"; {detail}" if detail else "")
         print(f"{j.id:<48} {_state(j):<20} {progress:>9} {best:>13} {_age(now - j.created_at):>6}  {detail}")
+    return EXIT_OK
+
+
+def cmd_models(args) -> int:
+    """The trained models (succeeded training jobs whose model is still in the outbox): what predict.yaml's
+    ``model:`` refers to."""
+    from daemon import models
+    from daemon.ledger import Ledger
+
+    config = _config(args)
+    path = config.ledger_path()
+    found = []
+    if path.exists():
+        ledger = Ledger(path, readonly=True)
+        try:
+            found = models.entries(ledger, config.path("outbox"))
+        finally:
+            ledger.close()
+    print(json.dumps(found, indent=2) if args.json else models.table(found))
     return EXIT_OK
 
 
@@ -152,8 +175,11 @@ def cmd_validate(args) -> int:
     """Check a job folder as the daemon of this config would take it in, and print the spec it would run."""
     from pathlib import Path
 
+    import yaml
+
     from daemon.intake import validate
     from daemon.unpack import archive_kind
+    from trainer.predict_spec import PREDICT_FILE, PredictRun
     from trainer.spec import JOB_FILE, resolved_yaml
 
     config = _config(args)
@@ -162,13 +188,31 @@ def cmd_validate(args) -> int:
         print(f"{path}: validate checks a job folder; extract the archive and validate the folder "
               "(the daemon takes the archive itself as it is)", file=sys.stderr)
         return EXIT_USAGE
-    folder = path.parent if path.name == JOB_FILE and not path.is_dir() else path
-    spec, error = validate(folder, config.job_defaults, max_classes=config.limits.max_classes)
+    folder = path.parent if path.name in (JOB_FILE, PREDICT_FILE) and not path.is_dir() else path
+    spec, error = validate(folder, config.job_defaults, max_classes=config.limits.max_classes,
+                           models=lambda ref: _find_model(config, ref))
     if error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
+    if isinstance(spec, PredictRun):
+        print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
+        return EXIT_OK
     print(resolved_yaml(spec, f"{folder / JOB_FILE}"), end="")
     return EXIT_OK
+
+
+def _find_model(config, ref: str):
+    from daemon import models
+    from daemon.ledger import Ledger
+
+    path = config.ledger_path()
+    if not path.exists():
+        raise LookupError(f"no trained model yet (got {ref!r}); drop a dataset with a job.yaml first")
+    ledger = Ledger(path, readonly=True)
+    try:
+        return models.resolve(ref, ledger, config.path("outbox"))
+    finally:
+        ledger.close()
 
 
 def cmd_health(args) -> int:
@@ -218,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, func, help_text in (("serve", cmd_serve, "run the daemon (watch the inbox, train, serve metrics)"),
                                   ("status", cmd_status, "list jobs: state, progress, best validation accuracy"),
+                                  ("models", cmd_models, "list the trained models a predict.yaml can use"),
                                   ("cancel", cmd_cancel, "cancel a queued or running job"),
                                   ("demo", cmd_demo, "drop a small generated dataset into the inbox"),
                                   ("validate", cmd_validate, "check a job folder as this daemon would, and print the "
@@ -226,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="config.yaml (default: $DROPFIT_CONFIG, ./config.yaml, built-in defaults)")
         p.set_defaults(func=func)
-        if name == "status":
+        if name in ("status", "models"):
             p.add_argument("--json", action="store_true")
         elif name == "cancel":
             p.add_argument("job_id")
@@ -234,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--name", help="folder name in the inbox")
             p.add_argument("--seed", type=int, default=0)
         elif name == "validate":
-            p.add_argument("path", help="a job folder (or its job.yaml)")
+            p.add_argument("path", help="a job folder (or its job.yaml or predict.yaml)")
     for name in TRAINER_COMMANDS:
         sub.add_parser(name, help=f"trainer: see `dropfit {name} --help`", add_help=False)
     return parser

@@ -107,6 +107,37 @@ class RunnerConfig(_Section):
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
 
 
+NOTIFY_EVENTS = ("queued", "started", "finished", "failed", "cancelled")
+
+
+class NotifyConfig(_Section):
+    """A webhook: a JSON POST for each job event it asks for, signed with HMAC-SHA256 when it has a secret."""
+
+    url: str = Field(description="http:// or https:// URL the events are POSTed to.")
+    events: list[Literal[NOTIFY_EVENTS]] = Field(
+        default_factory=lambda: list(NOTIFY_EVENTS), description="Which job events to send (default: all).")
+    secret: str | None = Field(None, description="Signs each body: header X-Dropfit-Signature: sha256=<hex HMAC>.")
+    secret_env: str | None = Field(None, description="Or: the environment variable holding the secret.")
+    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = Field(5.0, description="Per delivery attempt.")
+    retries: Annotated[int, Strict(), Field(ge=0, le=20)] = Field(
+        5, description="Attempts after the first, with exponential backoff (1, 2, 4... s, at most 60 s apart).")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    def signing_key(self) -> bytes | None:
+        """The secret, from the config or the environment (an unset variable: unsigned, and the daemon says so)."""
+        value = self.secret if self.secret is not None else os.environ.get(self.secret_env or "", None)
+        return value.encode() if value else None
+
+
 class Config(_Section):
     """dropfit daemon configuration."""
 
@@ -142,6 +173,7 @@ class Config(_Section):
         None, description="Command that runs the trainer (default: this Python with -m trainer).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    notify: list[NotifyConfig] = Field(default_factory=list, description="Webhooks told of job events.")
     ledger: str | None = Field(
         None, description="The ledger file (default: state_dir/ledger.sqlite3). It must be on a local disk: "
                           "SQLite's locking does not work over NFS.")

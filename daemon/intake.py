@@ -25,6 +25,7 @@ from pathlib import Path
 from daemon.unpack import ArchiveError, archive_kind, extract
 from daemon.watch import ignored_name
 from trainer.atomic import write_json
+from trainer.predict_spec import PREDICT_FILE, PredictRun, load_predict_spec
 from trainer.spec import JOB_FILE, JobSpec, SpecError, load_spec, resolve_path
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class Intake:
     """How taking in a claimed job ended: ``queued`` (with its spec), ``gone``, ``failed`` or ``rejected``."""
 
     outcome: str
-    spec: JobSpec | None = None
+    spec: JobSpec | PredictRun | None = None
     kind: str | None = None  # the error kind, for failed and rejected
     message: str | None = None
     kept: Path | None = None  # where the data is kept, when not at the job's dataset path
@@ -52,9 +53,11 @@ def may_be_a_job(inbox: Path, name: str) -> bool:
     return path.is_dir() or (archive_kind(name) is not None and path.is_file())
 
 
-def take_in(name: str, source: Path | None, hidden: Path, dataset: Path, defaults: dict, limits) -> Intake:
+def take_in(name: str, source: Path | None, hidden: Path, dataset: Path, defaults: dict, limits,
+            models=None) -> Intake:
     """Claim a dropped folder or archive into ``dataset``, extract it if need be, validate its spec and write the
-    resolved spec (`SPEC_FILE`) beside the dataset.
+    resolved spec (`SPEC_FILE`) beside the dataset. ``models(ref)`` resolves a ``predict.yaml``'s ``model:`` to
+    ``(job id, outbox folder)`` or raises LookupError (`daemon.models.resolve`).
 
     Safe to call again for the same job after a crash at any point. ``source`` is None when the drop's place in the
     inbox is not known (a ledger rebuilt from the outbox): then only what is already claimed is looked at.
@@ -80,7 +83,7 @@ def take_in(name: str, source: Path | None, hidden: Path, dataset: Path, default
         except OSError as exc:  # our disk, not the archive: a failure, not a rejection
             return Intake("failed", kind="io", message=f"{name}: could not extract it: {_describe(exc)}",
                           kept=kept)
-    spec, error = validate(dataset, defaults, display=name, max_classes=limits.max_classes)
+    spec, error = validate(dataset, defaults, display=name, max_classes=limits.max_classes, models=models)
     if error:
         return Intake("rejected", kind="spec", message=error)
     try:
@@ -210,13 +213,24 @@ def move_tree(src: Path, dst: Path) -> None:
     shutil.rmtree(src)
 
 
+def has_spec(folder: Path) -> bool:
+    """Whether a dropped folder holds a ``job.yaml`` or a ``predict.yaml`` (a file, a folder or a dangling link by
+    that name counts: it is rejected with the reason rather than waited on)."""
+    return any((folder / name).exists() or (folder / name).is_symlink() for name in (JOB_FILE, PREDICT_FILE))
+
+
 def validate(dataset: Path, defaults: dict | None = None, display: str | None = None,
-             max_classes: int | None = None) -> tuple[JobSpec | None, str | None]:
-    """Load and check a claimed job's ``job.yaml``; returns ``(spec, None)`` or ``(None, error text)``.
+             max_classes: int | None = None, models=None) -> tuple[JobSpec | PredictRun | None, str | None]:
+    """Load and check a claimed job's ``job.yaml`` (or ``predict.yaml``); returns ``(spec, None)`` or
+    ``(None, error text)``.
 
     ``display`` replaces the claimed folder's path in messages (the name the user dropped it under).
     ``max_classes`` rejects datasets with more class folders than that before any trainer is started.
+    ``models`` resolves a prediction job's ``model:`` (see `take_in`).
     """
+    predict = dataset / PREDICT_FILE
+    if predict.exists() or predict.is_symlink():
+        return _validate_prediction(dataset, display, models)
     try:
         spec = load_spec(dataset / JOB_FILE, defaults)
         paths = {field: resolve_path(dataset, relative, field) for field, relative in spec.paths().items()}
@@ -228,6 +242,28 @@ def validate(dataset: Path, defaults: dict | None = None, display: str | None = 
         if error:
             return None, error.replace(str(dataset), display) if display else error
     return spec, None
+
+
+def _validate_prediction(dataset: Path, display: str | None, models) -> tuple[PredictRun | None, str | None]:
+    def shown(text: str) -> str:
+        return text.replace(str(dataset), display) if display else text
+
+    where = f"{display or dataset}/{PREDICT_FILE}"
+    if (dataset / JOB_FILE).exists() or (dataset / JOB_FILE).is_symlink():
+        return None, (f"{display or dataset}: holds both {JOB_FILE} and {PREDICT_FILE}; expected one of them: "
+                      f"{JOB_FILE} to train a model, {PREDICT_FILE} to label images with one")
+    try:
+        spec = load_predict_spec(dataset / PREDICT_FILE)
+        resolve_path(dataset, spec.images, "images")
+    except SpecError as exc:
+        return None, shown(str(exc))
+    if models is None:
+        return None, f"{where}: model: no model catalogue here (prediction jobs run under the daemon)"
+    try:
+        job_id, folder = models(spec.model)
+    except LookupError as exc:
+        return None, f"{where}: model: {exc}"
+    return PredictRun(spec=spec, model_job=job_id, model_dir=str(folder)), None
 
 
 def _check_class_count(train: Path, spec: JobSpec, max_classes: int) -> str | None:

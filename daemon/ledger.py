@@ -83,7 +83,9 @@ CREATE TABLE IF NOT EXISTS {name} (
     events_offset INTEGER NOT NULL DEFAULT 0,
     time_budget REAL,
     deadline REAL,
-    warnings TEXT
+    warnings TEXT,
+    kind TEXT,
+    model_job TEXT
 );
 """
 _SCHEMA = _TABLE.format(name="jobs") + "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);\n"
@@ -126,6 +128,10 @@ class Job:
     time_budget: float | None = None  # seconds (job.yaml's time_budget), once the trainer has started
     deadline: float | None = None  # Unix time the trainer will have ended by, under a time budget
     warnings: list | None = None  # the trainer's warnings about the data
+    # train (job.yaml) or predict (predict.yaml); None until intake has read the spec. For a prediction job epoch and
+    # epochs count images labelled and to label, and model_job is the training job whose model it uses.
+    kind: str | None = None
+    model_job: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:

@@ -17,7 +17,9 @@ from http.server import ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import MetricsHandler
 
+from daemon.config import NOTIFY_EVENTS
 from daemon.ledger import OUTCOMES
+from trainer.predict_spec import KINDS
 
 log = logging.getLogger(__name__)
 # The `_created` companion series double what a scrape carries and no dashboard of ours uses them.
@@ -33,9 +35,18 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, version: str = "0"):
         self.registry = r = registry if registry is not None else CollectorRegistry()
-        self.jobs = Counter("dropfit_jobs", "Jobs that ended, by outcome.", ["outcome"], registry=r)
+        self.jobs = Counter("dropfit_jobs", "Jobs that ended, by outcome and kind (train or predict).",
+                            ["outcome", "kind"], registry=r)
         for outcome in OUTCOMES:
-            self.jobs.labels(outcome)
+            for kind in KINDS:
+                self.jobs.labels(outcome, kind)
+        self.notifications = Counter("dropfit_notifications", "Webhook deliveries, by job event and result "
+                                     "(delivered, or failed after every retry).", ["event", "result"], registry=r)
+        for event in NOTIFY_EVENTS:
+            for result in ("delivered", "failed"):
+                self.notifications.labels(event, result)
+        self.images_predicted = Counter("dropfit_images_predicted", "Images labelled by prediction jobs.",
+                                        registry=r)
         self.queued = Gauge("dropfit_jobs_queued", "Jobs waiting for a free slot.", registry=r)
         self.running = Gauge("dropfit_jobs_running", "Jobs whose trainer is running.", registry=r)
         self.pending_in_engine = Gauge("dropfit_jobs_pending_in_engine",
@@ -55,7 +66,8 @@ class Metrics:
         self.job_accuracy = Gauge("dropfit_job_accuracy", "Accuracy at the last completed epoch.", (*_JOB, "split"),
                                   registry=r)
         self.job_images_per_second = Gauge("dropfit_job_images_per_second",
-                                           "Training throughput of the last completed epoch.", _JOB, registry=r)
+                                           "Throughput: training (the last completed epoch) or labelling (a prediction "
+                                           "job).", _JOB, registry=r)
         self.job_time_budget = Gauge("dropfit_job_time_budget_seconds", "A job's time budget (job.yaml time_budget).",
                                      _JOB, registry=r)
         self.job_deadline = Gauge("dropfit_job_deadline_timestamp_seconds",
@@ -75,6 +87,7 @@ class Metrics:
         self.start_time.set(time.time())
         self._lock = threading.Lock()
         self._expiry: dict[tuple[str, str], float] = {}
+        self._predicted: dict[tuple[str, str], int] = {}  # images each prediction job reported so far
 
     def epoch(self, job_id: str, dataset: str, row: dict) -> None:
         """Record an ``epoch_end`` event of a job."""
@@ -94,6 +107,17 @@ class Metrics:
         if row.get("seconds") is not None:
             self.epoch_duration.observe(row["seconds"])
 
+    def predicted(self, job_id: str, dataset: str, done: int, images_per_second: float | None) -> None:
+        """Record a prediction job's progress: ``done`` images labelled so far (this attempt)."""
+        labels = (job_id, dataset)
+        with self._lock:
+            before = self._predicted.get(labels, 0)
+            self._predicted[labels] = done
+        self.images_predicted.inc(done - before if done >= before else done)  # a new attempt starts from 0
+        self.job_epoch.labels(*labels).set(done)
+        if images_per_second is not None:
+            self.job_images_per_second.labels(*labels).set(images_per_second)
+
     def budget(self, job_id: str, dataset: str, seconds: float | None, deadline: float | None) -> None:
         """Record a job's time budget and deadline (from its trainer's `started` event)."""
         if seconds is not None and deadline is not None:
@@ -108,9 +132,10 @@ class Metrics:
         if epochs:
             self.job_epochs_planned.labels(job_id, dataset).set(epochs)
 
-    def job_ended(self, job_id: str, dataset: str, outcome: str, seconds: float | None, retention: float) -> None:
+    def job_ended(self, job_id: str, dataset: str, outcome: str, seconds: float | None, retention: float,
+                  kind: str | None = None) -> None:
         """Count an outcome and schedule the job's own series for removal after ``retention`` seconds."""
-        self.jobs.labels(outcome).inc()
+        self.jobs.labels(outcome, kind or "train").inc()
         if outcome == "succeeded":
             self.last_success.set(time.time())
         if seconds is not None:
@@ -129,6 +154,7 @@ class Metrics:
             due = [key for key, at in self._expiry.items() if at <= now]
             for key in due:
                 del self._expiry[key]
+                self._predicted.pop(key, None)
         for labels in due:
             for gauge in (self.job_epoch, self.job_epochs_planned, self.job_epochs_done, self.job_images_per_second,
                           self.job_time_budget, self.job_deadline):

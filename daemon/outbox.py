@@ -9,13 +9,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import yaml
+
 from daemon.ledger import Job
 from trainer.atomic import write_json, write_text
+from trainer.predict_spec import PredictRun
 from trainer.spec import JobSpec, resolved_yaml
 
 STATUS_FILE = "status.json"
 ERROR_FILE = "error.txt"
 RESOLVED_FILE = "job.resolved.yaml"
+RESOLVED_PREDICT_FILE = "predict.resolved.yaml"
 
 
 def write_status(outbox: Path, job: Job) -> None:
@@ -25,7 +29,9 @@ def write_status(outbox: Path, job: Job) -> None:
     data.pop("source", None)
     data["dataset"] = data.pop("name")
     data["dataset_path"] = data.pop("path")
+    data["kind"] = job.kind or "train"
     data["progress"] = f"{job.epoch}/{job.epochs}" if job.epochs else None
+    data["progress_unit"] = "images" if job.kind == "predict" else "epochs"
     if job.deadline is not None:
         data["time_left_seconds"] = round(max(0.0, job.deadline - time.time()), 1) if not job.state.terminal \
             else None
@@ -43,6 +49,13 @@ def write_error(outbox: Path, job: Job) -> None:
     write_text(outbox / job.id / ERROR_FILE, "\n".join(lines) + "\n")
 
 
-def write_resolved_spec(outbox: Path, job_id: str, spec: JobSpec) -> None:
-    """Write ``job.resolved.yaml``: job.yaml with job_defaults and every default, as the trainer runs it."""
+def write_resolved_spec(outbox: Path, job_id: str, spec: JobSpec | PredictRun) -> None:
+    """Write ``job.resolved.yaml``: job.yaml with job_defaults and every default, as the trainer runs it (for a
+    prediction job ``predict.resolved.yaml``: every default, and the model ``model:`` named when it was queued)."""
+    if isinstance(spec, PredictRun):
+        header = (f"# The resolved prediction job: predict.yaml with every default, and the model it uses\n"
+                  f"# (model: {spec.spec.model} named job {spec.model_job} when this job was queued).\n")
+        write_text(outbox / job_id / RESOLVED_PREDICT_FILE,
+                   header + yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+        return
     write_text(outbox / job_id / RESOLVED_FILE, resolved_yaml(spec))

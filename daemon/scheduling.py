@@ -18,7 +18,7 @@ from daemon.runners.base import Attempt, Launch, SubmitError
 from daemon.runners.local import trainer_env
 from daemon.watch import CANCEL_FILE
 from trainer.atomic import write_json
-from trainer.protocol import EpochEnd, Error, ErrorKind, Finished, Started, run_argv
+from trainer.protocol import EpochEnd, Error, ErrorKind, Finished, Progress, Started, run_argv
 
 log = logging.getLogger("daemon.service")
 EVENTS_FILE = "events.jsonl"  # in the job's work folder, for runners that follow the trainer's events through a file
@@ -75,7 +75,7 @@ class Scheduling:
                                               "drop the dataset again")
             return False
         spec, error = validate(Path(job.path), self.config.job_defaults, display=job.name,
-                               max_classes=self.config.limits.max_classes)
+                               max_classes=self.config.limits.max_classes, models=self.find_model)
         if error:
             self.fail(job.id, ErrorKind.SPEC, error)
             return False
@@ -166,7 +166,9 @@ class Scheduling:
         # epoch. `finished` and `error` change only memory: they are read again after a restart.
         moved = {"events_offset": offset} if offset is not None else {}
         if isinstance(event, Started):
-            job = r.job = self._update(job_id, epochs=event.epochs, epoch=event.resumed_from,
+            # A prediction job counts images where a training job counts epochs.
+            done, total = (0, event.images) if event.kind == "predict" else (event.resumed_from, event.epochs)
+            job = r.job = self._update(job_id, epochs=total, epoch=done,
                                        engine_state="running", time_budget=event.time_budget,
                                        deadline=event.deadline, warnings=event.warnings or None, **moved)
             self.metrics.budget(job_id, job.name, event.time_budget, event.deadline)
@@ -181,8 +183,16 @@ class Scheduling:
             r.job = self._update(job_id, epoch=event.epoch, epochs=event.epochs or r.job.epochs, metrics=row,
                                  best_val_accuracy=best, **moved)
             self.metrics.epoch(job_id, r.job.name, row)
+        elif isinstance(event, Progress):
+            r.job = self._update(job_id, epoch=event.done, epochs=event.total, **moved)
+            self.metrics.predicted(job_id, r.job.name, event.done, event.images_per_second)
         elif isinstance(event, Finished):
             r.finished = event
+            # Found after training (an INT8 export that lost accuracy): status.json says so too. (Read again after a
+            # restart, hence only the new ones.)
+            new = [w for w in event.warnings if w not in (r.job.warnings or [])]
+            if new:
+                r.job = self._update(job_id, warnings=[*(r.job.warnings or []), *new])
         elif isinstance(event, Error):
             r.error = event
 
@@ -244,7 +254,8 @@ class Scheduling:
     def succeed(self, job: Job, seconds: float | None) -> None:
         job = self._set(job.id, JobState.SUCCEEDED, outcome="succeeded", error_kind=None, error=None,
                         finished_at=time.time(), pid=None, engine_state=None)
-        self.metrics.job_ended(job.id, job.name, "succeeded", seconds, self.config.metrics_retention_seconds)
+        self.metrics.job_ended(job.id, job.name, "succeeded", seconds, self.config.metrics_retention_seconds,
+                               job.kind)
         jlog(job.id).info("succeeded: %s", self.outbox / job.id)
         self.after_success(job)
 
@@ -289,4 +300,5 @@ class Scheduling:
     def _cancelled(self, job_id: str, seconds: float | None) -> None:
         job = self._set(job_id, JobState.CANCELLED, outcome="cancelled", error_kind=ErrorKind.CANCELLED.value,
                         error="cancelled by request", finished_at=time.time(), pid=None, engine_state=None)
-        self.metrics.job_ended(job_id, job.name, "cancelled", seconds, self.config.metrics_retention_seconds)
+        self.metrics.job_ended(job_id, job.name, "cancelled", seconds, self.config.metrics_retention_seconds,
+                               job.kind)

@@ -20,10 +20,10 @@ import time
 import traceback
 from pathlib import Path
 
-from daemon import outbox, recovery
+from daemon import models, outbox, recovery
 from daemon.config import Config
 from daemon.decision import RetryPolicy
-from daemon.intake import claim_hidden_path, may_be_a_job, new_job_id, take_in
+from daemon.intake import claim_hidden_path, has_spec, may_be_a_job, new_job_id, take_in
 from daemon.ledger import Job, JobState, Ledger
 from daemon.lock import StateLock, StateLocked
 from daemon.messages import (
@@ -37,11 +37,13 @@ from daemon.messages import (
     TrainerProtocolMismatch,
 )
 from daemon.metrics import Metrics, MetricsServer
+from daemon.notify import Notifier
 from daemon.repair import LedgerLocationError, open_ledger
 from daemon.runners import make_runner
 from daemon.scheduling import Running, Scheduling, jlog
 from daemon.watch import Settler, Watcher, inbox_entries
 from trainer.atomic import write_json
+from trainer.predict_spec import PREDICT_FILE, PredictRun
 from trainer.protocol import ErrorKind
 from trainer.spec import JOB_FILE
 
@@ -90,6 +92,7 @@ class Daemon(Scheduling):
         self.server: MetricsServer | None = None
         self.watcher: Watcher | None = None
         self.ready = threading.Event()
+        self.notifier: Notifier | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -106,6 +109,7 @@ class Daemon(Scheduling):
             except LedgerLocationError as exc:
                 raise StartupError(str(exc)) from None
             self.server = self._metrics_server()
+            self.notifier = Notifier(self.config.notify, self.outbox, self.metrics) if self.config.notify else None
             try:
                 self.recover()
             except sqlite3.OperationalError as exc:  # retried from the loop once the ledger can be written
@@ -152,6 +156,7 @@ class Daemon(Scheduling):
 
     def _close(self) -> None:
         for step in (lambda: self.watcher and self.watcher.stop(), self.runner.stop,
+                     lambda: self.notifier and self.notifier.close(),
                      lambda: self.server and self.server.stop(),
                      lambda: self.ledger and self.ledger.close(),
                      lambda: (self.state / DAEMON_FILE).unlink(missing_ok=True), self.lock.release):
@@ -342,6 +347,9 @@ class Daemon(Scheduling):
     def _set(self, job_id: str, state: JobState, **changes) -> Job:
         job = self.ledger.transition(job_id, state, **changes)
         self._publish(job)
+        # Webhooks: "queued" once (not again for a retry), "started" for every attempt, and how it ended.
+        if self.notifier is not None and not (state is JobState.QUEUED and job.attempt > 0):
+            self.notifier.job_changed(job)
         return job
 
     def _update(self, job_id: str, **changes) -> Job:
@@ -364,10 +372,10 @@ class Daemon(Scheduling):
         source = self.inbox / name
         if not may_be_a_job(self.inbox, name):
             return
-        spec = source / JOB_FILE
         # A job.yaml that is a folder or a dangling link is a job too: it is rejected with the reason, not waited on.
-        if source.is_dir() and not (spec.exists() or spec.is_symlink()):
-            log.info("inbox/%s has no %s yet; it becomes a job when one appears", name, JOB_FILE)
+        if source.is_dir() and not has_spec(source):
+            log.info("inbox/%s has no %s (or %s) yet; it becomes a job when one appears", name, JOB_FILE,
+                     PREDICT_FILE)
             self.waiting[name] = time.monotonic() + WAITING_POLL_SECONDS
             return
         job_id = new_job_id(name)
@@ -385,7 +393,7 @@ class Daemon(Scheduling):
         folder = self.inbox / name
         if not folder.is_dir():
             self.waiting.pop(name, None)
-        elif (folder / JOB_FILE).exists() or (folder / JOB_FILE).is_symlink():
+        elif has_spec(folder):
             self.waiting.pop(name, None)
             self.settler.touch(name)  # it settles again from now: the rest may still be arriving
         else:
@@ -395,19 +403,28 @@ class Daemon(Scheduling):
         """Take a claimed (or half-claimed) job in: move, extract, validate, record the outcome."""
         jl = jlog(job.id)
         result = take_in(job.name, Path(job.source) if job.source else None, claim_hidden_path(self.inbox, job.id),
-                         Path(job.path), self.config.job_defaults, self.config.limits)
+                         Path(job.path), self.config.job_defaults, self.config.limits, models=self.find_model)
         if result.outcome == "gone":
             jl.info("inbox/%s disappeared before it could be claimed", job.name)
             self.ledger.delete(job.id)
+        elif result.outcome == "queued" and isinstance(result.spec, PredictRun):
+            self._write_resolved(job.id, result.spec)
+            self._set(job.id, JobState.QUEUED, kind="predict", model_job=result.spec.model_job, epochs=None)
+            jl.info("queued inbox/%s: labelling its images with the model of %s", job.name, result.spec.model_job)
         elif result.outcome == "queued":
             self._write_resolved(job.id, result.spec)
-            self._set(job.id, JobState.QUEUED, epochs=result.spec.epochs, multi_gpu=result.spec.hardware.multi_gpu)
+            self._set(job.id, JobState.QUEUED, kind="train", epochs=result.spec.epochs,
+                      multi_gpu=result.spec.hardware.multi_gpu)
             jl.info("queued inbox/%s (%d epochs)", job.name, result.spec.epochs)
         else:
             jl.warning("inbox/%s %s (%s):\n%s", job.name, result.outcome, result.kind, result.message)
-            if result.kept is not None:
-                self._update(job.id, path=str(result.kept))
+            kind = "predict" if (Path(job.path) / PREDICT_FILE).exists() else "train"
+            self._update(job.id, kind=kind, **({"path": str(result.kept)} if result.kept is not None else {}))
             self.fail(job.id, ErrorKind(result.kind), result.message)
+
+    def find_model(self, ref: str):
+        """A predict.yaml's ``model:`` as (training job id, its outbox folder); LookupError says what there is."""
+        return models.resolve(ref, self.ledger, self.outbox)
 
     def _write_resolved(self, job_id: str, spec) -> None:
         try:
@@ -434,4 +451,4 @@ class Daemon(Scheduling):
             outbox.write_error(self.outbox, job)
         except OSError as exc:
             jlog(job_id).error("could not write outbox/%s/error.txt: %s", job_id, exc.strerror or exc)
-        self.metrics.job_ended(job.id, job.name, outcome, seconds, self.config.metrics_retention_seconds)
+        self.metrics.job_ended(job.id, job.name, outcome, seconds, self.config.metrics_retention_seconds, job.kind)

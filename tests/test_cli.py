@@ -16,6 +16,7 @@ import yaml
 
 from conftest import ROOT, env_for_subprocess, events, run_trainer
 from trainer.demo import make_shapes
+from trainer.protocol import PROTOCOL_VERSION
 
 ARTIFACTS = ["model.keras", "labels.json", "metrics.csv", "history.png", "confusion_matrix.png", "errors.png",
              "report.json", "report.html", "dataset.json", "summary.json"]
@@ -223,7 +224,7 @@ def test_run_trains_the_resolved_spec_it_is_given_and_mirrors_events_to_a_file(t
     stream = events(proc.stdout)
     assert [e["event"] for e in stream] == ["started", "epoch_end", "epoch_end", "finished"]
     assert events_file.read_text() == proc.stdout  # the same lines, for runners that cannot read stdout
-    assert all(e["v"] == 2 for e in stream)
+    assert all(e["v"] == PROTOCOL_VERSION for e in stream)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["spec"]["epochs"] == 2 and summary["config"]["target_size"] == [16, 16]
     finished = json.loads((tmp_path / "out" / "finished.json").read_text())

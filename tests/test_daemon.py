@@ -50,9 +50,9 @@ def test_a_dropped_folder_becomes_a_finished_job_with_metrics(daemon):
     assert not (daemon.state / "jobs" / job["id"]).exists()  # checkpoints cleaned up after success
 
     samples = daemon.scrape()
-    assert value(samples, "dropfit_jobs_total", outcome="succeeded") == 1
+    assert value(samples, "dropfit_jobs_total", kind="train", outcome="succeeded") == 1
     for outcome in ("failed", "cancelled", "rejected"):
-        assert value(samples, "dropfit_jobs_total", outcome=outcome) == 0  # pre-initialised
+        assert value(samples, "dropfit_jobs_total", kind="train", outcome=outcome) == 0  # pre-initialised
     labels = {"job_id": job["id"], "dataset": "flowers"}
     assert value(samples, "dropfit_job_epoch", **labels) == 3
     assert value(samples, "dropfit_job_epochs_planned", **labels) == 3
@@ -78,7 +78,7 @@ def test_per_job_series_expire_after_the_retention_time(tmp_path):
         daemon.drop("short", {"epochs": 1})
         daemon.wait_jobs(1)
         wait_for(lambda: not any(k[0] == "dropfit_job_epoch" for k in daemon.scrape()), 10, what="series removal")
-        assert value(daemon.scrape(), "dropfit_jobs_total", outcome="succeeded") == 1
+        assert value(daemon.scrape(), "dropfit_jobs_total", kind="train", outcome="succeeded") == 1
     finally:
         daemon.stop()
 
@@ -116,8 +116,8 @@ def test_invalid_spec_fails_with_the_exact_error_and_keeps_the_dataset(daemon):
     assert "epochs: must be a positive integer, got 0" in error_txt and status["dataset_path"] in error_txt
     kept = Path(status["dataset_path"])
     assert (kept / "job.yaml").exists() and len(list((kept / "circle").iterdir())) == 2
-    assert value(daemon.scrape(), "dropfit_jobs_total", outcome="rejected") == 1
-    assert value(daemon.scrape(), "dropfit_jobs_total", outcome="failed") == 0
+    assert value(daemon.scrape(), "dropfit_jobs_total", kind="train", outcome="rejected") == 1
+    assert value(daemon.scrape(), "dropfit_jobs_total", kind="train", outcome="failed") == 0
 
 
 def test_the_same_folder_name_dropped_twice_gives_two_jobs(daemon):
@@ -143,7 +143,7 @@ def test_twenty_datasets_dropped_at_once_all_run_once_in_fifo_order(daemon):
     assert all(len(r) == 1 for r in runs)  # none lost, none run twice
     starts = [r[0]["time"] for r in runs]
     assert starts == sorted(starts)  # and run first-in, first-out
-    assert value(daemon.scrape(), "dropfit_jobs_total", outcome="succeeded") == 20
+    assert value(daemon.scrape(), "dropfit_jobs_total", kind="train", outcome="succeeded") == 20
     assert sorted(os.listdir(daemon.inbox)) == []
 
 
@@ -167,7 +167,7 @@ def test_a_trainer_that_keeps_dying_fails_with_a_readable_reason(tmp_path):
         assert "killed by SIGKILL (out of memory?" in oom["error"]
         assert bug["state"] == "failed" and "exited with code 1: simulated failure" in bug["error"]
         assert Path(oom["path"]).is_dir()  # the dataset stays with the failed job
-        assert value(daemon.scrape(), "dropfit_jobs_total", outcome="failed") == 2
+        assert value(daemon.scrape(), "dropfit_jobs_total", kind="train", outcome="failed") == 2
     finally:
         daemon.stop()
 
@@ -207,7 +207,7 @@ def test_cancel_a_running_job_with_a_file_and_a_queued_one_with_the_command(daem
     jobs = daemon.wait_jobs(2)
     assert [j["state"] for j in jobs] == ["cancelled", "cancelled"]
     assert jobs[0]["epoch"] < 100
-    assert value(daemon.scrape(), "dropfit_jobs_total", outcome="cancelled") == 2
+    assert value(daemon.scrape(), "dropfit_jobs_total", kind="train", outcome="cancelled") == 2
     again = subprocess.run([sys.executable, "-m", "daemon", "cancel", waiting_id, "--config",
                             str(daemon.root / "config.yaml")], capture_output=True, text=True,
                            env=env_for_subprocess(), cwd=ROOT)

@@ -21,6 +21,7 @@ import yaml
 
 from conftest import ROOT, env_for_subprocess
 from daemon_harness import DaemonProcess, wait_for
+from trainer.protocol import PROTOCOL_VERSION
 
 
 @pytest.fixture
@@ -98,7 +99,7 @@ def test_a_trainer_speaking_another_protocol_version_is_refused(daemon):
     daemon.drop("old-trainer", {"epochs": 3}, fake={"protocol": 1, "sleep": 0.2})
     [job] = daemon.wait_jobs(1)
     assert job["state"] == "failed" and job["error_kind"] == "protocol" and job["attempt"] == 1, job
-    assert "protocol version 1; this daemon speaks version 2" in job["error"]
+    assert f"protocol version 1; this daemon speaks version {PROTOCOL_VERSION}" in job["error"]
     assert job["epoch"] == 0  # nothing it said was taken for progress
 
 
@@ -108,7 +109,7 @@ def test_invalid_data_from_the_trainer_is_rejected_not_retried(daemon):
     [job] = daemon.wait_jobs(1)
     assert job["state"] == "failed" and job["outcome"] == "rejected" and job["error_kind"] == "data"
     assert job["attempt"] == 1 and job["error"] == "simulated failure"
-    assert daemon.scrape()[("dropfit_jobs_total", (("outcome", "rejected"),))] == 1
+    assert daemon.scrape()[("dropfit_jobs_total", (("kind", "train"), ("outcome", "rejected")))] == 1
 
 
 # --- one daemon per state folder -------------------------------------------------------------------------------------
@@ -352,7 +353,7 @@ def test_the_daemon_imports_only_the_trainers_contract_modules():
     only the TensorFlow-free contract (spec, protocol, atomic writers), plus the demo and the trainer's CLI lazily."""
     import ast
 
-    allowed = {"trainer.spec", "trainer.protocol", "trainer.atomic", "trainer.duration"}
+    allowed = {"trainer.spec", "trainer.predict_spec", "trainer.protocol", "trainer.atomic", "trainer.duration"}
     lazy_only = {"trainer.demo", "trainer.cli"}
     for path in sorted((ROOT / "daemon").rglob("*.py")):
         tree = ast.parse(path.read_text())

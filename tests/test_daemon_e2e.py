@@ -37,7 +37,7 @@ def test_real_training_from_drop_to_a_model_that_predicts(real_daemon):
     results = predict(out, images, top_k=2)
     assert all(r["label"] in ("circle", "square", "triangle") and len(r["top_k"]) == 2 for r in results)
     samples = d.scrape()
-    assert samples[("dropfit_jobs_total", (("outcome", "succeeded"),))] == 1
+    assert samples[("dropfit_jobs_total", (("kind", "train"), ("outcome", "succeeded")))] == 1
     assert samples[("dropfit_epoch_duration_seconds_count", ())] == 4
     assert samples[("dropfit_job_epoch", (("dataset", "shapes"), ("job_id", job["id"])))] == 4
 

@@ -181,8 +181,9 @@ def test_real_prometheus_scrapes_a_daemon_running_a_real_job(tmp_path):
     base = f"http://127.0.0.1:{prom_port}"
     try:
         daemon.start()
-        daemon.drop("shapes", {"target_size": 24, "epochs": 12, "batch_size": 4}, per_class=12,
-                    size_range=(20, 32))
+        # With a time budget: the "time budget left" panel has data too.
+        daemon.drop("shapes", {"target_size": 24, "epochs": 12, "batch_size": 4, "time_budget": "10m"},
+                    per_class=12, size_range=(20, 32))
         # First sample through Prometheus' own API (scrape every second; allow for its start-up).
         wait_for(lambda: prom_query(base, "dropfit_jobs_running")["data"]["result"], 30, interval=0.5,
                  what="the first scraped sample")

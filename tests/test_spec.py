@@ -81,7 +81,7 @@ def test_recipe_job_and_paths():
     ("model: {weights: /etc/passwd}", "model.weights: must be a path relative to the job folder"),
     ("model: {architecture: vgg}", "model.architecture: must be one of 'cnn', 'recipe', 'mobilenet_v3_small'"),
     ("augmentation: {flip: diagonal}", "augmentation.flip: must be one of 'none', 'horizontal', 'vertical' or"),
-    ("exports: [onnx]", "exports[0]: must be one of 'savedmodel' or 'tflite', got 'onnx'"),
+    ("exports: [coreml]", "exports[0]: must be one of 'savedmodel', 'tflite', 'tflite_int8' or 'onnx', got 'coreml'"),
     ("training: {early_stoping_patience: 3}", "training.early_stoping_patience: unknown key (did you mean "),
     ("data:\n  validation_split: 1.5", "job.yaml:2: data.validation_split: must be < 1.0, got 1.5"),
     ("model: {batch_norm: 'yes'}", "model.batch_norm: must be true or false, got 'yes'"),
@@ -185,3 +185,31 @@ def test_spec_module_does_not_import_tensorflow():
 def test_spec_model_rejects_unknown_keys_directly():
     with pytest.raises(Exception, match="extra"):
         JobSpec.model_validate({"surprise": 1})
+
+
+def test_predict_yaml_example_schema_and_errors(tmp_path):
+    from trainer import predict_spec
+    from trainer.predict_spec import PredictSpec, load_predict_spec
+
+    assert load_predict_spec(ROOT / "examples" / "predict.yaml") == PredictSpec()
+    shipped = json.loads((ROOT / "trainer" / "schemas" / "predict.schema.json").read_text())
+    assert shipped == predict_spec.json_schema(), "run `make schemas`"
+    checker = Path(sys.executable).with_name("check-jsonschema")
+    schema = ROOT / "trainer" / "schemas" / "predict.schema.json"
+    ok = subprocess.run([checker, "--schemafile", schema, ROOT / "examples" / "predict.yaml"], capture_output=True,
+                        text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = tmp_path / "predict.yaml"
+    bad.write_text("version: 1\ntop_k: 0\nmodel: 'a b'\nmin_confidence: 1.5\nsortt: true\n")
+    with pytest.raises(SpecError) as info:
+        load_predict_spec(bad)
+    assert str(info.value).splitlines() == [
+        f"{bad}:3: model: must be a training job's id (letters, digits, '.', '_' and '-'), latest, or "
+        "latest:<dataset name>, got 'a b'",
+        f"{bad}:2: top_k: must be >= 1, got 0",
+        f"{bad}:4: min_confidence: must be a probability from 0 to 1, suggested (the threshold the model's "
+        "labels.json records), or null, got 1.5",
+        f"{bad}:5: sortt: unknown key (did you mean 'sort'?); expected one of: version, model, images, top_k, "
+        "min_confidence, batch_size, sort"]
+    res = subprocess.run([checker, "--schemafile", schema, bad], capture_output=True, text=True)
+    assert res.returncode == 1 and "top_k" in res.stdout

@@ -182,7 +182,7 @@ def test_class_subset_csv_labels_and_validation_directory(shapes_dir, tmp_path):
     ({"target_size": (200,)}, "target_size must be 'auto' or a (height, width) pair of integers >= 4"),
     ({"architecture": "vgg"}, "architecture must be one of ('cnn', 'recipe',"),
     ({"test_split": 0.5, "validation_split": 0.5}, "validation_split + test_split must be below 1"),
-    ({"exports": ("onnx",)}, "exports must be a list of 'savedmodel' and/or 'tflite'"),
+    ({"exports": ("coreml",)}, "exports must be a list of formats from 'savedmodel', 'tflite', 'tflite_int8', 'onnx'"),
     ({"class_weight": "auto"}, "class_weight must be 'balanced', None or a dict"),
     ({"validation_split": 1.0}, "validation_split must be a number in [0, 1). Received: validation_split=1.0"),
     ({"optimizer": "adamw"}, "optimizer must be one of ('rmsprop', 'adam', 'sgd')"),

@@ -212,14 +212,22 @@ def test_transfer_learning_freezes_then_fine_tunes_and_resumes_in_either_phase(t
 
 
 def test_exports_round_trip(small, tmp_path):
+    import onnxruntime
     import tensorflow as tf
 
     out = tmp_path / "out"
     # Augmentation inside the model must not leak into the exports' inference.
     model = train_cnn(small, (32, 32), num_epochs=1, architecture="recipe", augmentation=True,
-                      exports=("savedmodel", "tflite"), output_dir=out)
-    exports = summary_of(out)["exports"]
-    assert set(exports) == {"savedmodel", "tflite"} and all(e["same_top1"] for e in exports.values())
+                      exports=("savedmodel", "tflite", "tflite_int8", "onnx"), output_dir=out)
+    table = json.loads((out / "report.json").read_text())["exports"]
+    rows = {r["format"]: r for r in table["rows"]}
+    assert list(rows) == ["keras", "savedmodel", "tflite", "tflite_int8", "onnx"] and table["images"] > 0
+    for fmt in ("savedmodel", "tflite", "onnx"):
+        assert rows[fmt]["agreement"] >= 0.995 and rows[fmt]["accuracy"] == rows["keras"]["accuracy"], rows[fmt]
+    for row in rows.values():
+        assert row["size_bytes"] > 0 and row["latency_ms"] > 0 and row["images"] == table["images"]
+    assert rows["tflite_int8"]["size_bytes"] < rows["tflite"]["size_bytes"] / 2  # quantised
+    assert "Exports" in (out / "report.html").read_text() and summary_of(out)["exports"]["onnx"]["agreement"] >= 0.995
     images = np.stack([np.asarray(draw_shape(s, 32, 32, np.random.default_rng(1)))
                        for s in ("circle", "square", "triangle")]).astype("float32")
     expected = model.predict(images, verbose=0)
@@ -234,6 +242,25 @@ def test_exports_round_trip(small, tmp_path):
     interpreter.invoke()
     lite = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     np.testing.assert_allclose(lite, expected, atol=1e-3)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: images})[0], expected, atol=1e-4)
+    int8 = tf.lite.Interpreter(model_path=str(out / "model_int8.tflite"))
+    assert int8.get_input_details()[0]["dtype"] == np.uint8  # raw pixels in
+    assert int8.get_output_details()[0]["dtype"] == np.float32  # calibrated probabilities out
+
+
+def test_a_failed_export_names_its_format_and_leaves_nothing(small, tmp_path):
+    from trainer.exports import ExportError, export_model, int8_warning
+    from trainer.model import build_model
+
+    model = build_model((32, 32, 3), 3, architecture="recipe")
+    with pytest.raises(ExportError, match="tflite_int8 export needs training images"):
+        export_model(model, "tflite_int8", tmp_path, np.zeros((0, 32, 32, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []  # no model_int8.tflite, no temporary folder
+    rows = [{"format": "keras", "accuracy": 0.95, "images": 100},
+            {"format": "tflite_int8", "accuracy": 0.93, "images": 100}]
+    assert "loses 2.0 points" in int8_warning(rows)
+    assert int8_warning([rows[0], {**rows[1], "accuracy": 0.945}]) is None
 
 
 class _Page(html.parser.HTMLParser):

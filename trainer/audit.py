@@ -16,7 +16,7 @@
   (an RGB file whose channels are equal is greyscale).
 
 Decoding every image is the cost (the scan reads headers only): done in worker processes, a few seconds per 10,000
-small images and about 16 s per 10,000 320x240 JPEGs on two cores (``make bench`` measures it). TensorFlow-free.
+small images and about 7 s per 10,000 320x240 JPEGs on two cores (``make bench`` measures it). TensorFlow-free.
 """
 
 from __future__ import annotations

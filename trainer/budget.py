@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -208,6 +209,7 @@ def schedule_callback(clock: Clock, plan: Plan, *, base_lr: float, min_lr: float
             self.planned_end = max(planned_end, first_epoch + 1)
             self.epoch = first_epoch
             self.epoch_started = 0.0
+            self.seconds: list[float] = []  # this run's epoch times, after its first
             self.stopped_by: str | None = None
             self.warmup = max(1, min(steps_per_epoch, int(0.05 * (planned_end - phase_start) * steps_per_epoch)))
 
@@ -238,11 +240,18 @@ def schedule_callback(clock: Clock, plan: Plan, *, base_lr: float, min_lr: float
             done = epoch + 1
             left = training_ends - clock.used()
             # A run's first epoch also fills the cache and traces the graph: trust it only half against the plan.
-            estimate = (seconds + plan.epoch_seconds) / 2 if epoch == first_epoch else seconds
+            # Later, the median of the last three: one slow epoch (a noisy neighbour, a collection) must not cut
+            # the plan, while a lasting slow-down moves the median within two epochs (the hard stop covers those).
+            if epoch == first_epoch:
+                estimate = (seconds + plan.epoch_seconds) / 2
+            else:
+                self.seconds.append(seconds)
+                estimate = statistics.median(self.seconds[-3:])
             fits = max(0, math.floor(left / (estimate * 1.03))) if estimate > 0 else 0
             planned = max(done, min(max_end, done + fits))
             if planned != self.planned_end:
                 plan.replans.append({"after_epoch": done, "epoch_seconds": round(seconds, 2),
+                                     "estimate": round(estimate, 2),
                                      "planned_epochs": planned, "was": self.planned_end})
                 log.info("budget: epoch %d took %.1f s; plan %d -> %d epochs", done, seconds, self.planned_end,
                          planned)

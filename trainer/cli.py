@@ -85,8 +85,9 @@ def _import_tensorflow() -> None:
 def cmd_run(args) -> int:
     started_at = time.monotonic()  # a time budget counts from here: TensorFlow's import is part of the job
     from trainer.events import EventStream
+    from trainer.predict_spec import PREDICT_FILE, read_run
     from trainer.protocol import write_finished
-    from trainer.spec import JOB_FILE, SpecError, load_spec, resolve_path
+    from trainer.spec import JOB_FILE, Problem, SpecError, load_spec, resolve_path
 
     _die_with_parent()
     job_dir = Path(args.job_dir)
@@ -95,8 +96,16 @@ def cmd_run(args) -> int:
     events = EventStream.claim_stdout(job_id, args.events_file)
     try:
         # Under the daemon, the spec it validated at intake (job_defaults merged); job.yaml is not read again.
-        spec = load_spec(args.spec if args.spec else job_dir / JOB_FILE)
-        paths = {field: resolve_path(job_dir, rel, field) for field, rel in spec.paths().items()}
+        run = read_run(args.spec) if args.spec else None
+        if run is None and not args.spec and not (job_dir / JOB_FILE).exists() and (job_dir / PREDICT_FILE).exists():
+            raise SpecError(str(job_dir / PREDICT_FILE), [Problem("model", (
+                "a prediction job runs under the daemon, which resolves model: to a trained job; from a terminal "
+                "use: python -m trainer predict MODEL_DIR IMAGES..."))])
+        if run is not None:
+            images = resolve_path(job_dir, run.spec.images, "images")
+        else:
+            spec = load_spec(args.spec if args.spec else job_dir / JOB_FILE)
+            paths = {field: resolve_path(job_dir, rel, field) for field, rel in spec.paths().items()}
     except SpecError as exc:
         log.error("invalid job spec:\n%s", exc)
         events.emit("error", kind="spec", message=str(exc))
@@ -119,6 +128,8 @@ def cmd_run(args) -> int:
             # next start that this job is done, so it is not run a second time.
             write_finished(args.out, job_id, payload.get("epochs_trained", 0))
         events.emit(event, payload)
+    if run is not None:
+        return _run_prediction(run, images, args.out, job_id, events, on_event, stop)
     log.info("job %s: training on %s, output in %s", job_id, paths["data.train"], args.out)
     try:
         from trainer.scan import DatasetError
@@ -139,6 +150,31 @@ def cmd_run(args) -> int:
         return ExitCode.INVALID
     except BaseException as exc:
         # Whatever breaks (out of memory, disk full, a bug), the daemon must get an event with a readable reason.
+        kind, message = _classify(exc)
+        log.error("job failed (%s): %s\n%s", kind, message, traceback.format_exc())
+        events.emit("error", kind=kind, message=message)
+        return ExitCode.FAILED
+    return ExitCode.OK
+
+
+def _run_prediction(run, images: Path, out, job_id: str, events, on_event, stop) -> int:
+    """A prediction job (`trainer.prediction`), with the same exit codes and events as training."""
+    from trainer.prediction import PredictionStopped, run_prediction
+    from trainer.scan import DatasetError
+
+    log.info("job %s: labelling %s with the model of %s, output in %s", job_id, images, run.model_job, out)
+    try:
+        run_prediction(images, run, out, emit=on_event, stop_event=stop, job_id=job_id)
+    except PredictionStopped as exc:
+        log.warning("%s", exc)
+        events.emit("interrupted", completed_epochs=0, message=str(exc))
+        return ExitCode.INTERRUPTED
+    except (DatasetError, ValueError) as exc:  # ValueError: min_confidence 'suggested' the model does not record
+        kind = "data" if isinstance(exc, DatasetError) else "spec"
+        log.error("%s", exc)
+        events.emit("error", kind=kind, message=str(exc))
+        return ExitCode.INVALID
+    except BaseException as exc:
         kind, message = _classify(exc)
         log.error("job failed (%s): %s\n%s", kind, message, traceback.format_exc())
         events.emit("error", kind=kind, message=message)
@@ -350,7 +386,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from trainer.spec import json_schema
+    if args.which == "predict":
+        from trainer.predict_spec import json_schema
+    else:
+        from trainer.spec import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return ExitCode.OK
@@ -421,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("schema", help="print the JSON Schema of job.yaml")
+    p = sub.add_parser("schema", help="print the JSON Schema of job.yaml (or of predict.yaml)")
+    p.add_argument("which", nargs="?", choices=("job", "predict"), default="job")
     p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("demo", help="write a small generated dataset with a job.yaml")

@@ -199,7 +199,7 @@ def _validate(o: TrainOptions) -> None:
     if not (o.class_weight in (None, "balanced") or isinstance(o.class_weight, dict)):
         raise ValueError(f"class_weight must be 'balanced', None or a dict. Received: class_weight={o.class_weight!r}")
     if isinstance(o.exports, str) or any(e not in EXPORT_FORMATS for e in o.exports):
-        raise ValueError(f"exports must be a list of {' and/or '.join(map(repr, EXPORT_FORMATS))}. "
+        raise ValueError(f"exports must be a list of formats from {', '.join(map(repr, EXPORT_FORMATS))}. "
                          f"Received: exports={o.exports!r}")
     one_of("precision", PRECISIONS)
     if o.jit_compile not in ("auto", True, False):

@@ -41,7 +41,8 @@ def load_model(model_dir: str | os.PathLike) -> keras.Model:
     return model
 
 
-def _threshold(model, min_confidence) -> float | None:
+def threshold(model, min_confidence) -> float | None:
+    """The probability below which an answer is "unknown": ``min_confidence`` checked, or the model's suggested one."""
     if min_confidence is None:
         return None
     if min_confidence == "suggested":
@@ -105,7 +106,7 @@ def predict(model, images, *, top_k: int = 1, batch_size: int = 32, min_confiden
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive integer. Received: top_k={top_k!r}")
     model = _as_model(model)
-    threshold = _threshold(model, min_confidence)
+    cut = threshold(model, min_confidence)
     names = _class_names(model)
     height, width, channels = model.input_shape[1:]
     top_k = min(top_k, len(names))
@@ -121,7 +122,7 @@ def predict(model, images, *, top_k: int = 1, batch_size: int = 32, min_confiden
             order = np.argsort(-p)[:top_k]
             ranked = [{"label": names[i], "probability": float(p[i])} for i in order]
             results[slot].update(label=ranked[0]["label"], probability=ranked[0]["probability"], top_k=ranked)
-            if threshold is not None and ranked[0]["probability"] < threshold:
+            if cut is not None and ranked[0]["probability"] < cut:
                 results[slot].update(label=UNKNOWN, best=ranked[0]["label"])
         batch.clear()
         slots.clear()

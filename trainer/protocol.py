@@ -8,7 +8,8 @@ The daemon starts a trainer with `run_argv`; the trainer parses the same options
 
 ``JOB_DIR`` holds the images (spec paths are relative to it); ``SPEC_JSON`` is the resolved spec the daemon
 validated at intake (``job.yaml`` with the config's ``job_defaults`` merged), and the trainer does not read
-``job.yaml`` again. It answers with JSON-lines events (`Started`, `EpochEnd`, `Finished`, `Interrupted`, `Error`) on
+``job.yaml`` again; a resolved prediction job (``"kind": "predict"``, `trainer.predict_spec.PredictRun`) runs the same
+way. It answers with JSON-lines events (`Started`, `EpochEnd`, `Progress`, `Finished`, `Interrupted`, `Error`) on
 stdout and, with ``--events-file``, appended to that file too (for runners that cannot read the process' stdout);
 its exit status is an `ExitCode`; and just before it reports success it writes `FINISHED_FILE` into ``OUT``.
 """
@@ -28,11 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from trainer.atomic import clean_json, write_json
 
 __all__ = ["ENV_JOB_ID", "ENV_PARENT_PID", "ENV_STATE_DIR", "FINISHED_FILE", "PROTOCOL_VERSION", "EpochEnd", "Error",
-           "ErrorKind", "Event", "ExitCode", "Finished", "Interrupted", "ProtocolError", "Started",
+           "ErrorKind", "Event", "ExitCode", "Finished", "Interrupted", "Progress", "ProtocolError", "Started",
            "add_run_arguments", "event_line", "parse_event", "read_finished", "run_argv", "write_finished"]
 
 # Raised whenever an event's fields change incompatibly; the daemon refuses a trainer that speaks another version.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: prediction jobs (Started.kind, the Progress event)
 # Written by the trainer into its output folder just before it reports success: the daemon's proof, after a crash,
 # that the job finished (so it is not run a second time).
 FINISHED_FILE = "finished.json"
@@ -85,6 +86,7 @@ class _Event(BaseModel):
 
 class Started(_Event):
     event: Literal["started"] = "started"
+    kind: Literal["train", "predict"] = "train"
     classes: list[str]
     counts: dict[str, int] = Field(default_factory=dict)
     train_images: int
@@ -99,6 +101,8 @@ class Started(_Event):
     warnings: list[str] = Field(default_factory=list)  # about the data (duplicates, conflicts, tiny classes...)
     time_budget: float | None = None  # seconds, when the job has one
     deadline: float | None = None  # Unix time the job will have ended by, when it has a time budget
+    images: int | None = None  # a prediction job: how many images it labels
+    model_job: str | None = None  # a prediction job: the training job whose model it uses
 
 
 class EpochEnd(_Event):
@@ -118,6 +122,15 @@ class EpochEnd(_Event):
         return self.model_dump(exclude={"event", "time", "v", "job"})
 
 
+class Progress(_Event):
+    """A prediction job's progress (at most about once a second)."""
+
+    event: Literal["progress"] = "progress"
+    done: int
+    total: int
+    images_per_second: float | None = None
+
+
 class Finished(_Event):
     event: Literal["finished"] = "finished"
     artifacts: dict[str, str] = Field(default_factory=dict)
@@ -126,6 +139,7 @@ class Finished(_Event):
     best_val_accuracy: float | None = None
     evaluation: dict[str, Any] | None = None
     seconds: float | None = None
+    warnings: list[str] = Field(default_factory=list)  # found after training (e.g. an INT8 export that lost accuracy)
 
 
 class Interrupted(_Event):
@@ -140,9 +154,10 @@ class Error(_Event):
     message: str
 
 
-Event = Annotated[Started | EpochEnd | Finished | Interrupted | Error, Field(discriminator="event")]
+Event = Annotated[Started | EpochEnd | Progress | Finished | Interrupted | Error, Field(discriminator="event")]
 _EVENT = TypeAdapter(Event)
-EVENT_TYPES = {cls.model_fields["event"].default: cls for cls in (Started, EpochEnd, Finished, Interrupted, Error)}
+EVENT_TYPES = {cls.model_fields["event"].default: cls
+               for cls in (Started, EpochEnd, Progress, Finished, Interrupted, Error)}
 
 
 class ProtocolError(ValueError):

@@ -126,6 +126,7 @@ def render_report(out: Path, report: dict, dataset: dict, summary: dict, history
                          ["file", "given label", "predicted", "confidence"],
                          [[_short(e["file"], dataset.get("root")), e["true"], e["predicted"], _f(e["probability"])]
                           for e in suspects[:50]], numeric={3}) + "</section>")
+    parts += _exports(report.get("exports"))
     parts += _audit(out, dataset.get("audit"))
     parts += _budget(summary.get("budget"))
     counts = dataset.get("counts", {})
@@ -146,9 +147,32 @@ def render_report(out: Path, report: dict, dataset: dict, summary: dict, history
     spec = summary.get("spec") or summary.get("config")
     parts.append("<section><h2>Resolved job spec</h2><pre>" + _e(json.dumps(spec, indent=2)) + "</pre>"
                  "<h2>Versions</h2><pre>" + _e(json.dumps(summary.get("versions", {}), indent=2)) + "</pre>"
-                 + ("<h2>Exports</h2><pre>" + _e(json.dumps(summary["exports"], indent=2)) + "</pre>"
-                    if summary.get("exports") else "") + "</section>")
+                 + "</section>")
     parts.append("</main></body></html>\n")
+    return "\n".join(parts)
+
+
+def render_prediction_report(out: Path, report: dict, title: str = "dropped images") -> str:
+    """The page of a prediction job whose drop was labelled (class folders): how the model did on it."""
+    cards = [(_pct(report["accuracy"]), f"accuracy ({report['images']} images)"),
+             (f"{report['macro_f1']:.3f}", "macro F1")]
+    errors = report.get("misclassified", [])
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>dropfit evaluation: {_e(title)}"
+             f"</title><meta name='viewport' content='width=device-width, initial-scale=1'><style>{_CSS}</style>"
+             f"</head><body><main><h1>dropfit evaluation: {_e(title)}</h1>"
+             "<div class='sub'>a prediction job whose images were in class folders: the folders are the truth</div>",
+             "<div class='cards'>" + "".join(f"<div class='card'><b>{_e(v)}</b><span>{_e(k)}</span></div>"
+                                             for v, k in cards) + "</div>",
+             "<section><h2>Per class</h2>" + _table(
+                 ["class", "precision", "recall", "F1", "images"],
+                 [[name, _f(m["precision"]), _f(m["recall"]), _f(m["f1"]), m["support"]]
+                  for name, m in report["per_class"].items()], numeric={1, 2, 3, 4}) + "</section>",
+             f"<section><h2>Confusion matrix</h2>{_img(out / 'confusion_matrix.png', 'confusion matrix')}</section>",
+             f"<section><h2>Misclassified images ({len(errors)})</h2>{_img(out / 'errors.png', 'misclassified')}"
+             + (_table(["file", "true", "predicted", "probability"],
+                       [[e["file"], e["true"], e["predicted"], _f(e["probability"])] for e in errors[:50]],
+                       numeric={3}) if errors else "") + "</section>",
+             "</main></body></html>\n"]
     return "\n".join(parts)
 
 
@@ -171,6 +195,18 @@ def _calibration(out: Path, cal: dict | None) -> list[str]:
             f"images:</p>" + _table(["", "ECE", "NLL"], rows, numeric={1, 2})
             + (f"<p class='warn'>{_e(cal['note'])}.</p>" if cal.get("note") else "") + answer
             + _img(out / "calibration.png", "reliability and coverage") + "</section>"]
+
+
+def _exports(exports: dict | None) -> list[str]:
+    if not exports:
+        return []
+    rows = [[r["format"], r["file"], f"{r['size_bytes'] / 1e6:.2f} MB", _pct(r["accuracy"]),
+             _pct(r["agreement"]), f"{r['latency_ms']:.2f}"] for r in exports["rows"]]
+    return [f"<section><h2>Exports</h2><p>Each format run on {exports['images']} {_e(exports['split'])} images on "
+            "this machine: its accuracy, how often its top answer is the Keras model's, its size, and the "
+            "milliseconds one image takes (batch of one).</p>"
+            + _table(["format", "file", "size", "accuracy", "agreement with model.keras", "ms per image"], rows,
+                     numeric={2, 3, 4, 5}) + "</section>"]
 
 
 def _audit(out: Path, audit: dict | None) -> list[str]:

@@ -17,13 +17,14 @@ Layout (every file written atomically)::
 
 from __future__ import annotations
 
+import logging
 import statistics
 from pathlib import Path
 
-import numpy as np
-
 from trainer import artifacts
 from trainer.scan import Sample, Scan, relative
+
+log = logging.getLogger(__name__)
 
 TINY_CLASS = 10
 IMBALANCE_RATIO = 3.0
@@ -74,8 +75,10 @@ def misclassified(samples: list[Sample], y_true, y_pred, probs, index, class_nam
 
 
 def write_all(out: Path, model, class_names, target_size, color_mode, history_rows, report, errors, dataset,
-              summary, exports=(), sample_images=()) -> dict[str, Path]:
-    """Write every artifact of a finished run into ``out``; returns their paths by name."""
+              summary, exports=(), export_data=None) -> dict[str, Path]:
+    """Write every artifact of a finished run into ``out``; returns their paths by name. ``export_data()`` gives
+    what the exports are made from and checked on: (held-out uint8 images, their labels, representative training
+    images, the held-out split's name)."""
     from trainer.report_page import render_report
 
     out.mkdir(parents=True, exist_ok=True)
@@ -108,14 +111,7 @@ def write_all(out: Path, model, class_names, target_size, color_mode, history_ro
         shown = sorted(audit["groups"], key=lambda g: (not g["conflict"], -len(g["files"])))[:12]
         paths["duplicates_plot"] = artifacts.plot_groups(out / "duplicates.png", shown, dataset["root"], color_mode)
     if exports:
-        from trainer.exports import export_model
-
-        summary["exports"] = {}
-        images = _sample_batch(sample_images, target_size, color_mode)
-        for fmt in exports:
-            path, check = export_model(model, fmt, out, images)
-            paths[fmt] = path
-            summary["exports"][fmt] = {"path": str(path), **check}
+        paths.update(_exports(out, model, exports, export_data, paths["model"], report, summary))
     paths["report"] = artifacts.write_json(out / "report.json", report)
     paths["dataset"] = artifacts.write_json(out / "dataset.json", dataset)
     paths["summary"] = artifacts.write_json(out / "summary.json", summary)
@@ -124,13 +120,22 @@ def write_all(out: Path, model, class_names, target_size, color_mode, history_ro
     return paths
 
 
-def _sample_batch(paths, target_size, color_mode) -> np.ndarray:
-    """A few real images, as the model sees them, to check exports against."""
-    from trainer.data import resize
-    from trainer.predict import decode_file
+def _exports(out: Path, model, formats, export_data, keras_file: Path, report: dict, summary: dict) -> dict:
+    """Write and check every export; the per-format table goes into report.json (and the page)."""
+    from trainer.exports import check_export, export_model, int8_warning, keras_row
 
-    channels = 1 if color_mode == "grayscale" else 3
-    images = [np.asarray(resize(decode_file(p, channels, target_size), target_size)) for p in paths]
-    if not images:
-        images = [np.random.default_rng(0).integers(0, 256, (*target_size, channels), dtype=np.uint8)]
-    return np.stack(images)
+    images, labels, representative, split = export_data()
+    reference, expected = keras_row(model, keras_file, images, labels)
+    rows, paths = [reference], {}
+    for fmt in formats:
+        paths[fmt] = export_model(model, fmt, out, representative)
+        rows.append(check_export(model, fmt, paths[fmt], images, labels, expected))
+        log.info("exported %s: %s, agreement %.4f, %.2f ms per image", fmt, paths[fmt], rows[-1]["agreement"],
+                 rows[-1]["latency_ms"])
+    report["exports"] = {"split": split, "images": len(images), "rows": rows}
+    summary["exports"] = {r["format"]: {"path": str(paths[r["format"]]), **r} for r in rows[1:]}
+    warning = int8_warning(rows)
+    if warning:
+        log.warning("%s", warning)
+        summary.setdefault("warnings", []).append(warning)
+    return paths

@@ -198,6 +198,34 @@ def scan_directory(directory: str | os.PathLike, classes: list[str] | None = Non
     return scan
 
 
+def scan_images(directory: str | os.PathLike, class_names: list[str] | None = None, *, exclude: tuple[str, ...] = (),
+                max_pixels: int = MAX_PIXELS, what: str = "images") -> Scan:
+    """Every usable image below ``directory``, in any layout (for prediction: nothing is a label).
+
+    When ``class_names`` is given and every image lies in a top-level folder named after one of them (a labelled
+    drop), the samples carry those classes' indices as labels and the scan's ``class_names`` are those names;
+    otherwise every label is -1 and ``class_names`` is empty. Files named in ``exclude`` at the top level (the job's
+    own spec) are passed over silently; everything else that is not a usable image is listed in ``skipped``.
+
+    Raises:
+        DatasetError: if the folder is missing.
+    """
+    root = os.path.realpath(directory)
+    if not os.path.isdir(root):
+        raise DatasetError(f"{what} must be an existing directory. Received: {what}={str(directory)!r}")
+    skipped: list[Skipped] = []
+    files = [f for f in _walk_files(root, root, skipped) if os.path.relpath(f, root) not in exclude]
+    good, bad = _probe_all(root, files, max_pixels)
+    skipped.extend(bad)
+    tops = {os.path.relpath(path, root).split(os.sep)[0] if os.sep in os.path.relpath(path, root) else None
+            for path, _ in good}
+    if class_names and good and None not in tops and tops <= set(class_names):
+        index = {name: i for i, name in enumerate(class_names)}
+        samples = [_sample(path, index[os.path.relpath(path, root).split(os.sep)[0]], info) for path, info in good]
+        return Scan(root, list(class_names), samples, skipped)
+    return Scan(root, [], [_sample(path, -1, info) for path, info in good], skipped)
+
+
 def scan_csv(directory: str | os.PathLike, labels_csv: str | os.PathLike, classes: list[str] | None = None, *,
              max_pixels: int = MAX_PIXELS) -> Scan:
     """Find images listed in a CSV with columns ``filename,label`` (filenames relative to ``directory``).

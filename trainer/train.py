@@ -188,12 +188,13 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
     if output_dir is not None:
         paths = results.write_all(Path(output_dir), model, data.class_names, data.target_size, options.color_mode,
                                   fit.rows, report, errors, data.info, summary, options.exports,
-                                  sample_images=[s.path for s in (data.test or data.val or data.train)[:8]])
+                                  export_data=_export_data(data, options))
     if clock is not None:
         clock.save(work)
         summary["budget"]["used_seconds"] = round(clock.used(), 1)
         log.info("time budget: %.0f of %.0f s used", clock.used(), clock.budget)
     emit("finished", {"artifacts": {k: str(v) for k, v in paths.items()}, "final": summary["final"],
+                      "warnings": summary.get("warnings", []),
                       "epochs_trained": summary["epochs_trained"],
                       "best_val_accuracy": summary["best_val_accuracy"], "evaluation": summary["evaluation"],
                       "seconds": summary["durations"]["total_seconds"]})
@@ -499,6 +500,23 @@ def _summary(data: Dataset, o: TrainOptions, runtime: Runtime, model, fit: _Fit,
 
 
 # --- internals ---------------------------------------------------------------------------------------------------
+
+def _export_data(data: Dataset, o: TrainOptions):
+    """What the exports are checked on (held-out images) and INT8 is calibrated on (training images), decoded
+    only when there are exports."""
+    def load():
+        from trainer import exports
+
+        held, split = ((data.test, "test") if data.test else (data.val, "validation") if data.val
+                       else (data.train, "training (not held out)"))
+        channels = 1 if o.color_mode == "grayscale" else 3
+        images, labels = exports.load_arrays(held, data.target_size, channels, exports.CHECK_IMAGES, o.seed)
+        representative, _ = exports.load_arrays(data.train, data.target_size, channels,
+                                                exports.REPRESENTATIVE_IMAGES, o.seed + 1)
+        return images, labels, representative, split
+
+    return load
+
 
 def _class_weights(class_weight, samples, num_classes) -> dict[int, float] | None:
     if class_weight is None or class_weight == "none":

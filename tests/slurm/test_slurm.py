@@ -75,7 +75,7 @@ def test_a_drop_goes_through_sbatch_to_a_finished_job_with_metrics(tmp_path, clu
         labels = {"job_id": job["id"], "dataset": "on-slurm"}
         assert value(samples, "dropfit_job_epoch", **labels) == 3
         assert value(samples, "dropfit_job_epochs_total", **labels) == 3
-        assert value(samples, "dropfit_jobs_total", outcome="succeeded") == 1
+        assert value(samples, "dropfit_jobs_total", kind="train", outcome="succeeded") == 1
         assert value(samples, "dropfit_submit_errors_total", engine="slurm") == 0
     finally:
         d.stop()

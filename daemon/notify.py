@@ -1,0 +1,144 @@
+"""Webhooks (the config's ``notify:``): a JSON POST to each URL for the job events it asked for — queued, started,
+finished, failed, cancelled.
+
+Delivery never blocks or fails a job: events go into one queue per URL (so each URL gets them in order), drained by
+its own thread, with bounded retries and exponential backoff. A delivery that still fails is logged, counted
+(``dropfit_notifications_total{result="failed"}``) and recorded in the job's ``outbox/<id>/notifications.jsonl``
+(delivered ones too). Each body is signed when the URL has a secret::
+
+    X-Dropfit-Signature: sha256=<hex HMAC-SHA256 of the body with the secret>
+    X-Dropfit-Event: finished
+    X-Dropfit-Delivery: <unique id, the same on every retry>
+
+Receivers check it with ``hmac.compare_digest(expected, header)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from daemon.ledger import Job, JobState
+
+log = logging.getLogger(__name__)
+
+EVENT_OF_STATE = {JobState.QUEUED: "queued", JobState.RUNNING: "started", JobState.SUCCEEDED: "finished",
+                  JobState.FAILED: "failed", JobState.CANCELLED: "cancelled"}
+QUEUE_SIZE = 10_000  # per URL: a receiver down for days must not grow the daemon's memory without bound
+MAX_BACKOFF = 60.0
+RECORD_FILE = "notifications.jsonl"
+
+
+def signature(key: bytes, body: bytes) -> str:
+    """The ``X-Dropfit-Signature`` header value for ``body``."""
+    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def payload(event: str, job: Job, outbox: Path) -> dict:
+    """What a receiver gets: the event, and the job as ``status.json`` describes it (less the noise)."""
+    return {"event": event, "time": time.time(), "job": {
+        "id": job.id, "dataset": job.name, "kind": job.kind or "train", "state": job.state.value,
+        "attempt": job.attempt, "outcome": job.outcome, "error_kind": job.error_kind, "error": job.error,
+        "epoch": job.epoch, "epochs": job.epochs, "best_val_accuracy": job.best_val_accuracy,
+        "model_job": job.model_job, "warnings": job.warnings or [], "outbox": str(outbox / job.id)}}
+
+
+class Notifier:
+    """Sends job events to the configured webhooks, from background threads."""
+
+    def __init__(self, targets, outbox: Path, metrics=None):
+        self.outbox, self.metrics = outbox, metrics
+        self._stop = threading.Event()
+        self._record_lock = threading.Lock()
+        self._workers = []
+        for target in targets:
+            if target.secret_env and target.signing_key() is None:
+                log.warning("notify %s: secret_env %s is not set; its events go unsigned", target.url,
+                            target.secret_env)
+            q: queue.Queue = queue.Queue(QUEUE_SIZE)
+            thread = threading.Thread(target=self._drain, args=(target, q), name=f"notify-{len(self._workers)}",
+                                      daemon=True)
+            self._workers.append((target, q, thread))
+            thread.start()
+
+    def job_changed(self, job: Job) -> None:
+        """Queue the event of the state ``job`` just entered, for every URL that asked for it; never blocks."""
+        event = EVENT_OF_STATE.get(job.state)
+        if event is None or not self._workers:
+            return
+        body = json.dumps(payload(event, job, self.outbox), ensure_ascii=False).encode()
+        delivery = secrets.token_hex(8)
+        for target, q, _ in self._workers:
+            if event in target.events:
+                try:
+                    q.put_nowait((event, job.id, delivery, body))
+                except queue.Full:
+                    self._failed(target, event, job.id, delivery, 0, "the queue for this URL is full")
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued for up to ``timeout`` seconds, then stop (undelivered events are logged)."""
+        deadline = time.monotonic() + timeout
+        for _, q, _thread in self._workers:
+            q.put((None, None, None, None))
+        for _, _, thread in self._workers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._stop.set()
+
+    def _drain(self, target, q: queue.Queue) -> None:
+        key = target.signing_key()
+        while True:
+            event, job_id, delivery, body = q.get()
+            if event is None:
+                return
+            self._deliver(target, key, event, job_id, delivery, body)
+
+    def _deliver(self, target, key: bytes | None, event: str, job_id: str, delivery: str, body: bytes) -> None:
+        headers = {"Content-Type": "application/json", "User-Agent": "dropfit", "X-Dropfit-Event": event,
+                   "X-Dropfit-Delivery": delivery}
+        if key:
+            headers["X-Dropfit-Signature"] = signature(key, body)
+        error = ""
+        for attempt in range(target.retries + 1):
+            if attempt and self._stop.wait(min(MAX_BACKOFF, 2.0 ** (attempt - 1))):
+                break  # shutting down
+            try:
+                request = urllib.request.Request(target.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=target.timeout_seconds) as response:
+                    response.read(1024)
+                self._count(event, "delivered")
+                self._record(job_id, {"event": event, "url": target.url, "delivery": delivery, "result": "delivered",
+                                      "attempts": attempt + 1})
+                return
+            except urllib.error.HTTPError as exc:
+                error = f"HTTP {exc.code} {exc.reason}"
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                error = str(getattr(exc, "reason", exc))
+        self._failed(target, event, job_id, delivery, target.retries + 1, error)
+
+    def _failed(self, target, event: str, job_id: str, delivery: str, attempts: int, error: str) -> None:
+        log.warning("notify %s: could not deliver %s of job %s after %d attempt(s): %s", target.url, event, job_id,
+                    attempts, error, extra={"job_id": job_id})
+        self._count(event, "failed")
+        self._record(job_id, {"event": event, "url": target.url, "delivery": delivery, "result": "failed",
+                              "attempts": attempts, "error": error})
+
+    def _count(self, event: str, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.notifications.labels(event, result).inc()
+
+    def _record(self, job_id: str, entry: dict) -> None:
+        path = self.outbox / job_id / RECORD_FILE
+        try:
+            with self._record_lock, open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **entry}) + "\n")
+        except OSError as exc:
+            log.warning("could not record a notification in %s: %s", path, exc.strerror or exc)
