@@ -72,6 +72,13 @@ class Tee:
             stream.flush()
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Like the real trainer's checkpoints: a SIGKILL (an evicted pod) never leaves a half-written file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def on_term(signum, frame):
     global stop
     stop = True
@@ -102,7 +109,7 @@ def main() -> int:
     epochs = spec.get("epochs", 3)
     attempts_file = work / "attempts"
     attempt = int(attempts_file.read_text()) + 1 if attempts_file.exists() else 1
-    attempts_file.write_text(str(attempt))
+    write_atomically(attempts_file, str(attempt))
     progress = work / "progress.json"
     done = json.loads(progress.read_text())["epoch"] if progress.exists() else 0
     with (out / "fake_runs.jsonl").open("a") as f:
@@ -141,7 +148,7 @@ def main() -> int:
                      message="simulated failure")
                 return behaviour["exit_code"]
             os.kill(os.getpid(), getattr(signal, behaviour.get("crash_signal", "SIGKILL")))
-        progress.write_text(json.dumps({"epoch": epoch}))
+        write_atomically(progress, json.dumps({"epoch": epoch}))
         emit("epoch_end", job=args.job_id, epoch=epoch, epochs=epochs, loss=1.0 / epoch, accuracy=0.5 + epoch / 100,
              val_loss=1.2 / epoch, val_accuracy=0.4 + epoch / 100, learning_rate=0.001, seconds=0.05,
              images_per_second=200.0)
