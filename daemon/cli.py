@@ -134,11 +134,16 @@ def cmd_models(args) -> int:
     path = config.ledger_path()
     found = []
     if path.exists():
-        ledger = Ledger(path, readonly=True)
         try:
-            found = models.entries(ledger, config.path("outbox"))
-        finally:
-            ledger.close()
+            ledger = Ledger(path, readonly=True)
+            try:
+                found = models.entries(ledger, config.path("outbox"))
+            finally:
+                ledger.close()
+        except sqlite3.DatabaseError as exc:
+            print(f"error: the ledger {path} is unreadable ({exc}); starting the daemon moves it aside and rebuilds "
+                  "it from the outbox", file=sys.stderr)
+            return EXIT_FAILED
     print(json.dumps(found, indent=2) if args.json else models.table(found))
     return EXIT_OK
 
@@ -208,11 +213,14 @@ def _find_model(config, ref: str):
     path = config.ledger_path()
     if not path.exists():
         raise LookupError(f"no trained model yet (got {ref!r}); drop a dataset with a job.yaml first")
-    ledger = Ledger(path, readonly=True)
     try:
-        return models.resolve(ref, ledger, config.path("outbox"))
-    finally:
-        ledger.close()
+        ledger = Ledger(path, readonly=True)
+        try:
+            return models.resolve(ref, ledger, config.path("outbox"))
+        finally:
+            ledger.close()
+    except sqlite3.DatabaseError as exc:
+        raise LookupError(f"cannot look it up: the ledger {path} is unreadable ({exc})") from None
 
 
 def cmd_health(args) -> int:

@@ -13,6 +13,7 @@ Every step is idempotent so that recovery after a crash is simply "do it again":
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -254,16 +255,29 @@ def _validate_prediction(dataset: Path, display: str | None, models) -> tuple[Pr
                       f"{JOB_FILE} to train a model, {PREDICT_FILE} to label images with one")
     try:
         spec = load_predict_spec(dataset / PREDICT_FILE)
-        resolve_path(dataset, spec.images, "images")
+        images = resolve_path(dataset, spec.images, "images", PREDICT_FILE)
     except SpecError as exc:
         return None, shown(str(exc))
+    if not images.is_dir():
+        return None, f"{where}: images: no folder {spec.images!r} in the drop"
     if models is None:
         return None, f"{where}: model: no model catalogue here (prediction jobs run under the daemon)"
     try:
         job_id, folder = models(spec.model)
     except LookupError as exc:
         return None, f"{where}: model: {exc}"
+    if spec.min_confidence == "suggested" and _suggested(folder) is None:
+        return None, (f"{where}: min_confidence: suggested, but the model of {job_id} records no threshold (its "
+                      "labels.json has no calibration.min_confidence); give a number from 0 to 1")
     return PredictRun(spec=spec, model_job=job_id, model_dir=str(folder)), None
+
+
+def _suggested(model_dir: Path) -> float | None:
+    try:
+        labels = json.loads((model_dir / "labels.json").read_text(encoding="utf-8"))
+        return (labels.get("calibration") or {}).get("min_confidence")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _check_class_count(train: Path, spec: JobSpec, max_classes: int) -> str | None:

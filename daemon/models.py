@@ -20,7 +20,7 @@ EXPORT_FILES = {"savedmodel": "savedmodel", "tflite": "model.tflite", "tflite_in
 
 
 def entries(ledger: Ledger, outbox: Path) -> list[dict]:
-    """Every succeeded training job with its model still present, newest first."""
+    """Every succeeded training job with its model still present, the last to finish first."""
     out = []
     for job in reversed(ledger.jobs(JobState.SUCCEEDED)):
         if job.kind not in (None, "train"):
@@ -39,7 +39,7 @@ def entries(ledger: Ledger, outbox: Path) -> list[dict]:
             "input": labels.get("target_size"), "color_mode": labels.get("color_mode"),
             "exports": [name for name, file in EXPORT_FILES.items() if (folder / file).exists()],
             "path": str(folder)})
-    return out
+    return sorted(out, key=lambda m: m["finished_at"] or 0, reverse=True)  # newest: the last to finish
 
 
 def resolve(ref: str, ledger: Ledger, outbox: Path) -> tuple[str, Path]:
@@ -50,13 +50,13 @@ def resolve(ref: str, ledger: Ledger, outbox: Path) -> tuple[str, Path]:
     """
     models = entries(ledger, outbox)
     if ref == LATEST or ref.startswith(LATEST + ":"):
-        dataset = ref[len(LATEST) + 1:] if ref != LATEST else None
-        chosen = [m for m in models if dataset is None or m["dataset"] == dataset]
+        dataset = ref[len(LATEST) + 1:].strip() if ref != LATEST else None
+        chosen = [m for m in models if dataset is None or dataset_name(m["dataset"]) == dataset_name(dataset)]
         if chosen:
             return chosen[0]["id"], Path(chosen[0]["path"])
         if not models:
             raise LookupError(f"no trained model yet (got {ref!r}); drop a dataset with a job.yaml first")
-        names = sorted({m["dataset"] for m in models})
+        names = sorted({dataset_name(m["dataset"]) for m in models})
         raise LookupError(f"no trained model for a dataset named {dataset!r} (got {ref!r}); trained datasets: "
                           f"{', '.join(names)}")
     for m in models:
@@ -71,6 +71,14 @@ def resolve(ref: str, ledger: Ledger, outbox: Path) -> tuple[str, Path]:
     if job.state is not JobState.SUCCEEDED:
         raise LookupError(f"job {ref!r} has not succeeded (it is {job.state.value}); expected a trained model")
     raise LookupError(f"job {ref!r} succeeded, but its model is no longer in {outbox / ref} (removed?)")
+
+
+def dataset_name(name: str) -> str:
+    """The name a dataset is known by: its drop's name without an archive suffix (flowers.zip is flowers)."""
+    for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def table(models: list[dict]) -> str:

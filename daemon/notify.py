@@ -4,7 +4,9 @@ finished, failed, cancelled.
 Delivery never blocks or fails a job: events go into one queue per URL (so each URL gets them in order), drained by
 its own thread, with bounded retries and exponential backoff. A delivery that still fails is logged, counted
 (``dropfit_notifications_total{result="failed"}``) and recorded in the job's ``outbox/<id>/notifications.jsonl``
-(delivered ones too). Each body is signed when the URL has a secret::
+(delivered ones too; URLs appear there and in the log redacted). When the daemon stops, what is still queued gets one
+last attempt each for a few seconds; the rest is recorded as not sent. Each body is signed when the URL has a
+secret::
 
     X-Dropfit-Signature: sha256=<hex HMAC-SHA256 of the body with the secret>
     X-Dropfit-Event: finished
@@ -15,6 +17,7 @@ Receivers check it with ``hmac.compare_digest(expected, header)``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -26,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from daemon.ledger import Job, JobState
 
@@ -36,6 +40,16 @@ EVENT_OF_STATE = {JobState.QUEUED: "queued", JobState.RUNNING: "started", JobSta
 QUEUE_SIZE = 10_000  # per URL: a receiver down for days must not grow the daemon's memory without bound
 MAX_BACKOFF = 60.0
 RECORD_FILE = "notifications.jsonl"
+
+
+_END = object()
+
+
+def redact(url: str) -> str:
+    """The URL as logs and the outbox show it: webhook URLs often carry their secret in the path (Slack, Teams,
+    Discord), so only the scheme, host and a short hash of the rest."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}/...#{hashlib.sha256(url.encode()).hexdigest()[:8]}"
 
 
 def signature(key: bytes, body: bytes) -> str:
@@ -57,12 +71,13 @@ class Notifier:
 
     def __init__(self, targets, outbox: Path, metrics=None):
         self.outbox, self.metrics = outbox, metrics
-        self._stop = threading.Event()
+        self._closing = threading.Event()  # stopping: no more retries
+        self._stop = threading.Event()  # stopped: nothing more is sent
         self._record_lock = threading.Lock()
         self._workers = []
         for target in targets:
             if target.secret_env and target.signing_key() is None:
-                log.warning("notify %s: secret_env %s is not set; its events go unsigned", target.url,
+                log.warning("notify %s: secret_env %s is not set; its events go unsigned", redact(target.url),
                             target.secret_env)
             q: queue.Queue = queue.Queue(QUEUE_SIZE)
             thread = threading.Thread(target=self._drain, args=(target, q), name=f"notify-{len(self._workers)}",
@@ -70,9 +85,10 @@ class Notifier:
             self._workers.append((target, q, thread))
             thread.start()
 
-    def job_changed(self, job: Job) -> None:
-        """Queue the event of the state ``job`` just entered, for every URL that asked for it; never blocks."""
-        event = EVENT_OF_STATE.get(job.state)
+    def job_changed(self, job: Job, event: str | None = None) -> None:
+        """Queue ``event`` (default: the one of the state ``job`` just entered) for every URL that asked for it;
+        never blocks."""
+        event = event or EVENT_OF_STATE.get(job.state)
         if event is None or not self._workers:
             return
         body = json.dumps(payload(event, job, self.outbox), ensure_ascii=False).encode()
@@ -84,21 +100,35 @@ class Notifier:
                 except queue.Full:
                     self._failed(target, event, job.id, delivery, 0, "the queue for this URL is full")
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Deliver what is queued for up to ``timeout`` seconds, then stop (undelivered events are logged)."""
-        deadline = time.monotonic() + timeout
+    def close(self, timeout: float = 3.0) -> None:
+        """Stop: what is queued gets one more attempt each (no retries, no backoff) for up to ``timeout`` seconds;
+        whatever is left then is logged, counted and recorded as not sent. Never blocks longer than that."""
+        self._closing.set()
         for _, q, _thread in self._workers:
-            q.put((None, None, None, None))
+            with contextlib.suppress(queue.Full):  # full: the worker ends once it has emptied the queue
+                q.put_nowait(_END)
+        deadline = time.monotonic() + timeout
         for _, _, thread in self._workers:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._stop.set()
+        for _, _, thread in self._workers:
+            thread.join(1.0)
 
     def _drain(self, target, q: queue.Queue) -> None:
         key = target.signing_key()
         while True:
-            event, job_id, delivery, body = q.get()
-            if event is None:
+            try:
+                item = q.get(timeout=0.5)
+            except queue.Empty:
+                if self._closing.is_set():
+                    return
+                continue
+            if item is _END:
                 return
+            event, job_id, delivery, body = item
+            if self._stop.is_set():
+                self._failed(target, event, job_id, delivery, 0, "not sent: the daemon stopped")
+                continue
             self._deliver(target, key, event, job_id, delivery, body)
 
     def _deliver(self, target, key: bytes | None, event: str, job_id: str, delivery: str, body: bytes) -> None:
@@ -106,29 +136,30 @@ class Notifier:
                    "X-Dropfit-Delivery": delivery}
         if key:
             headers["X-Dropfit-Signature"] = signature(key, body)
-        error = ""
+        error, attempts = "", 0
         for attempt in range(target.retries + 1):
-            if attempt and self._stop.wait(min(MAX_BACKOFF, 2.0 ** (attempt - 1))):
-                break  # shutting down
+            if attempt and (self._closing.is_set() or self._closing.wait(min(MAX_BACKOFF, 2.0 ** (attempt - 1)))):
+                break  # stopping: no more retries
+            attempts += 1
             try:
                 request = urllib.request.Request(target.url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=target.timeout_seconds) as response:
                     response.read(1024)
                 self._count(event, "delivered")
-                self._record(job_id, {"event": event, "url": target.url, "delivery": delivery, "result": "delivered",
-                                      "attempts": attempt + 1})
+                self._record(job_id, {"event": event, "url": redact(target.url), "delivery": delivery,
+                                      "result": "delivered", "attempts": attempts})
                 return
             except urllib.error.HTTPError as exc:
                 error = f"HTTP {exc.code} {exc.reason}"
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 error = str(getattr(exc, "reason", exc))
-        self._failed(target, event, job_id, delivery, target.retries + 1, error)
+        self._failed(target, event, job_id, delivery, attempts, error)
 
     def _failed(self, target, event: str, job_id: str, delivery: str, attempts: int, error: str) -> None:
-        log.warning("notify %s: could not deliver %s of job %s after %d attempt(s): %s", target.url, event, job_id,
-                    attempts, error, extra={"job_id": job_id})
+        log.warning("notify %s: could not deliver %s of job %s after %d attempt(s): %s", redact(target.url), event,
+                    job_id, attempts, error, extra={"job_id": job_id})
         self._count(event, "failed")
-        self._record(job_id, {"event": event, "url": target.url, "delivery": delivery, "result": "failed",
+        self._record(job_id, {"event": event, "url": redact(target.url), "delivery": delivery, "result": "failed",
                               "attempts": attempts, "error": error})
 
     def _count(self, event: str, result: str) -> None:

@@ -18,6 +18,7 @@ from daemon.runners.base import Attempt, Launch, SubmitError
 from daemon.runners.local import trainer_env
 from daemon.watch import CANCEL_FILE
 from trainer.atomic import write_json
+from trainer.predict_spec import PredictRun
 from trainer.protocol import EpochEnd, Error, ErrorKind, Finished, Progress, Started, run_argv
 
 log = logging.getLogger("daemon.service")
@@ -81,6 +82,8 @@ class Scheduling:
             return False
         write_json(spec_file, spec.model_dump(mode="json"))
         self._write_resolved(job.id, spec)
+        if isinstance(spec, PredictRun):
+            self._update(job.id, kind="predict", model_job=spec.model_job, epochs=None)
         return True
 
     def _start(self, job: Job) -> bool:
@@ -172,6 +175,8 @@ class Scheduling:
                                        engine_state="running", time_budget=event.time_budget,
                                        deadline=event.deadline, warnings=event.warnings or None, **moved)
             self.metrics.budget(job_id, job.name, event.time_budget, event.deadline)
+            if self.notifier is not None:
+                self.notifier.job_changed(job, "started")
             if event.skipped and r.first_attempt and not event.resumed_from:
                 self.metrics.invalid_images.inc(event.skipped)
             self.metrics.job_started(job_id, job.name, job.epoch, job.epochs)

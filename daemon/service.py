@@ -345,10 +345,13 @@ class Daemon(Scheduling):
     # --- state changes ---------------------------------------------------------------------------------------
 
     def _set(self, job_id: str, state: JobState, **changes) -> Job:
+        before = self.ledger.get(job_id) if self.notifier is not None and state is JobState.QUEUED else None
         job = self.ledger.transition(job_id, state, **changes)
         self._publish(job)
-        # Webhooks: "queued" once (not again for a retry), "started" for every attempt, and how it ended.
-        if self.notifier is not None and not (state is JobState.QUEUED and job.attempt > 0):
+        # Webhooks: "queued" once, when taken in (not for a retry or a submission the engine refused for now);
+        # "started" when the trainer says so (`_on_event`); and how the job ended.
+        if self.notifier is not None and (state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED) or
+                                          (before is not None and before.state is JobState.CLAIMING)):
             self.notifier.job_changed(job)
         return job
 

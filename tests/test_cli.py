@@ -238,3 +238,13 @@ def test_an_invalid_resolved_spec_is_refused_with_its_location(tmp_path):
     assert proc.returncode == 2
     [error] = events(proc.stdout)
     assert error["kind"] == "spec" and "spec.json:1: epochs: must be a positive integer, got 0" in error["message"]
+
+
+def test_the_daemon_reads_the_previous_protocol_version_and_refuses_older_ones():
+    """Version 3 only adds to version 2: a version-2 trainer still running on a cluster when the daemon is upgraded
+    finishes its job; version 1 is refused."""
+    from trainer.protocol import EpochEnd, ProtocolError, parse_event
+
+    assert isinstance(parse_event('{"event": "epoch_end", "v": 2, "epoch": 3}'), EpochEnd)
+    with pytest.raises(ProtocolError, match="protocol version 1"):
+        parse_event('{"event": "epoch_end", "v": 1, "epoch": 3}')

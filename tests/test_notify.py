@@ -41,7 +41,8 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        # A path with a token in it, as Slack's and Teams' webhook URLs have: it must never be logged or recorded.
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/T0KEN-in-the-path"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
@@ -79,6 +80,7 @@ def test_events_arrive_in_order_signed_and_retried(tmp_path, receiver):
         assert [e["event"] for e in log] == ["queued", "started", "finished"] and log[0]["attempts"] == 2
         samples = d.scrape()
         assert samples[("dropfit_notifications_total", (("event", "finished"), ("result", "delivered")))] == 1
+        assert "T0KEN" not in d.log() and all("T0KEN" not in e["url"] for e in log)
     finally:
         d.stop()
 

@@ -115,6 +115,7 @@ def test_a_class_structured_drop_is_also_evaluated(trained):
     ("top_k: 0\n", "predict.yaml:1: top_k: must be >= 1, got 0"),
     ("modle: latest\n", "modle: unknown key (did you mean 'model'?)"),
     ("model: no-such-job\n", "model: no job with the id 'no-such-job'"),
+    ("images: nope\n", "predict.yaml: images: no folder 'nope' in the drop"),
 ])
 def test_a_bad_predict_yaml_is_rejected_with_a_located_reason_and_the_images_kept(trained, content, expected):
     d, _ = trained

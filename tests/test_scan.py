@@ -101,6 +101,11 @@ def test_csv_labels(small, tmp_path):
     bad.write_text("file,class\na.png,x\n")
     with pytest.raises(DatasetError, match="must have a header with columns 'filename' and 'label'"):
         scan_csv(small, bad)
+    # A label becomes a folder name (a prediction job's sorted/<label>/): a path is refused, naming the line.
+    traversal = tmp_path / "traversal.csv"
+    traversal.write_text(f"filename,label\n{files[0]},cat\n{files[1]},../../victim\n")
+    with pytest.raises(DatasetError, match=r"traversal.csv' line 3: label '../../victim' cannot be a class name"):
+        scan_csv(small, traversal)
 
 
 def test_split_is_stratified_deterministic_and_keeps_every_class_in_training(small):

@@ -243,9 +243,10 @@ def test_exports_round_trip(small, tmp_path):
     lite = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     np.testing.assert_allclose(lite, expected, atol=1e-3)
     session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: images})[0], expected, atol=1e-4)
+    np.testing.assert_allclose(session.run(None, {"image": images})[0], expected, atol=1e-4)  # the README's name
     int8 = tf.lite.Interpreter(model_path=str(out / "model_int8.tflite"))
-    assert int8.get_input_details()[0]["dtype"] == np.uint8  # raw pixels in
+    assert int8.get_input_details()[0]["dtype"] == np.uint8  # raw pixels in, as they are:
+    assert int8.get_input_details()[0]["quantization"] == (1.0, 0)
     assert int8.get_output_details()[0]["dtype"] == np.float32  # calibrated probabilities out
 
 

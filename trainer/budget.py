@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 MIN_EPOCHS = 12  # fewer and the schedule is too short to converge: shrink the network or the input instead
 RESERVE_FIXED = 8.0  # seconds after training: model copy, calibration, plots, report, saving (measured: 3-4 s)
-RESERVE_PER_EXPORT = 25.0  # SavedModel or TFLite conversion and its check
+RESERVE_PER_EXPORT = 30.0  # one conversion (SavedModel first for TFLite) and its run on the check images (estimate)
+EXPORT_CHECK_IMAGES = 1200  # decoded once for the exports: trainer.exports.CHECK_IMAGES + REPRESENTATIVE_IMAGES
 SAFETY = 0.04  # of the budget, kept for what no estimate sees
 PLANNING_SHARE = 0.06  # of the budget, at most, spent measuring candidates (at least 3 s)
 WIDTH_GAIN, INPUT_GAIN = 2.0, 1.5  # typical speed-ups of half the filters, 3/4 of the input side (2-core CPU, 96 px)
@@ -102,7 +103,9 @@ class Plan:
 def reserve(held_out: int, exports: int, images_per_second: float, budget: float) -> float:
     """Seconds to keep for everything after training."""
     inference = 3 * images_per_second  # predicting runs about three times faster than training
-    return RESERVE_FIXED + RESERVE_PER_EXPORT * exports + held_out / max(inference, 1.0) + SAFETY * budget
+    checks = EXPORT_CHECK_IMAGES * (1 + exports) / max(inference, 1.0) if exports else 0.0
+    return (RESERVE_FIXED + RESERVE_PER_EXPORT * exports + checks + held_out / max(inference, 1.0)
+            + SAFETY * budget)
 
 
 def measure(model, input_shape: tuple[int, int, int], num_classes: int, batch_size: int,

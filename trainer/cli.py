@@ -132,6 +132,7 @@ def cmd_run(args) -> int:
         return _run_prediction(run, images, args.out, job_id, events, on_event, stop)
     log.info("job %s: training on %s, output in %s", job_id, paths["data.train"], args.out)
     try:
+        from trainer.exports import ExportError
         from trainer.scan import DatasetError
         from trainer.train import TrainingInterrupted, train_cnn
 
@@ -148,6 +149,10 @@ def cmd_run(args) -> int:
         log.error("unusable data: %s", exc)
         events.emit("error", kind="data", message=str(exc))
         return ExitCode.INVALID
+    except ExportError as exc:  # running it again converts the same model the same way: not retried
+        log.error("%s", exc)
+        events.emit("error", kind="export", message=str(exc))
+        return ExitCode.FAILED
     except BaseException as exc:
         # Whatever breaks (out of memory, disk full, a bug), the daemon must get an event with a readable reason.
         kind, message = _classify(exc)
@@ -159,7 +164,7 @@ def cmd_run(args) -> int:
 
 def _run_prediction(run, images: Path, out, job_id: str, events, on_event, stop) -> int:
     """A prediction job (`trainer.prediction`), with the same exit codes and events as training."""
-    from trainer.prediction import PredictionStopped, run_prediction
+    from trainer.prediction import PredictionRejected, PredictionStopped, run_prediction
     from trainer.scan import DatasetError
 
     log.info("job %s: labelling %s with the model of %s, output in %s", job_id, images, run.model_job, out)
@@ -169,7 +174,7 @@ def _run_prediction(run, images: Path, out, job_id: str, events, on_event, stop)
         log.warning("%s", exc)
         events.emit("interrupted", completed_epochs=0, message=str(exc))
         return ExitCode.INTERRUPTED
-    except (DatasetError, ValueError) as exc:  # ValueError: min_confidence 'suggested' the model does not record
+    except (DatasetError, PredictionRejected) as exc:
         kind = "data" if isinstance(exc, DatasetError) else "spec"
         log.error("%s", exc)
         events.emit("error", kind=kind, message=str(exc))

@@ -142,15 +142,24 @@ def _write(model, fmt: str, tmp: Path, representative: np.ndarray) -> Path:
     if fmt == "tflite_int8":
         if len(representative) == 0:
             raise ExportError("the tflite_int8 export needs training images to calibrate on; none were decoded")
+        # A black and a white image pin the input's range to 0-255: raw uint8 pixels then go in as they are
+        # (scale 1, zero point 0) whatever range the training images happen to span.
+        extremes = np.stack([np.zeros_like(representative[0]), np.full_like(representative[0], 255)])
+        calibration = np.concatenate([extremes, representative]).astype(np.float32)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([representative[i:i + 1].astype(np.float32)]
-                                                    for i in range(len(representative)))
+        converter.representative_dataset = lambda: ([calibration[i:i + 1]] for i in range(len(calibration)))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8  # raw pixels in; calibrated float probabilities out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         flatbuffer = converter.convert()
-    return artifacts.write_bytes(tmp / FILES[fmt], flatbuffer)
+    path = artifacts.write_bytes(tmp / FILES[fmt], flatbuffer)
+    if fmt == "tflite_int8":
+        scale, zero = _interpreter(path, (1, *model.input_shape[1:]))[1]["quantization"]
+        if (scale, zero) != (1.0, 0):
+            raise ExportError(f"the tflite_int8 export's input is quantised with scale {scale} and zero point "
+                              f"{zero}, not raw 0-255 pixels (scale 1, zero point 0)")
+    return path
 
 
 def _export_savedmodel(model, path: Path) -> None:

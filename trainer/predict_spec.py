@@ -78,7 +78,8 @@ class PredictSpec(BaseModel):
         None, description="Below this calibrated probability the label is 'unknown' (the best guess is kept beside "
                           "it); suggested: the threshold recorded for 99% held-out accuracy.")
     batch_size: Annotated[int, Strict(), Field(ge=1, le=4096)] = Field(
-        64, description="Images per batch through the model (memory is bounded by it, not by the drop's size).")
+        64, description="Images per batch through the model (the images in memory are bounded by it, not by the "
+                        "drop's size).")
     sort: Annotated[bool, Strict()] = Field(
         False, description="Also copy (never move) every image into sorted/<label>/ in the outbox.")
 

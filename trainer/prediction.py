@@ -1,7 +1,7 @@
 """A prediction job (a ``predict.yaml`` drop, resolved by the daemon into a `PredictRun`): label every image of the
 drop with a trained model and write, into the job's output folder:
 
-- ``predictions.csv``: ``file`` (relative to the drop), ``label`` (``unknown`` below ``min_confidence``),
+- ``predictions.csv``: ``file`` (relative to the ``images`` folder), ``label`` (``unknown`` below ``min_confidence``),
   ``probability``, then ``label_1, probability_1 ... label_k, probability_k`` (the best guesses, calibrated);
 - ``predictions.json``: the same, with the model used and the files that could not be read (``unreadable``, each with
   its reason; also in ``unreadable.csv``);
@@ -9,8 +9,9 @@ drop with a trained model and write, into the job's output folder:
   table, confusion matrix), ``confusion_matrix.png``, ``errors.png`` and ``report.html`` — training's machinery;
 - with ``sort: true``: a copy of every image in ``sorted/<label>/`` (the drop's own sub-folders kept below it).
 
-Images stream through the model in batches from the training pipeline's parallel decoders (`trainer.data`): memory
-is bounded by ``batch_size``, not by the size of the drop.
+Images stream through the model in batches from the training pipeline's parallel decoders (`trainer.data`): the
+images in memory are bounded by ``batch_size``, not by the size of the drop (the predictions, about a kilobyte per
+image, are kept until they are written).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 
 from trainer import artifacts
 from trainer.predict_spec import PREDICT_FILE, PredictRun
-from trainer.scan import DatasetError, Scan, relative, scan_images
+from trainer.scan import DatasetError, Scan, relative, scan_images, valid_class_name
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ PROGRESS_SECONDS = 1.0  # at most one progress event a second: the daemon record
 
 class PredictionStopped(Exception):
     """Stopped on request; a prediction job simply runs again from the start (nothing to resume)."""
+
+
+class PredictionRejected(Exception):
+    """The job asks for something this model cannot do (e.g. a threshold it does not record): not retried."""
 
 
 def run_prediction(root: str | os.PathLike, run: PredictRun, out: str | os.PathLike, *, emit, stop_event=None,
@@ -63,7 +68,13 @@ def run_prediction(root: str | os.PathLike, run: PredictRun, out: str | os.PathL
         raise DatasetError(f"model: the model of job {run.model_job!r} cannot be loaded from {run.model_dir} "
                            f"({exc}); was its outbox folder removed?") from None
     names = list(model.class_names)
-    cut = threshold(model, spec.min_confidence)
+    try:
+        cut = threshold(model, spec.min_confidence)
+    except ValueError as exc:
+        raise PredictionRejected(f"min_confidence: {exc}") from None
+    if cut is not None and UNKNOWN in names:
+        raise PredictionRejected(f"min_confidence: this model has a class named {UNKNOWN!r}, which the answer "
+                                 "below the threshold would be confused with; leave min_confidence out")
     height, width, channels = model.input_shape[1:]
     scan = scan_images(root, names, exclude=(PREDICT_FILE,), what="images")
     if not scan.samples:
@@ -197,8 +208,11 @@ def _evaluate(out: Path, scan: Scan, rows: dict[int, dict], probs_of: dict[int, 
 
 def _sort(root: str, target: Path, rows: list[dict]) -> Path:
     """Copy (never move) each image to ``target/<label>/<its path in the drop>``; a rerun overwrites the copies."""
+    inside = target.resolve()
     for r in rows:
         dst = target / r["label"] / r["file"]
+        if not valid_class_name(r["label"]) or inside not in dst.resolve().parents:
+            raise DatasetError(f"sort: {r['label']!r}/{r['file']!r} would be written outside {target}")
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(os.path.join(root, r["file"]), dst)
     return target

@@ -33,7 +33,10 @@ __all__ = ["ENV_JOB_ID", "ENV_PARENT_PID", "ENV_STATE_DIR", "FINISHED_FILE", "PR
            "add_run_arguments", "event_line", "parse_event", "read_finished", "run_argv", "write_finished"]
 
 # Raised whenever an event's fields change incompatibly; the daemon refuses a trainer that speaks another version.
-PROTOCOL_VERSION = 3  # 3: prediction jobs (Started.kind, the Progress event)
+PROTOCOL_VERSION = 3  # 3: prediction jobs (Started.kind, the Progress event, Finished.warnings)
+# Versions this daemon reads: 3 only adds to 2, so a version-2 trainer still running on a cluster when the daemon is
+# upgraded finishes its job.
+SUPPORTED_VERSIONS = (2, 3)
 # Written by the trainer into its output folder just before it reports success: the daemon's proof, after a crash,
 # that the job finished (so it is not run a second time).
 FINISHED_FILE = "finished.json"
@@ -54,13 +57,14 @@ class ExitCode(IntEnum):
 
 
 class ErrorKind(str, Enum):
-    """Why a job failed: the first five come from the trainer's `Error` event, the rest are decided by the daemon."""
+    """Why a job failed: the first six come from the trainer's `Error` event, the rest are decided by the daemon."""
 
     SPEC = "spec"
     DATA = "data"
     OOM = "oom"
     IO = "io"
     INTERNAL = "internal"
+    EXPORT = "export"  # an export that could not be converted or does not predict like the model: not retried
     ARCHIVE = "archive"  # a dropped archive that cannot or must not be extracted
     TIMEOUT = "timeout"  # job_timeout_seconds
     CRASH = "crash"  # the trainer died by a signal without saying why
@@ -186,7 +190,7 @@ def parse_event(line: str | bytes) -> Event:
     if not isinstance(data, dict) or not isinstance(data.get("event"), str):
         raise ProtocolError("not an event object (expected a JSON object with an 'event' field)")
     version = data.get("v")
-    if version != PROTOCOL_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise ProtocolError(f"the trainer speaks event protocol version {version!r}; this daemon speaks version "
                             f"{PROTOCOL_VERSION} (are the daemon and the trainer from the same dropfit release?)",
                             version=version if isinstance(version, int) else -1)

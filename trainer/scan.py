@@ -198,6 +198,11 @@ def scan_directory(directory: str | os.PathLike, classes: list[str] | None = Non
     return scan
 
 
+def valid_class_name(name: str) -> bool:
+    """Whether ``name`` can be a class (and so a folder name): no path separators, NUL, or leading dot."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\x00")
+
+
 def scan_images(directory: str | os.PathLike, class_names: list[str] | None = None, *, exclude: tuple[str, ...] = (),
                 max_pixels: int = MAX_PIXELS, what: str = "images") -> Scan:
     """Every usable image below ``directory``, in any layout (for prediction: nothing is a label).
@@ -257,6 +262,11 @@ def scan_csv(directory: str | os.PathLike, labels_csv: str | os.PathLike, classe
         if not filename or not label:
             skipped.append(Skipped(filename or where, f"{where}: empty filename or label"))
             continue
+        if not valid_class_name(label):
+            # Class names become folder names (a prediction job's sorted/<label>/, plots): a label that is a path
+            # could write outside the output folder.
+            raise DatasetError(f"labels_csv {str(labels_csv)!r} line {line}: label {label!r} cannot be a class "
+                               "name; expected a name without '/', '\\' or a leading '.'")
         path = os.path.join(root, filename)
         if os.path.isabs(filename) or not _inside(root, path):
             skipped.append(Skipped(filename, f"{where}: path leaves the dataset folder"))

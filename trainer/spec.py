@@ -430,12 +430,12 @@ def explain(exc: ValidationError, model: type[BaseModel]) -> list[Problem]:
     return [_problem(err, {}, model) for err in exc.errors()]
 
 
-def resolve_path(job_dir: str | os.PathLike, relative: str, field: str) -> Path:
+def resolve_path(job_dir: str | os.PathLike, relative: str, field: str, spec_file: str = JOB_FILE) -> Path:
     """Turn a spec path into an absolute one, refusing anything (symlinks included) that leaves ``job_dir``."""
     root = Path(job_dir).resolve()
     target = (root / relative).resolve()
     if target != root and root not in target.parents:
-        raise SpecError(str(Path(job_dir) / JOB_FILE),
+        raise SpecError(str(Path(job_dir) / spec_file),
                         [Problem(field, f"resolves to {target}, outside the job folder (via a symlink?), "
                                         f"got {relative!r}")])
     return target
