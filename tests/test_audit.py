@@ -155,3 +155,25 @@ def test_a_job_reports_its_audit_and_its_label_suspects(planted, tmp_path):
     for miss in held_out:
         if miss["probability"] >= 0.9:
             assert any(Path(miss["file"]).name in line and ",triangle,square," in line for line in flagged)
+
+
+def test_the_banded_search_finds_every_pair_a_full_comparison_finds_once_and_no_other():
+    """Against every pair compared: clustered hashes (many sharing band values, like a set of similar shapes), each
+    pair within the threshold reported once; with brightness, every pair close enough to be confirmed still is."""
+    from trainer.audit import NEAR_MEAN, near_pairs
+
+    rng = np.random.default_rng(5)
+    centres = rng.integers(0, 2**63, 12, dtype=np.uint64)
+    flips = rng.integers(0, 64, (600, 6))
+    hashes = [int(centres[i % 12]) ^ sum(1 << b for b in {int(b) for b in row[: rng.integers(0, 7)]})
+              for i, row in enumerate(flips)]
+    means = rng.uniform(0, 200, len(hashes))
+    brute = {(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes))
+             if bin(hashes[i] ^ hashes[j]).count("1") <= 6}
+    found = near_pairs(hashes, 6)
+    assert len(found) == len(set(found)) and set(found) == brute and len(brute) > 5_000
+    close = {(i, j) for i, j in brute if abs(means[i] - means[j]) <= NEAR_MEAN}
+    found = near_pairs(hashes, 6, means=means)
+    assert close <= set(found) <= brute and len(found) == len(set(found)) and len(set(found)) < len(brute) / 4
+    odd = near_pairs(hashes, 6, means=means, accept=lambda a, b: (a + b) % 2 == 1)
+    assert set(odd) == {(i, j) for i, j in found if (i + j) % 2 == 1}

@@ -5,10 +5,11 @@
 - **Near duplicates**: resized, re-encoded or slightly edited copies. Candidates are images whose perceptual hashes
   (``imagehash.phash``, 64 bits: a DCT of the image shrunk to 32x32) are within `NEAR_HAMMING` bits of each other —
   found without comparing every pair: two hashes within ``t`` bits agree exactly on at least one of ``t + 1`` bands,
-  so only images sharing a band value are compared. A candidate is confirmed when the 16x16 colour thumbnails of the
-  two differ by at most `NEAR_MEAN` levels on average and `NEAR_MAX` at any pixel (and at most half their contrast):
-  the hash alone pairs distinct but similar images (two handwritten 1s, two orange crosses on pastel noise), the
-  thumbnails tell them apart.
+  so only images sharing a band value are compared, and of those only the ones whose thumbnails' mean brightness is
+  close enough for a confirmation (60,000 photos of similar clothes otherwise make millions of candidates). A
+  candidate is confirmed when the 16x16 colour thumbnails of the two differ by at most `NEAR_MEAN` levels on average
+  and `NEAR_MAX` at any pixel (and at most half their contrast): the hash alone pairs distinct but similar images (two
+  handwritten 1s, two orange crosses on pastel noise), the thumbnails tell them apart.
 - Images linked by either become one **group**. A group holding more than one label is a **conflict** (one image,
   two answers): excluded from training and evaluation by default. The splits keep every group on one side, so no copy
   of a held-out image is trained on.
@@ -105,32 +106,50 @@ def fingerprints(paths: list[str], workers: int | None = None) -> list[Fingerpri
         return [fp for part in pool.map(_fingerprints, chunks) for fp in part]
 
 
-def near_pairs(hashes: list[int], threshold: int) -> set[tuple[int, int]]:
-    """Index pairs whose 64-bit hashes differ in at most ``threshold`` bits (banded search, see the module doc)."""
-    if threshold <= 0 or len(hashes) < 2:
-        return set()
+def near_pairs(hashes: list[int], threshold: int, *, means=None, accept=None) -> list[tuple[int, int]]:
+    """Index pairs ``(i, j)``, ``i < j``, each once, whose 64-bit hashes differ in at most ``threshold`` bits (banded
+    search, see the module doc). ``means`` (optional, per image): only pairs within `NEAR_MEAN` of each other are
+    compared, as no pair further apart can be confirmed; ``accept(a, b)`` (optional) filters index arrays."""
+    n = len(hashes)
+    if threshold <= 0 or n < 2:
+        return []
     values = np.asarray(hashes, dtype=np.uint64)
-    bands = threshold + 1
-    edges = np.linspace(0, 64, bands + 1).astype(int)
-    pairs: set[tuple[int, int]] = set()
-    for lo, hi in itertools.pairwise(edges):
-        key = (values >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
-        order = np.argsort(key, kind="stable")
-        sorted_keys = key[order]
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        ends = np.r_[starts[1:], len(order)]
-        for start, end in zip(starts, ends, strict=True):
-            if end - start < 2:
-                continue
+    edges = np.linspace(0, 64, threshold + 2).astype(int)
+    keys = np.stack([((values >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)).astype(np.int64)
+                     for lo, hi in itertools.pairwise(edges)])
+    # Brightness bins 2 * NEAR_MEAN wide: two images within NEAR_MEAN of each other share a bin or are neighbours.
+    # Without them, a set of similar shapes (60,000 clothes photos) makes millions of candidates to confirm.
+    bins = np.zeros(n, np.int64) if means is None else np.floor(np.asarray(means) / (2 * NEAR_MEAN)).astype(np.int64)
+    width = int(bins.max()) + 2  # so that "the next bin" never reaches the next band value
+    found_a, found_b = [], []
+    for band, key in enumerate(keys):
+        cell = key * width + bins
+        order = np.argsort(cell, kind="stable")
+        cells, starts = np.unique(cell[order], return_index=True)
+        ends = np.r_[starts[1:], n]
+        where = {int(c): (int(s), int(e)) for c, s, e in zip(cells, starts, ends, strict=True)}
+        for c, (start, end) in where.items():
             members = order[start:end]
-            vals = values[members]
-            for row in range(0, len(members) - 1, 1024):  # bounded memory when many images share a band value
-                block = vals[row:row + 1024]
-                distance = np.bitwise_count(block[:, None] ^ vals[None, :])
+            nxt = where.get(c + 1)
+            others = members if nxt is None else np.r_[members, order[nxt[0]:nxt[1]]]
+            for row in range(0, len(members), 1024):  # bounded memory when many images share a cell
+                block = members[row:row + 1024]
+                distance = np.bitwise_count(values[block][:, None] ^ values[others][None, :])
                 a, b = np.nonzero(distance <= threshold)
-                keep = b > a + row  # each pair once: i = row + a < j = b
-                pairs.update(zip(members[a[keep] + row].tolist(), members[b[keep]].tolist(), strict=True))
-    return pairs
+                keep = b > a + row  # within the cell: each pair once; the next cell's members all lie beyond
+                ia, ib = block[a[keep]], others[b[keep]]
+                if band:  # a pair that agrees on an earlier band was found there
+                    earlier = (keys[:band, ia] == keys[:band, ib]).any(axis=0)
+                    ia, ib = ia[~earlier], ib[~earlier]
+                if accept is not None and len(ia):
+                    ok = accept(ia, ib)
+                    ia, ib = ia[ok], ib[ok]
+                found_a.append(ia)
+                found_b.append(ib)
+    if not found_a:
+        return []
+    a, b = np.concatenate(found_a), np.concatenate(found_b)
+    return sorted(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist(), strict=True))
 
 
 class _UnionFind:
@@ -169,12 +188,24 @@ class Audit:
         return {i for g in self.conflicts for i in self.groups[g]}
 
 
+def confirm(flat: np.ndarray, contrast: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Which hash-near pairs ``(a[k], b[k])`` are near duplicates by their thumbnails too (``flat``: the thumbnails,
+    one uint8 row each; ``contrast``: each one's peak-to-peak)."""
+    out = np.zeros(len(a), dtype=bool)
+    for s in range(0, len(a), 8192):
+        pa, pb = a[s:s + 8192], b[s:s + 8192]
+        d = np.abs(flat[pa].astype(np.int16) - flat[pb].astype(np.int16))
+        largest = d.max(axis=1)
+        low = np.maximum(np.minimum(contrast[pa], contrast[pb]), 1)
+        out[s:s + 8192] = (d.mean(axis=1) <= NEAR_MEAN) & (largest <= NEAR_MAX) & \
+            (largest <= NEAR_CONTRAST_SHARE * low)
+    return out
+
+
 def confirmed(a: Fingerprint, b: Fingerprint) -> bool:
     """Whether two hash-near images are near duplicates by their thumbnails too."""
-    d = np.abs(a.thumb.astype(np.int16) - b.thumb.astype(np.int16))
-    contrast = min(int(np.ptp(a.thumb)), int(np.ptp(b.thumb)))
-    largest = int(d.max())
-    return float(d.mean()) <= NEAR_MEAN and largest <= NEAR_MAX and largest <= NEAR_CONTRAST_SHARE * max(contrast, 1)
+    flat = np.stack([a.thumb.ravel(), b.thumb.ravel()])
+    return bool(confirm(flat, np.ptp(flat, axis=1).astype(np.int32), np.array([0]), np.array([1]))[0])
 
 
 def audit(paths: list[str], labels: list[int], *, threshold: int = NEAR_HAMMING,
@@ -194,12 +225,13 @@ def audit(paths: list[str], labels: list[int], *, threshold: int = NEAR_HAMMING,
             uf.union(first, i)
             exact_linked.update((first, i))
     readable = [i for i, fp in enumerate(prints) if fp.digest is not None]
-    near = near_pairs([prints[i].phash for i in readable], threshold)
+    flat = np.stack([prints[i].thumb.ravel() for i in readable]) if readable else np.zeros((0, 3 * THUMB**2), np.uint8)
+    contrast = np.ptp(flat, axis=1).astype(np.int32)
+    near = near_pairs([prints[i].phash for i in readable], threshold, means=flat.mean(axis=1),
+                      accept=lambda a, b: confirm(flat, contrast, a, b))
     near_linked = set()
     for a, b in near:
         ia, ib = readable[a], readable[b]
-        if not confirmed(prints[ia], prints[ib]):
-            continue
         if uf.find(ia) != uf.find(ib):
             near_linked.update((ia, ib))
         uf.union(ia, ib)
