@@ -8,6 +8,7 @@ The trainer's commands (``run``, ``train``, ``predict``, ``evaluate``, ``validat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -72,6 +73,23 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
+@contextlib.contextmanager
+def _open_ledger(path):
+    """The ledger, read-only (the running daemon owns it), closed afterwards."""
+    from daemon.ledger import Ledger
+
+    ledger = Ledger(path, readonly=True)
+    try:
+        yield ledger
+    finally:
+        ledger.close()
+
+
+def _unreadable(path, exc: Exception) -> str:
+    return (f"the ledger {path} is unreadable ({exc}); starting the daemon moves it aside and rebuilds it from the "
+            "outbox")
+
+
 def _state(job) -> str:
     """The job's state as users read it: a job waiting in a cluster engine is "pending in slurm", not "running"."""
     if job.state.value == "running" and job.engine not in (None, "local") and job.engine_state in ("pending",
@@ -81,22 +99,16 @@ def _state(job) -> str:
 
 
 def cmd_status(args) -> int:
-    from daemon.ledger import Ledger
-
     config = _config(args)
     path = config.ledger_path()
     if not path.exists():
         print("no jobs yet" if not args.json else "[]")
         return EXIT_OK
     try:
-        ledger = Ledger(path, readonly=True)
-        try:
+        with _open_ledger(path) as ledger:
             jobs = ledger.jobs()
-        finally:
-            ledger.close()
     except sqlite3.DatabaseError as exc:
-        print(f"error: the ledger {path} is unreadable ({exc}); starting the daemon moves it aside and rebuilds it "
-              "from the outbox", file=sys.stderr)
+        print(f"error: {_unreadable(path, exc)}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
         print(json.dumps([j.to_json() for j in jobs], indent=2))
@@ -128,28 +140,22 @@ def cmd_models(args) -> int:
     """The trained models (succeeded training jobs whose model is still in the outbox): what predict.yaml's
     ``model:`` refers to."""
     from daemon import models
-    from daemon.ledger import Ledger
 
     config = _config(args)
     path = config.ledger_path()
     found = []
     if path.exists():
         try:
-            ledger = Ledger(path, readonly=True)
-            try:
+            with _open_ledger(path) as ledger:
                 found = models.entries(ledger, config.path("outbox"))
-            finally:
-                ledger.close()
         except sqlite3.DatabaseError as exc:
-            print(f"error: the ledger {path} is unreadable ({exc}); starting the daemon moves it aside and rebuilds "
-                  "it from the outbox", file=sys.stderr)
+            print(f"error: {_unreadable(path, exc)}", file=sys.stderr)
             return EXIT_FAILED
     print(json.dumps(found, indent=2) if args.json else models.table(found))
     return EXIT_OK
 
 
 def cmd_cancel(args) -> int:
-    from daemon.ledger import Ledger
     from daemon.watch import CANCEL_FILE
     from trainer.atomic import write_text
 
@@ -157,11 +163,12 @@ def cmd_cancel(args) -> int:
     path = config.ledger_path()
     job = None
     if path.exists():
-        ledger = Ledger(path, readonly=True)
         try:
-            job = ledger.get(args.job_id)
-        finally:
-            ledger.close()
+            with _open_ledger(path) as ledger:
+                job = ledger.get(args.job_id)
+        except sqlite3.DatabaseError as exc:
+            print(f"error: {_unreadable(path, exc)}", file=sys.stderr)
+            return EXIT_FAILED
     if job is None:
         print(f"no job with id {args.job_id!r} (see `dropfit status`)", file=sys.stderr)
         return EXIT_FAILED
@@ -208,17 +215,13 @@ def cmd_validate(args) -> int:
 
 def _find_model(config, ref: str):
     from daemon import models
-    from daemon.ledger import Ledger
 
     path = config.ledger_path()
     if not path.exists():
         raise LookupError(f"no trained model yet (got {ref!r}); drop a dataset with a job.yaml first")
     try:
-        ledger = Ledger(path, readonly=True)
-        try:
+        with _open_ledger(path) as ledger:
             return models.resolve(ref, ledger, config.path("outbox"))
-        finally:
-            ledger.close()
     except sqlite3.DatabaseError as exc:
         raise LookupError(f"cannot look it up: the ledger {path} is unreadable ({exc})") from None
 

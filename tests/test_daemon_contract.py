@@ -420,3 +420,15 @@ def test_a_time_budget_and_data_warnings_show_in_status_metrics_and_the_table(tm
         assert job["state"] == "cancelled" and d.status(job["id"])["time_left_seconds"] is None
     finally:
         d.stop()
+
+
+def test_an_unreadable_ledger_is_one_clear_line_for_every_command_that_reads_it(tmp_path):
+    d = DaemonProcess(tmp_path / "d")
+    ledger = tmp_path / "d" / "state" / "ledger.sqlite3"
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    ledger.write_bytes(b"this is not a database" * 100)
+    for args in (["status"], ["models"], ["cancel", "some-job"]):
+        proc = d.cli(*args)
+        assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+        assert proc.stderr.strip() == (f"error: the ledger {ledger} is unreadable (file is not a database); starting "
+                                       "the daemon moves it aside and rebuilds it from the outbox"), args
