@@ -159,18 +159,22 @@ def test_square_target_size_and_defaults_merge():
     assert (spec.epochs, spec.model.dense_units, spec.model.dropout) == (3, 64, 0.5)
 
 
+def check_jsonschema(schema: str, document: Path) -> subprocess.CompletedProcess:
+    """The published schema ``schema`` applied to ``document`` by check-jsonschema, as an editor would."""
+    checker = Path(sys.executable).with_name("check-jsonschema")
+    return subprocess.run([checker, "--schemafile", ROOT / "trainer" / "schemas" / schema, document],
+                          capture_output=True, text=True)
+
+
 def test_published_json_schema_is_current_and_checks_files(tmp_path):
     shipped = json.loads((ROOT / "trainer" / "schemas" / "job.schema.json").read_text())
     assert shipped == json_schema(), "run `python -m trainer schema > trainer/schemas/job.schema.json`"
     assert shipped["additionalProperties"] is False
-    checker = Path(sys.executable).with_name("check-jsonschema")
-    schema = ROOT / "trainer" / "schemas" / "job.schema.json"
-    ok = subprocess.run([checker, "--schemafile", schema, ROOT / "examples" / "job.yaml"], capture_output=True,
-                        text=True)
+    ok = check_jsonschema("job.schema.json", ROOT / "examples" / "job.yaml")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     bad = tmp_path / "job.yaml"
     bad.write_text("epochs: 0\nfoo: 1\ntarget_size: auto\n")
-    res = subprocess.run([checker, "--schemafile", schema, bad], capture_output=True, text=True)
+    res = check_jsonschema("job.schema.json", bad)
     assert res.returncode == 1
     assert "epochs" in res.stdout and "foo" in res.stdout
 
@@ -194,10 +198,7 @@ def test_predict_yaml_example_schema_and_errors(tmp_path):
     assert load_predict_spec(ROOT / "examples" / "predict.yaml") == PredictSpec()
     shipped = json.loads((ROOT / "trainer" / "schemas" / "predict.schema.json").read_text())
     assert shipped == predict_spec.json_schema(), "run `make schemas`"
-    checker = Path(sys.executable).with_name("check-jsonschema")
-    schema = ROOT / "trainer" / "schemas" / "predict.schema.json"
-    ok = subprocess.run([checker, "--schemafile", schema, ROOT / "examples" / "predict.yaml"], capture_output=True,
-                        text=True)
+    ok = check_jsonschema("predict.schema.json", ROOT / "examples" / "predict.yaml")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     bad = tmp_path / "predict.yaml"
     bad.write_text("version: 1\ntop_k: 0\nmodel: 'a b'\nmin_confidence: 1.5\nsortt: true\n")
@@ -211,5 +212,5 @@ def test_predict_yaml_example_schema_and_errors(tmp_path):
         "labels.json records), or null, got 1.5",
         f"{bad}:5: sortt: unknown key (did you mean 'sort'?); expected one of: version, model, images, top_k, "
         "min_confidence, batch_size, sort"]
-    res = subprocess.run([checker, "--schemafile", schema, bad], capture_output=True, text=True)
+    res = check_jsonschema("predict.schema.json", bad)
     assert res.returncode == 1 and "top_k" in res.stdout

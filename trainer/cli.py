@@ -154,11 +154,7 @@ def cmd_run(args) -> int:
         events.emit("error", kind="export", message=str(exc))
         return ExitCode.FAILED
     except BaseException as exc:
-        # Whatever breaks (out of memory, disk full, a bug), the daemon must get an event with a readable reason.
-        kind, message = _classify(exc)
-        log.error("job failed (%s): %s\n%s", kind, message, traceback.format_exc())
-        events.emit("error", kind=kind, message=message)
-        return ExitCode.FAILED
+        return _failed(events, exc)
     return ExitCode.OK
 
 
@@ -180,11 +176,16 @@ def _run_prediction(run, images: Path, out, job_id: str, events, on_event, stop)
         events.emit("error", kind=kind, message=str(exc))
         return ExitCode.INVALID
     except BaseException as exc:
-        kind, message = _classify(exc)
-        log.error("job failed (%s): %s\n%s", kind, message, traceback.format_exc())
-        events.emit("error", kind=kind, message=message)
-        return ExitCode.FAILED
+        return _failed(events, exc)
     return ExitCode.OK
+
+
+def _failed(events, exc: BaseException) -> int:
+    """Whatever breaks (out of memory, disk full, a bug), the daemon must get an event with a readable reason."""
+    kind, message = _classify(exc)
+    log.error("job failed (%s): %s\n%s", kind, message, traceback.format_exc())
+    events.emit("error", kind=kind, message=message)
+    return ExitCode.FAILED
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:
