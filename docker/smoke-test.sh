@@ -128,6 +128,6 @@ fi
 for _ in $(seq 30); do grep -q '"state": "succeeded"' "$PROJECT"/outbox/*/status.json && break; sleep 1; done
 grep -q '"state": "succeeded"' "$PROJECT"/outbox/*/status.json || { echo "job did not succeed: $status" >&2; exit 1; }
 ls "$PROJECT"/outbox/*/
-curl -fsS "http://127.0.0.1:$PORT/metrics" | grep '^dropfit_jobs_total{outcome="succeeded"} 1.0'
+curl -fsS "http://127.0.0.1:$PORT/metrics" | grep '^dropfit_jobs_total{kind="train",outcome="succeeded"} 1.0'
 docker exec "$(compose ps -q dropfit)" dropfit health --config /etc/dropfit/config.yaml
 say "docker smoke test passed"

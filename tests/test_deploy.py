@@ -14,7 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 from conftest import system_tool
 from daemon.metrics import Metrics
@@ -110,6 +111,29 @@ def test_dockerfile_passes_hadolint_and_runs_unprivileged_with_a_healthcheck():
 
     Config.model_validate(container_config)
 
+
+
+def test_the_smoke_tests_metric_check_matches_what_the_daemon_exports():
+    # `make docker-smoke` greps the exposition text; a label added to a metric once broke it only in CI.
+    script = (ROOT / "docker" / "smoke-test.sh").read_text()
+    [pattern] = re.findall(r"/metrics\" \| grep '([^']+)'", script)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    assert not re.search(pattern, generate_latest(registry).decode(), re.M)
+    metrics.job_ended("20261127-000000-tiny", "tiny", "succeeded", 12.0, 60.0, kind="train")
+    assert re.search(pattern, generate_latest(registry).decode(), re.M)
+
+
+def test_the_readme_metrics_table_lists_every_metric_with_its_labels():
+    section = (ROOT / "README.md").read_text().split("### Metrics", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(dropfit_[a-z0-9_]+)` \| (\w+) \|([^|]*)\|", section, re.M)
+    documented = {name: (kind, set(re.findall(r"`([a-z_]+)`", labels))) for name, kind, labels in rows}
+    exported = {}
+    for metric in vars(Metrics(CollectorRegistry())).values():
+        if isinstance(metric, MetricWrapperBase):
+            name = metric._name + ("_total" if metric._type == "counter" else "")
+            exported[name] = (metric._type, set(metric._labelnames))
+    assert documented == exported
 
 # --- Prometheus and Grafana files --------------------------------------------------------------------------------
 
