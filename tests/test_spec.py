@@ -30,7 +30,7 @@ def test_empty_spec_means_dropfit_defaults():
     assert spec.augmentation.enabled and spec.augmentation.flip == "none"
     assert spec.training.early_stopping_patience == 10 and spec.training.class_weight == "balanced"
     options = spec.train_options()
-    assert options.augmentation["rotation"] == pytest.approx(0.05) and options.class_weight == "balanced"
+    assert options.augmentation["rotation"] == "auto" and options.class_weight == "balanced"
     assert options.fine_tune_epochs == 0  # no pretrained weights, no fine-tuning phase
 
 
@@ -214,3 +214,21 @@ def test_predict_yaml_example_schema_and_errors(tmp_path):
         "min_confidence, batch_size, sort"]
     res = check_jsonschema("predict.schema.json", bad)
     assert res.returncode == 1 and "top_k" in res.stdout
+
+
+def test_auto_warps_are_off_only_for_budgeted_jobs_with_many_images_per_class():
+    from trainer.options import TrainOptions, resolve_augmentation
+
+    auto = JobSpec().train_options().augmentation
+    small = resolve_augmentation(auto, budgeted=True, train_images=999 * 10, num_classes=10)
+    large = resolve_augmentation(auto, budgeted=True, train_images=1000 * 10, num_classes=10)
+    unbudgeted = resolve_augmentation(auto, budgeted=False, train_images=48_000, num_classes=10)
+    assert (small["rotation"], small["zoom"]) == (unbudgeted["rotation"], unbudgeted["zoom"]) == (0.05, 0.1)
+    assert (large["rotation"], large["zoom"]) == (0.0, 0.0)
+    assert large["translation"] == auto["translation"] == 0.1  # only the warps are automatic
+    explicit = parse_spec("time_budget: 15m\naugmentation: {rotation: 0.2}\n").train_options().augmentation
+    assert resolve_augmentation(explicit, budgeted=True, train_images=48_000, num_classes=10)["rotation"] == 0.2
+    with pytest.raises(ValueError, match=r"augmentation translation must be a number .*Received: translation='auto'"):
+        TrainOptions(augmentation={"translation": "auto"})
+    with pytest.raises(SpecError, match="rotation"):
+        parse_spec("augmentation: {rotation: sometimes}\n")

@@ -57,6 +57,10 @@ def augmentation_layers(options: dict | None, seed: int | None = None) -> list[k
     """The augmentation layer for ``options`` (none if augmentation is off); it works on 0-255 pixels."""
     if not options:
         return []
+    unresolved = sorted(key for key, value in options.items() if value == "auto")
+    if unresolved:
+        raise ValueError(f"augmentation {' and '.join(unresolved)} must be numbers when a model is built ('auto' is "
+                         f"settled by train_cnn). Received: {options!r}")
     if options.get("flip", "none") == "none" and not any(options.get(k) for k in _RANDOM_STEPS):
         return []
     return [Augmentation(options, seed, name="augmentation")]

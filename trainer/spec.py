@@ -232,8 +232,11 @@ class AugmentationSpec(_Section):
     enabled: Annotated[bool, Strict()] = True
     flip: Literal[FLIPS] = Field(
         "none", description="Mirroring; only for images whose mirror image is the same class (not digits or text).")
-    rotation: Annotated[float, Field(ge=0.0, le=0.5)] = Field(0.05, description="Fraction of a full turn.")
-    zoom: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    rotation: Annotated[float, Field(ge=0.0, le=0.5)] | Literal["auto"] = Field(
+        "auto", description="Fraction of a full turn; auto: 0.05, or 0 for a time-budgeted job with 1,000 or more "
+                            "training images per class (the warp costs CPU time that more epochs repay).")
+    zoom: Annotated[float, Field(ge=0.0, lt=1.0)] | Literal["auto"] = Field(
+        "auto", description="auto: 0.1, or 0 as for rotation.")
     translation: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.1, description="Fraction of width/height.")
     contrast: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
 

@@ -36,7 +36,7 @@ from trainer.data import DecodeFailures, make_dataset, plan_cache
 from trainer.dataset import Dataset
 from trainer.hardware import Runtime, configure
 from trainer.model import CNN_FILTERS, RECIPE_FILTERS, build_model, compile_model
-from trainer.options import TrainOptions
+from trainer.options import TrainOptions, resolve_augmentation
 from trainer.predict import labels_and_predictions
 from trainer.report import classification_report
 from trainer.scan import auto_target_size, shuffled
@@ -126,7 +126,8 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
         batch_norm: batch normalisation after each convolution (``recipe``; ``cnn`` always has it).
         augmentation: ``True`` for the defaults, or a dict with ``flip`` (``none``/``horizontal``/``vertical``/
             ``both``), ``rotation``, ``zoom``, ``translation``, ``contrast``; layers inside the model, active only
-            while training.
+            while training. ``rotation``/``zoom`` may be ``"auto"`` (the default): 0.05/0.1, or 0 for a
+            ``time_budget`` job with 1,000+ training images per class.
         weights: backbone weights: ``None``, ``"imagenet"`` (downloaded by Keras) or a weights file path.
         fine_tune_epochs: with pretrained ``weights``, epochs of a second phase that unfreezes the backbone.
         fine_tune_learning_rate: learning rate of that phase.
@@ -242,6 +243,11 @@ def _resolve(o: TrainOptions, data: Dataset, runtime: Runtime, clock: budget.Clo
             else auto_target_size(data.train)
         log.info("target_size auto: %dx%d from the images' median size", *target)
     target = (int(target[0]), int(target[1]))
+    augmentation = resolve_augmentation(o.augmentation, budgeted=clock is not None, train_images=len(data.train),
+                                        num_classes=len(data.class_names))
+    if augmentation != o.augmentation:
+        log.info("augmentation auto: rotation %s, zoom %s", augmentation.get("rotation"), augmentation.get("zoom"))
+        o = o.replace(augmentation=augmentation)
     plan = None
     if clock is None:
         o = o.replace(color_mode=color_mode, target_size=target, batch_size=32 if o.batch_size == "auto"
@@ -253,7 +259,8 @@ def _resolve(o: TrainOptions, data: Dataset, runtime: Runtime, clock: budget.Clo
             with runtime.building():
                 model = build_model((*size, ch), len(data.class_names), architecture=o.architecture,
                                     filters=filters, dense_units=o.dense_units, dropout=o.dropout,
-                                    batch_norm=o.batch_norm, augmentation=None, weights=o.weights, seed=o.seed)
+                                    batch_norm=o.batch_norm, augmentation=o.augmentation, weights=o.weights,
+                                    seed=o.seed)
                 compile_model(model, o.optimizer, o.learning_rate, o.momentum, o.label_smoothing,
                               runtime.jit_compile)
             return model
