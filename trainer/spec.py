@@ -115,6 +115,28 @@ def _batch_size(value: Any) -> Any:
     raise ValueError("must be auto or an integer from 1 to 8192")
 
 
+def _warp(upper: float, inclusive: bool):
+    """``auto`` or a number from 0 to ``upper``, as one check with one message (not a union's two)."""
+    expected = f"must be auto or a number from 0 to {upper}" + ("" if inclusive else " (exclusive)")
+
+    def check(value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, str):  # a quoted number, as a float field would take it
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(expected) from None
+        if (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and value >= 0 and (value <= upper if inclusive else value < upper)):
+            return float(value)
+        raise ValueError(expected)
+
+    bound = {"maximum" if inclusive else "exclusiveMaximum": upper}
+    return Annotated[Any, PlainValidator(check), WithJsonSchema({"anyOf": [
+        {"const": "auto"}, {"type": "number", "minimum": 0, **bound}]})]
+
+
 def _weights(value: Any) -> Any:
     if value is None or value == "imagenet":
         return value
@@ -232,10 +254,10 @@ class AugmentationSpec(_Section):
     enabled: Annotated[bool, Strict()] = True
     flip: Literal[FLIPS] = Field(
         "none", description="Mirroring; only for images whose mirror image is the same class (not digits or text).")
-    rotation: Annotated[float, Field(ge=0.0, le=0.5)] | Literal["auto"] = Field(
+    rotation: _warp(0.5, inclusive=True) = Field(
         "auto", description="Fraction of a full turn; auto: 0.05, or 0 for a time-budgeted job with 1,000 or more "
                             "training images per class (the warp costs CPU time that more epochs repay).")
-    zoom: Annotated[float, Field(ge=0.0, lt=1.0)] | Literal["auto"] = Field(
+    zoom: _warp(1.0, inclusive=False) = Field(
         "auto", description="auto: 0.1, or 0 as for rotation.")
     translation: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.1, description="Fraction of width/height.")
     contrast: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
@@ -539,9 +561,11 @@ def _allowed_keys(loc: tuple, model: type[BaseModel]) -> list[str]:
 
 
 def _problem(err: dict, lines: dict[tuple, int], model: type[BaseModel]) -> Problem:
-    # Pydantic adds union/function names to the location (e.g. 'int', 'function-after'); users never wrote those.
+    # Pydantic adds union/function/type names to the location (e.g. 'int', 'function-after', 'constrained-float');
+    # users never wrote those.
+    tags = ("function-", "constrained-")
     loc = tuple(p for p in err["loc"] if isinstance(p, int) or not (p in {"int", "str", "float", "bool", "none"}
-                                                                    or "[" in p or p.startswith("function-")))
+                                                                    or "[" in p or p.startswith(tags)))
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     line = next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), None)
     got = f", got {value!r}"
