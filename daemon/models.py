@@ -13,10 +13,9 @@ from pathlib import Path
 
 from daemon.ledger import JobState, Ledger
 from trainer.predict_spec import LATEST
+from trainer.spec import EXPORT_FILES
 
 MODEL_FILE = "model.keras"
-EXPORT_FILES = {"savedmodel": "savedmodel", "tflite": "model.tflite", "tflite_int8": "model_int8.tflite",
-                "onnx": "model.onnx"}
 
 
 def entries(ledger: Ledger, outbox: Path) -> list[dict]:

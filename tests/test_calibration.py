@@ -87,13 +87,13 @@ def test_an_overconfident_model_is_calibrated_and_every_export_carries_the_tempe
     labels = json.loads((overfit_run / "labels.json").read_text())
     assert labels["calibration"]["temperature"] == cal["temperature"]
 
-    model = load_model(overfit_run)  # safe_mode: a registered layer, not a Lambda
-    assert model.get_layer("calibration").temperature == pytest.approx(cal["temperature"])
-    raw = keras.Model(model.inputs, model.get_layer("calibration").input)
+    model = load_model(overfit_run)  # safe_mode: Keras' own layers, no Lambda
+    assert 1 / model.get_layer("calibration").scale == pytest.approx(cal["temperature"], rel=1e-6)
+    logits = keras.Model(model.inputs, model.get_layer("calibration").input)
     images = np.random.default_rng(1).integers(0, 256, (6, 24, 24, 3)).astype("uint8")
     calibrated = np.asarray(model.predict_on_batch(images))
-    np.testing.assert_allclose(calibrated, calibration.scale(np.asarray(raw.predict_on_batch(images)),
-                                                             cal["temperature"]), atol=1e-5)
+    raw = np.asarray(keras.ops.softmax(logits.predict_on_batch(images)))
+    np.testing.assert_allclose(calibrated, calibration.scale(raw, cal["temperature"]), atol=1e-5)
     served = tf.saved_model.load(str(overfit_run / "savedmodel"))
     np.testing.assert_allclose(np.asarray(served.serve(tf.constant(images.astype("float32")))), calibrated,
                                atol=1e-4)

@@ -211,45 +211,6 @@ def test_transfer_learning_freezes_then_fine_tunes_and_resumes_in_either_phase(t
         train_cnn(tiny, (32, 32), num_epochs=1, architecture="mobilenet_v3_small", weights=str(wrong))
 
 
-def test_exports_round_trip(small, tmp_path):
-    import onnxruntime
-    import tensorflow as tf
-
-    out = tmp_path / "out"
-    # Augmentation inside the model must not leak into the exports' inference.
-    model = train_cnn(small, (32, 32), num_epochs=1, architecture="recipe", augmentation=True,
-                      exports=("savedmodel", "tflite", "tflite_int8", "onnx"), output_dir=out)
-    table = json.loads((out / "report.json").read_text())["exports"]
-    rows = {r["format"]: r for r in table["rows"]}
-    assert list(rows) == ["keras", "savedmodel", "tflite", "tflite_int8", "onnx"] and table["images"] > 0
-    for fmt in ("savedmodel", "tflite", "onnx"):
-        assert rows[fmt]["agreement"] >= 0.995 and rows[fmt]["accuracy"] == rows["keras"]["accuracy"], rows[fmt]
-    for row in rows.values():
-        assert row["size_bytes"] > 0 and row["latency_ms"] > 0 and row["images"] == table["images"]
-    assert rows["tflite_int8"]["size_bytes"] < rows["tflite"]["size_bytes"] / 2  # quantised
-    assert "Exports" in (out / "report.html").read_text() and summary_of(out)["exports"]["onnx"]["agreement"] >= 0.995
-    images = np.stack([np.asarray(draw_shape(s, 32, 32, np.random.default_rng(1)))
-                       for s in ("circle", "square", "triangle")]).astype("float32")
-    expected = model.predict(images, verbose=0)
-    loaded = tf.saved_model.load(str(out / "savedmodel"))  # kept: its variables die with it
-    served = loaded.serve(tf.constant(images))
-    np.testing.assert_allclose(np.asarray(served), expected, atol=1e-5)
-    interpreter = tf.lite.Interpreter(model_path=str(out / "model.tflite"))
-    inp = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(inp["index"], list(images.shape))
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], images)
-    interpreter.invoke()
-    lite = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    np.testing.assert_allclose(lite, expected, atol=1e-3)
-    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(session.run(None, {"image": images})[0], expected, atol=1e-4)  # the README's name
-    int8 = tf.lite.Interpreter(model_path=str(out / "model_int8.tflite"))
-    assert int8.get_input_details()[0]["dtype"] == np.uint8  # raw pixels in, as they are:
-    assert int8.get_input_details()[0]["quantization"] == (1.0, 0)
-    assert int8.get_output_details()[0]["dtype"] == np.float32  # calibrated probabilities out
-
-
 def test_a_failed_export_names_its_format_and_leaves_nothing(small, tmp_path):
     from trainer.exports import ExportError, export_model, int8_warning
     from trainer.model import build_model

@@ -131,10 +131,27 @@ def plot_errors(path: str | os.PathLike, errors: list[dict], color_mode: str = "
 
 
 def save_model(path: str | os.PathLike, model) -> Path:
-    """Save a Keras model atomically."""
+    """Save a Keras model atomically. It must hold Keras' own layers only: the file leaves dropfit, and a layer of
+    ours would make ``keras.saving.load_model`` fail anywhere dropfit is not installed.
+
+    Raises:
+        ValueError: naming the layers that are not Keras' own.
+    """
+    foreign = sorted({f"{type(layer).__module__}.{type(layer).__name__}" for layer in _all_layers(model)
+                      if not type(layer).__module__.startswith("keras.")})
+    if foreign:
+        raise ValueError(f"{path}: the model holds layers that are not Keras' own ({', '.join(foreign)}); it would "
+                         "not load without dropfit")
     with atomic_path(path) as tmp:
         model.save(tmp)
     return Path(path)
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):  # a nested model (a backbone)
+            yield from _all_layers(layer)
 
 
 def library_versions() -> dict[str, str]:

@@ -4,8 +4,8 @@ the saved model, and the measures that show how far to trust it.
 A network trained with cross-entropy is usually over-confident: "0.99" is right far less than 99% of the time.
 Temperature scaling divides the logits by one number ``T`` fitted to minimise the negative log-likelihood on held-out
 images (Guo et al., 2017). Dividing never changes which class is largest, so top-1 predictions stay exactly as they
-were. `Calibration` is a registered Keras layer (no Lambda: ``safe_mode`` loading keeps working) that applies ``T``
-to the model's softmax output, so ``model.keras``, the SavedModel and the TFLite model all answer with calibrated
+were. `calibrated` builds ``T`` into the model with Keras' own layers (the output layer's logits, a ``Rescaling`` by
+``1/T``, a softmax), so ``model.keras`` loads in plain Keras without dropfit, and every export answers with calibrated
 probabilities.
 
 The NumPy functions here (fitting ``T``, expected calibration error, reliability, coverage) import no TensorFlow.
@@ -19,6 +19,7 @@ import numpy as np
 
 EPS = 1e-12
 BINS = 15
+OUTPUT_LAYER = "probabilities"  # the softmax layer every dropfit network ends with
 TARGET_ACCURACY = 0.99  # labels.json suggests the confidence threshold that reaches this on held-out images
 
 
@@ -131,10 +132,17 @@ def measures(probs: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def calibrated(model, temperature: float):
-    """``model`` with its probabilities calibrated by ``temperature`` (a new model sharing its layers)."""
+    """``model`` answering ``softmax(logits / T)``: a new model sharing its layers up to the output layer, whose
+    softmax is split into the same Dense without activation, a `Rescaling` by ``1/T`` (named ``calibration``) and a
+    softmax. Built-in layers only, so the saved model loads in plain Keras without dropfit; ``T = 1`` gives the
+    model's own probabilities, a different ``T`` the same top-1 answers."""
     import keras
 
-    from trainer.layers import Calibration
-
-    outputs = Calibration(temperature, name="calibration")(model.outputs[0])
+    head = model.get_layer(OUTPUT_LAYER)
+    logits_layer = keras.layers.Dense(head.units, dtype="float32", name="logits")
+    logits = logits_layer(head.input)
+    logits_layer.set_weights(head.get_weights())
+    scaled = keras.layers.Rescaling(1.0 / temperature, dtype="float32", name="calibration")(logits)
+    outputs = keras.layers.Activation("softmax", dtype="float32", name=OUTPUT_LAYER)(scaled)
     return keras.Model(model.inputs, outputs, name=model.name)
+

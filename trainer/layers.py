@@ -1,6 +1,11 @@
 """dropfit's own Keras layers, registered so that ``safe_mode`` loading (no code in model files) knows them:
-`Augmentation` (training-time augmentation inside the model, active only while training, on 0-255 pixels) and
-`Calibration` (temperature scaling of the softmax output, see `trainer.calibration`)."""
+
+- `Augmentation`: training-time augmentation inside the *training* model, active only while training, on 0-255
+  pixels. The model users get (``model.keras``) is rebuilt without it (`trainer.train`).
+- `Calibration`: how dropfit 0.1 built the temperature into ``model.keras``. No longer used (the temperature is now
+  Keras' own layers, `trainer.calibration.calibrated`, so the file loads without dropfit); kept so that models
+  written then still load through `trainer.load_model`.
+"""
 
 from __future__ import annotations
 
@@ -68,7 +73,8 @@ def augmentation_layers(options: dict | None, seed: int | None = None) -> list[k
 
 @keras.saving.register_keras_serializable(package="dropfit")
 class Calibration(keras.layers.Layer):
-    """Temperature scaling of softmax probabilities: ``softmax(log p / T)``; the largest class never changes."""
+    """Temperature scaling of softmax probabilities: ``softmax(log p / T)`` (dropfit 0.1's models; see the module's
+    doc)."""
 
     def __init__(self, temperature: float = 1.0, **kwargs):
         super().__init__(**kwargs)

@@ -74,7 +74,7 @@ def render_report(out: Path, report: dict, dataset: dict, summary: dict, history
              f"Keras {_e(summary['versions'].get('keras', '?'))}</div>",
              "<div class='cards'>" + "".join(f"<div class='card'><b>{_e(v)}</b><span>{_e(k)}</span></div>"
                                              for v, k in cards) + "</div>"]
-    warnings = list(dataset.get("warnings", []))
+    warnings = list(dict.fromkeys([*dataset.get("warnings", []), *summary.get("warnings", [])]))
     if warnings:
         parts.append("<section><h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{_e(w)}</li>" for w in warnings)
                      + "</ul></section>")
@@ -200,13 +200,27 @@ def _calibration(out: Path, cal: dict | None) -> list[str]:
 def _exports(exports: dict | None) -> list[str]:
     if not exports:
         return []
-    rows = [[r["format"], r["file"], f"{r['size_bytes'] / 1e6:.2f} MB", _pct(r["accuracy"]),
-             _pct(r["agreement"]), f"{r['latency_ms']:.2f}"] for r in exports["rows"]]
-    return [f"<section><h2>Exports</h2><p>Each format run on {exports['images']} {_e(exports['split'])} images on "
-            "this machine: its accuracy, how often its top answer is the Keras model's, its size, and the "
-            "milliseconds one image takes (batch of one).</p>"
-            + _table(["format", "file", "size", "accuracy", "agreement with model.keras", "ms per image"], rows,
-                     numeric={2, 3, 4, 5}) + "</section>"]
+
+    def num(value, fmt):
+        return "–" if value is None else format(value, fmt)
+
+    rows = [[r["format"], r["file"], f"{r['size_bytes'] / 1e6:.2f} MB", num(r.get("load_seconds"), ".2f"),
+             num(r.get("images_per_second"), ",.0f"), f"{r['latency_ms']:.2f}", _pct(r["accuracy"]),
+             _pct(r["agreement"]), num(r.get("max_abs_diff"), ".1e"), "yes" if r.get("ok", True) else "NO"]
+            for r in exports["rows"]]
+    warnings = "".join(f"<p class='warn'>{_e(w)}</p>" for w in exports.get("warnings", []))
+    notes = "".join(f"<p>{_e(r['format'])} is checked in float32; left at this CPU's default precision "
+                    f"({_e(d['precision'])}) it agrees on {_pct(d['agreement'])} (largest probability difference "
+                    f"{d['max_abs_diff']:.1e}).</p>"
+                    for r in exports["rows"] if (d := r.get("default_precision")))
+    return [f"<section><h2>Exports</h2><p>Each file loaded and run on {exports['images']} {_e(exports['split'])} "
+            "images on this machine, as a user's program would: seconds to load, images per second (batches of "
+            "64), milliseconds for one image, accuracy, how often its top answer is model.keras's, and the largest "
+            "difference in any probability. Float formats must agree on "
+            f"{_pct(exports.get('float_agreement_required', 0.995))} of the answers; tflite_int8 may lose "
+            f"{100 * exports.get('int8_max_accuracy_loss', 0.01):.0f} point of accuracy.</p>" + warnings
+            + _table(["format", "file", "size", "load s", "images/s", "ms per image", "accuracy", "agreement",
+                      "max prob. diff.", "ok"], rows, numeric={2, 3, 4, 5, 6, 7, 8}) + notes + "</section>"]
 
 
 def _audit(out: Path, audit: dict | None) -> list[str]:

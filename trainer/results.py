@@ -12,7 +12,8 @@ Layout (every file written atomically)::
     report.html            all of the above on one self-contained page
     dataset.json           images per class and split, image sizes, skipped files with reasons, warnings
     summary.json           final metrics, durations, resolved configuration, seed, library versions
-    savedmodel/, model.tflite   exports, when asked for
+    savedmodel/, model.tflite, model_int8.tflite, model.onnx, openvino/   exports, when asked for
+    exports.json           each export checked against model.keras: size, load time, speed, agreement
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from trainer.scan import Sample, Scan, relative
 
 log = logging.getLogger(__name__)
 
+EXPORTS_FILE = "exports.json"
 TINY_CLASS = 10
 IMBALANCE_RATIO = 3.0
 
@@ -75,10 +77,11 @@ def misclassified(samples: list[Sample], y_true, y_pred, probs, index, class_nam
 
 
 def write_all(out: Path, model, class_names, target_size, color_mode, history_rows, report, errors, dataset,
-              summary, exports=(), export_data=None) -> dict[str, Path]:
+              summary, exports=(), export_data=None, stamp=None) -> dict[str, Path]:
     """Write every artifact of a finished run into ``out``; returns their paths by name. ``export_data()`` gives
     what the exports are made from and checked on: (held-out uint8 images, their labels, representative training
-    images, the held-out split's name)."""
+    images, the held-out split's name); ``stamp(summary)`` records the final durations just before summary.json and
+    the report are written."""
     from trainer.report_page import render_report
 
     out.mkdir(parents=True, exist_ok=True)
@@ -114,28 +117,24 @@ def write_all(out: Path, model, class_names, target_size, color_mode, history_ro
         paths.update(_exports(out, model, exports, export_data, paths["model"], report, summary))
     paths["report"] = artifacts.write_json(out / "report.json", report)
     paths["dataset"] = artifacts.write_json(out / "dataset.json", dataset)
-    paths["summary"] = artifacts.write_json(out / "summary.json", summary)
+    if stamp is not None:
+        stamp(summary)  # the job's time now includes every artifact and export
     paths["report_html"] = artifacts.write_text(out / "report.html", render_report(out, report, dataset, summary,
                                                                                     history_rows))
+    paths["summary"] = artifacts.write_json(out / "summary.json", summary)  # last: the rest is there when it is
     return paths
 
 
 def _exports(out: Path, model, formats, export_data, keras_file: Path, report: dict, summary: dict) -> dict:
-    """Write and check every export; the per-format table goes into report.json (and the page)."""
-    from trainer.exports import check_export, export_model, int8_warning, keras_row
+    """Write and check every export; the per-format table goes into exports.json, report.json (and the page)."""
+    from trainer.exports import FILES, export_all
 
-    images, labels, representative, split = export_data()
-    reference, expected = keras_row(model, keras_file, images, labels)
-    rows, paths = [reference], {}
-    for fmt in formats:
-        paths[fmt] = export_model(model, fmt, out, representative)
-        rows.append(check_export(model, fmt, paths[fmt], images, labels, expected))
-        log.info("exported %s: %s, agreement %.4f, %.2f ms per image", fmt, paths[fmt], rows[-1]["agreement"],
-                 rows[-1]["latency_ms"])
-    report["exports"] = {"split": split, "images": len(images), "rows": rows}
-    summary["exports"] = {r["format"]: {"path": str(paths[r["format"]]), **r} for r in rows[1:]}
-    warning = int8_warning(rows)
-    if warning:
+    table = export_all(model, formats, out, keras_file, export_data)
+    paths = {fmt: out / FILES[fmt] for fmt in formats}
+    paths["exports"] = artifacts.write_json(out / EXPORTS_FILE, table)
+    report["exports"] = table
+    summary["exports"] = {r["format"]: {"path": str(out / r["file"]), **r} for r in table["rows"][1:]}
+    for warning in table["warnings"]:
         log.warning("%s", warning)
         summary.setdefault("warnings", []).append(warning)
     return paths

@@ -30,9 +30,10 @@ from pydantic import (
     WithJsonSchema,
 )
 
-__all__ = ["ARCHITECTURES", "CACHE_MODES", "COLOR_MODES", "EXPORT_FORMATS", "JOB_FILE", "MAX_SPEC_BYTES", "OPTIMIZERS",
-           "PRECISIONS", "DataSpec", "JobSpec", "ModelSpec", "OptimizerSpec", "SpecError", "json_schema", "load_spec",
-           "load_yaml_model", "parse_spec", "parse_yaml_model", "resolve_path", "resolved_yaml"]
+__all__ = ["ARCHITECTURES", "CACHE_MODES", "COLOR_MODES", "EXPORT_FILES", "EXPORT_FORMATS", "JOB_FILE",
+           "MAX_SPEC_BYTES", "OPTIMIZERS", "PRECISIONS", "DataSpec", "JobSpec", "ModelSpec", "OptimizerSpec",
+           "SpecError", "json_schema", "load_spec", "load_yaml_model", "parse_spec", "parse_yaml_model", "resolve_path",
+           "resolved_yaml"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -47,7 +48,10 @@ BACKBONES = ARCHITECTURES[2:]
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 CACHE_MODES = ("auto", "memory", "disk", "none")
-EXPORT_FORMATS = ("savedmodel", "tflite", "tflite_int8", "onnx")
+EXPORT_FORMATS = ("savedmodel", "tflite", "tflite_int8", "onnx", "openvino")
+# Where each export lands in the output folder (a SavedModel and an OpenVINO IR are folders: model.xml + model.bin).
+EXPORT_FILES = {"savedmodel": "savedmodel", "tflite": "model.tflite", "tflite_int8": "model_int8.tflite",
+                "onnx": "model.onnx", "openvino": "openvino"}
 COLOR_MODES = ("auto", "rgb", "grayscale")
 FLIPS = ("none", "horizontal", "vertical", "both")
 CLASS_WEIGHTS = ("balanced", "none")
@@ -308,8 +312,9 @@ class JobSpec(_Section):
     hardware: HardwareSpec = Field(default_factory=HardwareSpec)
     exports: list[Literal[EXPORT_FORMATS]] = Field(
         default_factory=list, description="Also export the model: savedmodel (TF Serving), tflite, tflite_int8 "
-                                          "(full-integer, uint8 pixels in) and/or onnx; each is checked on held-out "
-                                          "images (accuracy, agreement, size, latency in the report).")
+                                          "(full-integer, uint8 pixels in), onnx and/or openvino; each is loaded and "
+                                          "checked against model.keras on held-out images (agreement, accuracy, "
+                                          "size, load time, speed: exports.json and the report).")
 
     def train_options(self, paths: dict[str, os.PathLike | str] | None = None):
         """The `trainer.options.TrainOptions` this spec stands for.

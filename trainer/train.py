@@ -185,14 +185,20 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
     report, errors, model = _evaluate(model, data, options)
     model.class_names = list(data.class_names)
     summary = _summary(data, options, runtime, model, fit, report, cache_mode, started, metadata, clock, plan)
+    def stamp(summary: dict) -> None:
+        summary["durations"]["total_seconds"] = time.time() - started
+        if clock is not None:
+            summary["budget"]["used_seconds"] = round(clock.used(), 1)
+
     paths = {}
     if output_dir is not None:
         paths = results.write_all(Path(output_dir), model, data.class_names, data.target_size, options.color_mode,
                                   fit.rows, report, errors, data.info, summary, options.exports,
-                                  export_data=_export_data(data, options))
+                                  export_data=_export_data(data, options), stamp=stamp)
+    else:
+        stamp(summary)
     if clock is not None:
         clock.save(work)
-        summary["budget"]["used_seconds"] = round(clock.used(), 1)
         log.info("time budget: %.0f of %.0f s used", clock.used(), clock.budget)
     emit("finished", {"artifacts": {k: str(v) for k, v in paths.items()}, "final": summary["final"],
                       "warnings": summary.get("warnings", []),
@@ -514,7 +520,9 @@ def _export_data(data: Dataset, o: TrainOptions):
     def load():
         from trainer import exports
 
-        held, split = ((data.test, "test") if data.test else (data.val, "validation") if data.val
+        # The validation images first: the held-out split nearly every job has, so exports.json means the same thing
+        # from job to job.
+        held, split = ((data.val, "validation") if data.val else (data.test, "test") if data.test
                        else (data.train, "training (not held out)"))
         channels = 1 if o.color_mode == "grayscale" else 3
         images, labels = exports.load_arrays(held, data.target_size, channels, exports.CHECK_IMAGES, o.seed)
