@@ -48,6 +48,7 @@ class EngineUpdate:
     job_id: str
     state: str
     detail: str | None = None  # e.g. Slurm's reason "Resources"
+    started_at: float | None = None  # running: when the engine started it (Unix time), what job_timeout counts from
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 - half-done claims are finished (moved, extracted, validated) or recorded as gone;
 - jobs handed to Slurm or Kubernetes are re-attached to (followed again from where their events were last read),
-  never submitted twice;
+  never submitted twice: an attempt whose engine id the ledger did not get to record is found by its name, and
+  while the engine cannot be asked the job waits (asked again every `UNRESOLVED_RETRY_SECONDS`);
 - local jobs that were running are re-queued and resume from their last completed epoch — unless their trainer wrote
   ``finished.json`` meanwhile, then they succeed without running again; a trainer still alive from the previous
   daemon is stopped first, but only when it is provably ours (same host, same process start time, our job id and
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 from daemon.ledger import Job, JobState
 from daemon.repair import status_is_readable
 from daemon.retention import unfinished
+from daemon.runners.base import EngineError
 from daemon.runners.local import stop_left_over
 from daemon.watch import CANCEL_FILE
 from trainer.protocol import ErrorKind, read_finished
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from daemon.service import Daemon
 
 log = logging.getLogger(__name__)
+UNRESOLVED_RETRY_SECONDS = 10.0  # an attempt the engine could not be asked about at start-up: asked again after this
 
 
 def recover(daemon: Daemon) -> None:
@@ -75,7 +78,15 @@ def _resume(daemon: Daemon, job: Job) -> None:
                     f"(it is kept in {job.path}), or set runner.kind back to {engine}")
         return
     elif job.state == JobState.RUNNING:
-        attempt = runner.reattach(job, grace)
+        try:
+            attempt = runner.reattach(job, grace)
+        except EngineError as exc:
+            # Whether the engine runs it cannot be told now; submitting again could run it twice. Asked again later.
+            jl.warning("cannot ask %s about attempt %d (%s); asking again in %.0f s", engine, job.attempt, exc,
+                       UNRESOLVED_RETRY_SECONDS)
+            daemon.unresolved[job.id] = time.monotonic() + UNRESOLVED_RETRY_SECONDS
+            return
+        daemon.unresolved.pop(job.id, None)
         if attempt is not None:
             jl.info("re-attached to %s %s (%s); not submitting it again; events from epoch %d", engine, attempt.ref,
                     job.engine_state or "state unknown", job.epoch)
@@ -90,6 +101,18 @@ def _resume(daemon: Daemon, job: Job) -> None:
         return
     jl.info("re-queued after a restart; resumes from its last completed epoch (%d)", job.epoch)
     daemon._set(job.id, JobState.QUEUED, pid=None)
+
+
+def retry_unresolved(daemon: Daemon, now: float) -> None:
+    """Ask the engine again about the attempts recovery could not resolve (see `_resume`), those whose time came."""
+    for job_id, at in list(daemon.unresolved.items()):
+        if now < at:
+            continue
+        job = daemon.ledger.get(job_id)
+        if job is None or job.state != JobState.RUNNING or job_id in daemon.running:
+            daemon.unresolved.pop(job_id, None)
+            continue
+        _isolated(daemon, job, lambda job: _resume(daemon, job))
 
 
 def _isolated(daemon: Daemon, job: Job, step) -> None:

@@ -125,21 +125,34 @@ class Scheduling:
         except OSError as exc:
             self.fail(job.id, ErrorKind.INTERNAL, f"could not start the trainer ({argv[0]}): {exc}")
             return True
-        self.running[job.id] = r = Running(attempt, job, time.monotonic() + timeout if timeout else None,
-                                           first_attempt=attempt_no == 1)
-        state = "running" if self.runner.kind == "local" else "pending"
-        r.job = self._update(job.id, engine_ref=attempt.ref, engine_state=state, **attempt.recorded)
-        if self.runner.kind != "local":
+        self.running[job.id] = r = Running(attempt, job, None, first_attempt=attempt_no == 1)
+        local = self.runner.kind == "local"
+        r.job = self._update(job.id, engine_ref=attempt.ref, engine_state="running" if local else "pending",
+                             running_since=None, **attempt.recorded)
+        if local:  # running from now; an engine says when it starts the attempt (`_on_engine_update`)
+            self._running_since(r, time.time())
+        else:
             jlog(job.id).info("submitted to %s as %s", self.runner.kind, attempt.ref)
         self.metrics.job_started(job.id, job.name, job.epoch, job.epochs)
         return True
 
     def adopt(self, job: Job, attempt: Attempt) -> None:
-        """Follow an attempt a previous daemon handed to the engine (after a restart): no second submission."""
-        timeout = self.config.job_timeout_seconds
-        self.running[job.id] = Running(attempt, job, time.monotonic() + timeout if timeout else None,
-                                       first_attempt=job.attempt == 1)
+        """Follow an attempt a previous daemon handed to the engine (after a restart): no second submission. Its
+        timeout still counts from when the engine started it."""
+        r = self.running[job.id] = Running(attempt, job, None, first_attempt=job.attempt == 1)
+        if attempt.recorded:  # found by its name: the engine's id is recorded now
+            r.job = self._update(job.id, **attempt.recorded)
+        if job.running_since is not None and job.engine_state == "running":
+            self._running_since(r, job.running_since)
         self.metrics.job_started(job.id, job.name, job.epoch, job.epochs)
+
+    def _running_since(self, r: Running, since: float) -> None:
+        """The attempt runs since ``since`` (Unix time): recorded, and its deadline set from it. Time spent waiting
+        in an engine's queue is not running time."""
+        if r.job.running_since != since:
+            r.job = self._update(r.job.id, running_since=since)
+        timeout = self.config.job_timeout_seconds
+        r.deadline = time.monotonic() + (since + timeout - time.time()) if timeout else None
 
     def _stop_trainer(self, r: Running) -> None:
         r.stopped_by_daemon = True
@@ -174,6 +187,8 @@ class Scheduling:
             job = r.job = self._update(job_id, epochs=total, epoch=done,
                                        engine_state="running", time_budget=event.time_budget,
                                        deadline=event.deadline, warnings=event.warnings or None, **moved)
+            if r.deadline is None:  # it runs, though the engine has not said so yet
+                self._running_since(r, job.running_since or time.time())
             self.metrics.budget(job_id, job.name, event.time_budget, event.deadline)
             if self.notifier is not None:
                 self.notifier.job_changed(job, "started")
@@ -201,12 +216,20 @@ class Scheduling:
         elif isinstance(event, Error):
             r.error = event
 
-    def _on_engine_update(self, job_id: str, state: str, detail: str | None) -> None:
+    def _on_engine_update(self, job_id: str, state: str, detail: str | None, started_at: float | None = None) -> None:
         r = self.running.get(job_id)
-        if r is None or r.job.engine_state == state:
+        if r is None:
             return
-        jlog(job_id).info("%s in %s%s", state, self.runner.kind, f" ({detail})" if detail else "")
-        r.job = self._update(job_id, engine_state=state)
+        if r.job.engine_state != state:
+            jlog(job_id).info("%s in %s%s", state, self.runner.kind, f" ({detail})" if detail else "")
+            r.job = self._update(job_id, engine_state=state)
+        if state == "running":
+            # The engine's own start time when it gives one (also after a re-attach), else the first news of it.
+            self._running_since(r, started_at or r.job.running_since or time.time())
+        else:  # back in the queue (requeued, preempted, suspended): not running time
+            r.deadline = None
+            if r.job.running_since is not None:
+                r.job = self._update(job_id, running_since=None)
 
     def _on_protocol_mismatch(self, job_id: str, message: str) -> None:
         r = self.running.get(job_id)

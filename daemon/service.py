@@ -87,6 +87,7 @@ class Daemon(Scheduling):
         self.ledger_complained = False  # the error was logged (once, until the ledger works again)
         self.unfinished_claims: set[str] = set()  # claims cut short by a ledger that could not be written
         self.recovery_pending = False  # start-up recovery was cut short (the ledger could not be written)
+        self.unresolved: dict[str, float] = {}  # jobs whose engine could not be asked at start-up -> when to ask again
         self.lock = StateLock(self.state)
         self.ledger: Ledger | None = None
         self.server: MetricsServer | None = None
@@ -239,7 +240,7 @@ class Daemon(Scheduling):
 
     def _timeout(self) -> float | None:
         deadlines = [self.settler.next_deadline(), self.metrics.next_expiry(), self.ledger_blocked_until,
-                     self.submit_blocked_until, *self.waiting.values()]
+                     self.submit_blocked_until, *self.waiting.values(), *self.unresolved.values()]
         for r in self.running.values():
             deadlines += [r.deadline, r.kill_at]
         if self.running or self.ledger.count(JobState.QUEUED):
@@ -256,7 +257,7 @@ class Daemon(Scheduling):
         elif isinstance(message, TrainerEvent):
             self._on_event(message.job_id, message.event, message.offset)
         elif isinstance(message, EngineUpdate):
-            self._on_engine_update(message.job_id, message.state, message.detail)
+            self._on_engine_update(message.job_id, message.state, message.detail, message.started_at)
         elif isinstance(message, TrainerProtocolMismatch):
             self._on_protocol_mismatch(message.job_id, message.message)
         elif isinstance(message, TrainerExit):
@@ -279,6 +280,8 @@ class Daemon(Scheduling):
             self.ledger_blocked_until = None
         if not blocked and self.recovery_pending:
             self.recover()
+        if not blocked and self.unresolved:
+            recovery.retry_unresolved(self, now)
         if not blocked:
             for job_id, r in list(self.running.items()):
                 if r.exited is not None:  # its end could not be recorded before

@@ -300,6 +300,17 @@ class SlurmCluster:
             self.wait_job(jid, timeout=timeout, poll=0.05)
             self._wait_for(self._node_idle, timeout, "node idle after warmup")
 
+    def stop_controller(self) -> None:
+        """Stop slurmctld (as a crash or an upgrade would); jobs already on the node carry on."""
+        proc = self.procs.pop("slurmctld")
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    def start_controller(self, timeout: float = 60.0) -> None:
+        """Start slurmctld again (it reloads its state from StateSaveLocation)."""
+        self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
+        self._wait_for(self._ctld_up, timeout, "slurmctld ping")
+
     def _check_alive(self) -> None:
         for name, p in self.procs.items():
             if p.poll() is not None:

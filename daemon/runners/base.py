@@ -99,4 +99,9 @@ class Runner(ABC):
     @abstractmethod
     def reattach(self, job: Job, grace: float) -> Attempt | None:
         """After a daemon restart: a handle on ``job``'s attempt if it still lives in the engine (its events and end
-        will be posted from ``job.events_offset`` on), else None. Never starts anything."""
+        will be posted from ``job.events_offset`` on), else None. Never starts anything. Raises `EngineError` when
+        the engine cannot be asked (the daemon asks again later rather than risk running the attempt twice)."""
+
+
+class EngineError(RuntimeError):
+    """The engine could not be asked (its controller is down, the API unreachable)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from daemon.ledger import Job
 from daemon.messages import EngineUpdate, Message, TrainerEvent, TrainerExit, TrainerProtocolMismatch
-from daemon.runners.base import Attempt, Launch, Runner
+from daemon.runners.base import Attempt, EngineError, Launch, Runner
 from trainer.protocol import ProtocolError, parse_event
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class EngineStatus:
     status: int | None = None  # exit status (negative: the signal), once ended
     timed_out: bool = False  # ended at the engine's time limit
     cancelled: bool = False  # cancelled in the engine (by us or by someone else)
+    started_at: float | None = None  # running: when the engine started this run of it (Unix time), if it says
 
 
 @dataclass
@@ -68,6 +69,7 @@ class RemoteAttempt(Attempt):
     runner: RemoteRunner | None = None
     events: EventsFile | None = None
     last_state: str | None = None
+    last_started_at: float | None = None  # the engine's start time of its current run, as last posted
     unknown_polls: int = 0  # consecutive polls the engine did not know it
     ended: bool = False  # its exit has been posted
     cancel_sent: bool = False  # the runner asked the engine to stop it
@@ -77,10 +79,6 @@ class RemoteAttempt(Attempt):
 
     def kill(self) -> None:
         self.runner.cancel(self, graceful=False)
-
-
-class EngineError(RuntimeError):
-    """The engine could not be asked (its controller is down, the API unreachable)."""
 
 
 class RemoteRunner(Runner):
@@ -130,21 +128,36 @@ class RemoteRunner(Runner):
         return attempt
 
     def reattach(self, job: Job, grace: float) -> RemoteAttempt | None:
-        if not job.engine_ref:
+        ref = job.engine_ref
+        if not ref and job.engine_state == "submitted":
+            # The previous daemon died between handing the attempt over and recording the engine's id: the
+            # attempt's name is derived from the job and attempt, so it is found by that, never submitted twice.
+            ref = self.lookup(job)  # an EngineError: recovery asks again later (it must not submit twice)
+            if ref:
+                log.info("found attempt %d of %s in %s as %s, submitted just before the daemon stopped", job.attempt,
+                         job.id, self.kind, ref)
+        if not ref:
             return None
-        attempt = RemoteAttempt(job.id, job.engine_ref, runner=self, last_state=job.engine_state,
+        # The first poll posts the engine's state and start time afresh: the timeout counts from the engine's start.
+        attempt = RemoteAttempt(job.id, ref, {"engine_ref": ref}, runner=self,
                                 events=EventsFile(self.events_path(job), job.events_offset))
         try:
-            known = self._statuses([attempt]).get(job.engine_ref)
+            known = self._statuses([attempt]).get(ref)
         except EngineError as exc:
             # Cannot tell now: follow it anyway; if it is really gone, the poller says so after a few polls.
-            log.warning("cannot ask %s about %s (%s); following it anyway", self.kind, job.engine_ref, exc)
+            log.warning("cannot ask %s about %s (%s); following it anyway", self.kind, ref, exc)
             known = EngineStatus(job.engine_state or "pending")
         if known is None:
             return None
         with self._lock:
             self.active[job.id] = attempt
         return attempt
+
+    def lookup(self, job: Job) -> str | None:
+        """The engine's reference of ``job``'s current attempt, found by its deterministic name (for an attempt whose
+        submission the ledger did not get to record), or None if the engine has no such attempt. Raises
+        `EngineError` if the engine cannot be asked."""
+        return None
 
     @abstractmethod
     def events_path(self, job: Job) -> Path:
@@ -198,9 +211,10 @@ class RemoteRunner(Runner):
                 status = EngineStatus("ended", f"{self.kind} no longer knows {attempt.ref}", status=-9)
             attempt.unknown_polls = 0
             self._drain(attempt)
-            if status.state in ("pending", "running") and status.state != attempt.last_state:
-                attempt.last_state = status.state
-                self.post(EngineUpdate(attempt.job_id, status.state, status.detail))
+            if status.state in ("pending", "running") and (status.state, status.started_at) != (
+                    attempt.last_state, attempt.last_started_at):
+                attempt.last_state, attempt.last_started_at = status.state, status.started_at
+                self.post(EngineUpdate(attempt.job_id, status.state, status.detail, status.started_at))
             elif status.state == "ended":
                 attempt.ended = True
                 self._drain(attempt)

@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from daemon.config import Config
@@ -84,7 +85,7 @@ class SlurmRunner(RemoteRunner):
 
     def sbatch_args(self, launch: Launch, script: Path) -> list[str]:
         s = self.slurm
-        args = ["--parsable", f"--job-name=dropfit-{launch.job_id[:40]}", f"--output={launch.log_path}",
+        args = ["--parsable", f"--job-name={job_name(launch.job_id, launch.attempt)}", f"--output={launch.log_path}",
                 "--open-mode=append", f"--chdir={launch.log_path.parent}"]
         for flag, value in (("--partition", s.partition), ("--account", s.account), ("--qos", s.qos),
                             ("--cpus-per-task", s.cpus_per_job), ("--mem", s.memory)):
@@ -127,14 +128,14 @@ class SlurmRunner(RemoteRunner):
     def _statuses(self, attempts: list[RemoteAttempt]) -> dict[str, EngineStatus]:
         refs = [a.ref for a in attempts]
         proc = self._run("squeue", "--noheader", "--states=all", "--jobs=" + ",".join(refs),
-                         "--format=%i|%T|%r")
+                         "--format=%i|%T|%r|%S")
         if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
             raise EngineError((proc.stderr or proc.stdout).strip() or f"squeue exited {proc.returncode}")
         states = {}
         for line in proc.stdout.splitlines():
             parts = line.strip().split("|")
             if len(parts) >= 2:
-                states[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "")
+                states[parts[0]] = (*parts[1:4], "", "")[:3]
         out = {}
         for ref in refs:
             if ref not in states:
@@ -142,17 +143,17 @@ class SlurmRunner(RemoteRunner):
                 info = self.job_info(ref)
                 if info is None:
                     continue
-                states[ref] = (info.get("JobState", ""), info.get("Reason", ""))
-            state, reason = states[ref]
-            out[ref] = self._status(ref, state, reason)
+                states[ref] = (info.get("JobState", ""), info.get("Reason", ""), info.get("StartTime", ""))
+            state, reason, start = states[ref]
+            out[ref] = self._status(ref, state, reason, start)
         return out
 
-    def _status(self, ref: str, state: str, reason: str) -> EngineStatus:
+    def _status(self, ref: str, state: str, reason: str, start: str = "") -> EngineStatus:
         reason = None if reason in ("", "None", "(null)") else reason
         if state in _PENDING:
             return EngineStatus("pending", reason)
         if state in _RUNNING or state not in _ENDED:
-            return EngineStatus("running")
+            return EngineStatus("running", started_at=_slurm_time(start))
         info = self.job_info(ref) or {}
         status = _exit_status(info.get("ExitCode", ""), state)
         detail = None if state in ("COMPLETED", "FAILED") else f"slurm: {state}"
@@ -168,6 +169,15 @@ class SlurmRunner(RemoteRunner):
             raise EngineError(proc.stderr.strip())
         return parse_oneliner(proc.stdout.splitlines()[0])
 
+    def lookup(self, job: Job) -> str | None:
+        """The Slurm job of ``job``'s current attempt, by its name (newest first if somehow there are several)."""
+        proc = self._run("squeue", "--noheader", "--states=all", f"--name={job_name(job.id, job.attempt)}",
+                         "--format=%i")
+        if proc.returncode != 0:
+            raise EngineError((proc.stderr or proc.stdout).strip() or f"squeue exited {proc.returncode}")
+        refs = sorted((line.strip() for line in proc.stdout.splitlines() if line.strip().isdigit()), key=int)
+        return refs[-1] if refs else None
+
     def cancel(self, attempt: RemoteAttempt, graceful: bool) -> None:
         attempt.cancel_sent = True
         if graceful and attempt.last_state == "running":
@@ -182,6 +192,20 @@ class SlurmRunner(RemoteRunner):
             return
         if proc.returncode != 0:
             log.warning("%s: %s", " ".join(argv), proc.stderr.strip())
+
+
+def job_name(job_id: str, attempt: int) -> str:
+    """The Slurm job name of one attempt: derived from the job and the attempt, so that an attempt whose submission
+    the ledger did not get to record is found again by it (`SlurmRunner.lookup`)."""
+    return f"dropfit-{job_id}-{attempt}"
+
+
+def _slurm_time(text: str) -> float | None:
+    """Slurm's ``2026-12-05T08:45:01`` (local time) as Unix time; None for ``N/A``, ``Unknown`` and the like."""
+    try:
+        return time.mktime(time.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
 
 
 def parse_oneliner(text: str) -> dict[str, str]:

@@ -8,8 +8,10 @@ the real trainer. The cluster's node has 2 CPUs and 2 GPUs faked as GRES device 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -42,8 +44,8 @@ def slurm_daemon(tmp_path, cluster, **config) -> DaemonProcess:
 def slurm_jobs(cluster, dropfit_id: str) -> list[dict]:
     """Every Slurm job this cluster still knows for one dropfit job (by its job name)."""
     out = cluster.run("squeue", "--noheader", "--states=all", "--format=%i|%j|%T").stdout
-    return [{"id": i, "state": s} for i, n, s in (line.split("|") for line in out.split()) if n.endswith(
-        dropfit_id[:40])]
+    return [{"id": i, "state": s} for i, n, s in (line.split("|") for line in out.split())
+            if n.startswith(f"dropfit-{dropfit_id[:40]}")]
 
 
 def job_at_restart(log: str, job_id: str) -> int:
@@ -200,5 +202,145 @@ def test_the_real_trainer_through_slurm(tmp_path, cluster):
         out = d.outbox / job["id"]
         assert (out / "model.keras").is_file() and (out / "report.html").is_file()
         assert json.loads((out / "summary.json").read_text())["epochs_trained"] == 2
+    finally:
+        d.stop()
+
+
+def sbatch_that_kills_its_caller(tmp_path, cluster) -> tuple[Path, Path]:
+    """A bin_dir whose ``sbatch`` is the real one, after which it kills the process that called it (the daemon) with
+    SIGKILL once — a crash right between Slurm taking the job and the ledger recording its id. The other commands
+    are the real ones."""
+    bin_dir, armed = tmp_path / "bin", tmp_path / "kill-after-sbatch"
+    bin_dir.mkdir()
+    for name in ("squeue", "scontrol", "scancel"):
+        (bin_dir / name).symlink_to(shutil.which(name))
+    (bin_dir / "sbatch").write_text(f"""#!/bin/bash
+out=$({shutil.which("sbatch")} "$@"); rc=$?
+echo "$out"
+if [ $rc -eq 0 ] && rm {armed} 2> /dev/null; then kill -9 $PPID; fi
+exit $rc
+""")
+    (bin_dir / "sbatch").chmod(0o755)
+    armed.touch()
+    return bin_dir, armed
+
+
+def test_a_daemon_killed_right_after_sbatch_finds_the_job_by_name_and_never_submits_twice(tmp_path, cluster):
+    bin_dir, armed = sbatch_that_kills_its_caller(tmp_path, cluster)
+    d = slurm_daemon(tmp_path, cluster, slurm={"bin_dir": str(bin_dir)}).start()
+    try:
+        d.drop("once", {"epochs": 20}, fake={"sleep": 0.1})
+        wait_for(lambda: d.proc.poll() is not None, 30, what="the daemon killed right after sbatch")
+        assert not armed.exists()
+        [job] = d.jobs()  # the ledger holds the attempt as handed over, without Slurm's id
+        assert job["state"] == "running" and job["engine_state"] == "submitted" and job["engine_ref"] is None, job
+        [sjob] = wait_for(lambda: slurm_jobs(cluster, job["id"]) or None, 10, what="the job in Slurm")
+        d.start()
+        [job] = d.wait_jobs(1, timeout=90)
+        assert job["state"] == "succeeded" and job["attempt"] == 1 and job["engine_ref"] == sjob["id"], job
+        assert [j["id"] for j in slurm_jobs(cluster, job["id"])] == [sjob["id"]]  # one sbatch
+        assert len(d.runs(job["id"])) == 1 and f"found attempt 1 of {job['id']} in slurm as {sjob['id']}" in d.log()
+    finally:
+        d.stop()
+
+
+def occupy_the_node(cluster, seconds: float) -> str:
+    """A job outside dropfit that takes both CPUs of the node for ``seconds``."""
+    return cluster.sbatch("-o", "/dev/null", "-J", "blocker", "-c", "2", "--wrap", f"sleep {seconds}")
+
+
+def test_time_waiting_in_slurm_is_not_counted_against_the_timeout(tmp_path, cluster):
+    blocker = occupy_the_node(cluster, 8)
+    wait_for(lambda: cluster.job_state(blocker) == "RUNNING", 20, what="the node busy")
+    d = slurm_daemon(tmp_path, cluster, job_timeout_seconds=4, stop_grace_seconds=2).start()
+    try:
+        d.drop("patient", {"epochs": 5}, fake={"sleep": 0.2})
+        wait_for(lambda: (j := d.jobs()) and j[0]["engine_state"] == "pending", 20, what="pending in Slurm")
+        [job] = d.wait_jobs(1, timeout=90)
+        assert job["state"] == "succeeded", job  # ~8 s waiting for the node, ~1 s running: within 4 s of running
+        ran = d.runs(job["id"])[0]["time"]
+        assert ran - job["started_at"] > 4, "it did not wait longer than the timeout: the test proves nothing"
+        assert job["running_since"] == pytest.approx(ran, abs=2.0)  # Slurm's StartTime (whole seconds)
+    finally:
+        d.stop()
+        cluster.run("scancel", blocker, check=False)
+
+
+def test_a_re_attached_job_keeps_its_timeout_clock(tmp_path, cluster):
+    timeout = 8
+    d = slurm_daemon(tmp_path, cluster, job_timeout_seconds=timeout, stop_grace_seconds=2).start()
+    try:
+        d.drop("stuck", {"epochs": 3}, fake={"hang": True})
+        wait_for(lambda: (j := d.jobs()) and j[0]["engine_state"] == "running" and d.runs(j[0]["id"]), 30,
+                 what="running in Slurm")
+        time.sleep(3)  # (a wait for time to pass, not for a condition): part of the timeout is used
+        d.kill9()
+        time.sleep(3)
+        d.start()
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "failed" and job["error_kind"] == "timeout", job
+        ran = d.runs(job["id"])[0]["time"]
+        # Stopped at the timeout counted from when Slurm started it, not from the re-attach (which would be ~6 s on).
+        assert timeout - 1.5 <= job["finished_at"] - ran <= timeout + 2 + 2.5, (job["finished_at"] - ran)
+    finally:
+        d.stop()
+
+
+def test_the_controller_down_at_submit_and_while_running_loses_nothing(tmp_path, cluster):
+    d = slurm_daemon(tmp_path, cluster).start()
+    try:
+        cluster.stop_controller()
+        try:
+            d.drop("first", {"epochs": 4}, fake={"sleep": 0.1})
+            wait_for(lambda: (value(d.scrape(), "dropfit_submit_errors_total", engine="slurm") or 0) >= 1, 60,
+                     what="a refused submission")
+            [job] = d.jobs()
+            assert job["state"] == "queued" and "not submitted to slurm" in job["error"], job
+        finally:
+            cluster.start_controller()
+        [job] = d.wait_jobs(1, timeout=90)
+        assert job["state"] == "succeeded" and job["attempt"] == 1 and job["epoch"] == 4, job
+
+        d.drop("second", {"epochs": 40}, fake={"sleep": 0.1})
+        second = wait_for(lambda: (j := d.jobs()) and len(j) == 2 and j[1]["epoch"] >= 2 and j[1], 60,
+                          what="the second job running")
+        cluster.stop_controller()
+        try:
+            # The trainer goes on on the node, and its epochs still reach the daemon through the events file.
+            wait_for(lambda: d.jobs()[1]["epoch"] >= second["epoch"] + 5, 30, what="epochs with Slurm down")
+            assert d.jobs()[1]["state"] == "running"
+        finally:
+            cluster.start_controller()
+        jobs = d.wait_jobs(2, timeout=120)
+        assert jobs[1]["state"] == "succeeded" and jobs[1]["attempt"] == 1 and jobs[1]["epoch"] == 40, jobs[1]
+        assert len(slurm_jobs(cluster, jobs[1]["id"])) == 1 and len(d.runs(jobs[1]["id"])) == 1
+        assert "cannot ask slurm how its jobs are doing" in d.log() and "slurm answers again" in d.log()
+    finally:
+        d.stop()
+
+
+def test_requeue_and_a_node_failure_resume_from_the_checkpoint(tmp_path, cluster):
+    d = slurm_daemon(tmp_path, cluster, slurm={"requeue": True}).start()
+    try:
+        d.drop("moved", {"epochs": 40}, fake={"sleep": 0.15})
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 3 and j[0], 60, what="epoch 3")
+        cluster.run("scontrol", "requeue", job["engine_ref"])
+        def running_again():
+            runs = d.runs(job["id"])
+            return len(runs) == 2 and d.jobs()[0]["epoch"] >= runs[1]["resumed_from"] + 3
+
+        wait_for(running_again, 90, what="the requeued job running again")
+        cluster.run("scontrol", "update", f"nodename={cluster.host}", "state=down", "reason=dropfit-test")
+        try:
+            wait_for(lambda: d.jobs()[0]["engine_state"] == "pending", 60, what="back in Slurm's queue")
+        finally:  # (Slurm may have returned it to service by itself already: ReturnToService=2)
+            cluster.run("scontrol", "update", f"nodename={cluster.host}", "state=resume", check=False)
+        [job] = d.wait_jobs(1, timeout=120)
+        assert job["state"] == "succeeded" and job["epoch"] == 40 and job["attempt"] == 1, job
+        runs = d.runs(job["id"])
+        assert len(runs) == 3 and [j["id"] for j in slurm_jobs(cluster, job["id"])] == [job["engine_ref"]]
+        # Each run resumed where the one before had completed its last epoch: none lost, none trained twice.
+        assert runs[0]["resumed_from"] == 0 and 0 < runs[1]["resumed_from"] < runs[2]["resumed_from"] < 40, runs
+        assert value(d.scrape(), "dropfit_job_epochs_total", job_id=job["id"], dataset="moved") == 40
     finally:
         d.stop()
