@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, fields
@@ -142,8 +143,9 @@ class Job:
         data["metrics"] = json.loads(data["metrics"]) if data["metrics"] else None
         data["warnings"] = json.loads(data["warnings"]) if data.get("warnings") else None
         data["multi_gpu"] = bool(data.get("multi_gpu"))
-        for key in ("source", "path"):  # ledgers before 0.2 wrote "" for "none"
-            data[key] = data.get(key) or None
+        for key in PATH_COLUMNS:  # ledgers before 0.2 wrote "" for "none"
+            value = data.get(key) or None
+            data[key] = os.fsdecode(value) if isinstance(value, bytes) else value
         return cls(**data)
 
     def to_json(self) -> dict:
@@ -153,6 +155,19 @@ class Job:
 
 
 _COLUMNS = {f.name for f in fields(Job)} - {"seq", "id", "created_at"}
+# Where a dataset was dropped and is now. A file name may hold bytes that are not UTF-8 (old archives, Samba shares),
+# which Python keeps as surrogates and SQLite's text cannot hold: such a path is stored as its bytes (a BLOB) and read
+# back as the same name.
+PATH_COLUMNS = ("source", "path")
+
+
+def _db_value(key: str, value):
+    if key in PATH_COLUMNS and isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return os.fsencode(value)
+    return value
 
 
 class Ledger:
@@ -235,7 +250,7 @@ class Ledger:
         self.db.execute(
             "INSERT INTO jobs (id, name, state, attempt, source, path, created_at, updated_at) "
             "VALUES (?, ?, ?, 0, ?, ?, ?, ?)",
-            (job_id, name, JobState.CLAIMING.value, source, path, now, now))
+            (job_id, name, JobState.CLAIMING.value, _db_value("source", source), _db_value("path", path), now, now))
         return self.get(job_id)
 
     def transition(self, job_id: str, state: JobState, **changes) -> Job:
@@ -262,7 +277,8 @@ class Ledger:
             if changes.get(key) is not None:
                 changes[key] = json.dumps(changes[key])
         assignments = ", ".join(f"{k} = ?" for k in changes)
-        self.db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*changes.values(), job_id])
+        self.db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?",
+                        [*(_db_value(k, v) for k, v in changes.items()), job_id])
         return self.get(job_id)
 
     def restore(self, record: dict) -> Job:
@@ -273,7 +289,8 @@ class Ledger:
                 row[key] = json.dumps(row[key])
         row.setdefault("updated_at", time.time())
         names = ", ".join(row)
-        self.db.execute(f"INSERT INTO jobs ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        self.db.execute(f"INSERT INTO jobs ({names}) VALUES ({', '.join('?' * len(row))})",
+                        [_db_value(k, v) for k, v in row.items()])
         return self.get(row["id"])
 
     def delete(self, job_id: str) -> None:

@@ -42,7 +42,7 @@ from daemon.repair import LedgerLocationError, open_ledger
 from daemon.runners import make_runner
 from daemon.scheduling import Running, Scheduling, jlog
 from daemon.watch import Settler, Watcher, inbox_entries
-from trainer.atomic import write_json
+from trainer.atomic import display_path, write_json
 from trainer.predict_spec import PREDICT_FILE, PredictRun
 from trainer.protocol import ErrorKind
 from trainer.spec import JOB_FILE
@@ -384,8 +384,10 @@ class Daemon(Scheduling):
                      PREDICT_FILE)
             self.waiting[name] = time.monotonic() + WAITING_POLL_SECONDS
             return
-        job_id = new_job_id(name)
-        job = self.ledger.create(job_id, name, str(source), str(self.jobs_dir / job_id / "dataset"))
+        # The name shown and recorded is valid text (bytes that are not UTF-8 as \xNN); the source keeps the real one.
+        display = display_path(name)
+        job_id = new_job_id(display)
+        job = self.ledger.create(job_id, display, str(source), str(self.jobs_dir / job_id / "dataset"))
         try:
             self.finish_claim(job)
         except sqlite3.OperationalError:

@@ -127,6 +127,33 @@ def test_odd_names_and_vanishing_folders(daemon):
     assert daemon.proc.poll() is None
 
 
+def test_drop_names_that_are_not_utf8_become_jobs_like_any_other(daemon):
+    """Folder and archive names from old archives or Samba shares hold bytes that are not UTF-8: they are claimed and
+    run (ids sanitised, the original bytes shown as \\xNN), also after a restart in the middle of their claim."""
+    import zipfile
+
+    daemon.start()
+    folder = os.fsdecode(b"caf\xe9-photos")
+    daemon.drop("staged", {"epochs": 2})
+    os.rename(daemon.inbox / "staged", daemon.inbox / folder)
+    archive = daemon.root / "staging" / os.fsdecode(b"\xc4rchiv.zip")
+    source = _stage(daemon, "zipped")
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(source.rglob("*")):
+            z.write(path, path.relative_to(source.parent))
+    os.rename(archive, daemon.inbox / archive.name)
+    jobs = daemon.wait_jobs(2, timeout=60)
+    assert sorted(j["name"] for j in jobs) == ["\\xc4rchiv.zip", "caf\\xe9-photos"], jobs
+    assert all(j["state"] == "succeeded" for j in jobs), jobs
+    for job in jobs:
+        assert job["id"].isascii() and len(daemon.runs(job["id"])) == 1
+        assert daemon.status(job["id"])["dataset"] == job["name"]
+    assert sorted(os.listdir(daemon.inbox)) == []
+    daemon.stop()
+    daemon.start()  # the ledger reads back what it wrote
+    assert sorted(j["name"] for j in daemon.jobs()) == ["\\xc4rchiv.zip", "caf\\xe9-photos"]
+
+
 def test_the_same_dataset_dropped_twice_at_once_runs_twice_once_each(daemon):
     daemon.start()
     first = _stage(daemon, "twin-a", "epochs: 2\n")
