@@ -8,6 +8,7 @@ podFailurePolicy. The manifests are checked against Kubernetes' own schemas with
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -51,12 +52,32 @@ def cluster(tmp_path):
     server.stop()
 
 
-def k8s_daemon(tmp_path, cluster, kubernetes: dict | None = None, **config) -> DaemonProcess:
+def k8s_daemon(tmp_path, cluster, kubernetes: dict | None = None, poll_interval: float = 0.2,
+               **config) -> DaemonProcess:
     root = tmp_path / "d"
     k = {"namespace": NS, "kubeconfig": str(cluster.kubeconfig), "command": FAKE, "data_mount": str(root),
          "image": "registry.example/dropfit:1.0", "data_claim": "dropfit-data", **(kubernetes or {})}
-    return DaemonProcess(root, max_concurrent_jobs=10, runner={"kind": "kubernetes", "poll_interval": 0.2,
+    return DaemonProcess(root, max_concurrent_jobs=10, runner={"kind": "kubernetes", "poll_interval": poll_interval,
                                                               "kubernetes": k}, **config)
+
+
+def batch_api(cluster) -> client.BatchV1Api:
+    """What an administrator (kubectl) or Kueue does to the cluster, through the API like them."""
+    return client.BatchV1Api(cluster.server.api_client())
+
+
+def k8s_jobs(cluster) -> list[str]:
+    return [j.metadata.name for j in batch_api(cluster).list_namespaced_job(NS).items]
+
+
+def pods_of(cluster, name: str) -> list:
+    core = client.CoreV1Api(cluster.server.api_client())
+    return core.list_namespaced_pod(NS, label_selector=f"job-name={name}").items
+
+
+def stopped_after(log: str) -> int:
+    """The epochs a trainer had completed when SIGTERM stopped it, from its "stopped on request" line."""
+    return int(re.search(r"stopped on request after (\d+) epoch", log).group(1))
 
 
 def requests(cluster, action, resource="batch/v1/jobs") -> list:
@@ -203,18 +224,28 @@ def test_a_restarted_daemon_re_attaches_without_a_second_post(tmp_path, cluster)
         d.stop(signal.SIGKILL)
 
 
-def test_a_disrupted_pod_is_replaced_and_resumes_within_the_same_attempt(tmp_path, cluster):
+@pytest.mark.parametrize("ignores_sigterm", [False, True], ids=["checkpoints", "ignores-sigterm"])
+def test_an_evicted_pod_gets_its_grace_period_and_a_replacement_resumes(tmp_path, cluster, ignores_sigterm):
     kubelet = cluster.kubelet()
-    d = k8s_daemon(tmp_path, cluster).start()
+    d = k8s_daemon(tmp_path, cluster, stop_grace_seconds=2).start()
     try:
-        d.drop("evicted", {"epochs": 30}, fake={"sleep": 0.1})
+        d.drop("evicted", {"epochs": 60}, fake={"sleep": 0.1, "ignore_sigterm": ignores_sigterm})
         job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 3 and j[0], 30, what="epoch 3")
-        kubelet.disrupt(job["engine_ref"])  # a node drain: the pod dies with DisruptionTarget
+        evicted_at = time.time()
+        kubelet.disrupt(job["engine_ref"])  # a node drain: DisruptionTarget, then a graceful deletion
         [job] = d.wait_jobs(1, timeout=60)
-        assert job["state"] == "succeeded" and job["epoch"] == 30 and job["attempt"] == 1
+        assert job["state"] == "succeeded" and job["epoch"] == 60 and job["attempt"] == 1, job
         runs = d.runs(job["id"])
-        assert len(runs) == 2 and runs[1]["resumed_from"] >= 3  # the replacement pod resumed
-        assert len(requests(cluster, kmock.action.CREATE)) == 1  # the Job controller replaced it, not dropfit
+        assert len(runs) == 2 and len(requests(cluster, kmock.action.CREATE)) == 1  # the Job replaced the pod
+        log = (d.outbox / job["id"] / "train.log").read_text()
+        if ignores_sigterm:
+            # Only SIGKILL stopped it, once terminationGracePeriodSeconds (stop_grace_seconds) had passed; the
+            # replacement pod came after that, not at once.
+            assert "stopped on request" not in log
+            assert runs[1]["time"] - evicted_at >= 2.0, runs
+        else:
+            # SIGTERM: it checkpointed, and the replacement resumed exactly where it stopped.
+            assert runs[1]["resumed_from"] == stopped_after(log) >= 3, (runs, log)
     finally:
         d.stop()
 
