@@ -261,6 +261,17 @@ class KubernetesRunner(RemoteRunner):
             out[attempt.ref] = self._status(attempt.ref, job)
         return out
 
+    def lookup(self, job: Job) -> str | None:
+        """The Job of ``job``'s current attempt, by its name (`job_name`), if it exists and is that job's."""
+        name = job_name(job.id, job.attempt)
+        found = self._read(name)
+        if found is None:
+            return None
+        if ((found.get("metadata") or {}).get("annotations") or {}).get(JOB_ID) != job.id:
+            log.warning("Job %s exists but belongs to another job id; not adopting it", name)
+            return None
+        return name
+
     def _read(self, name: str) -> dict | None:
         from kubernetes.client.rest import ApiException
 

@@ -114,6 +114,16 @@ class RemoteRunner(Runner):
     def cancel(self, attempt: RemoteAttempt, graceful: bool) -> None:
         """Stop an attempt: gracefully (SIGTERM, time to checkpoint) or at once."""
 
+    def lookup(self, job: Job) -> str | None:
+        """Find the engine's reference of ``job``'s current attempt (``job.attempt``) by the name this runner gives
+        every attempt, for a daemon that died after recording the start (``engine_state`` ``submitted``) but before
+        recording the engine's answer. None: the engine has no such attempt (it was never submitted). Raises
+        `EngineError` if the engine cannot be asked. Never starts anything.
+
+        This default finds nothing, so such a job is queued again; a runner whose names are deterministic should
+        look the attempt up instead, or it may run twice."""
+        return None
+
     # --- the shared part ---------------------------------------------------------------------------------------
 
     def can_start(self, multi_gpu: bool) -> bool:
@@ -130,15 +140,28 @@ class RemoteRunner(Runner):
         return attempt
 
     def reattach(self, job: Job, grace: float) -> RemoteAttempt | None:
-        if not job.engine_ref:
+        """See `Runner.reattach`. An attempt whose submission was recorded but not the engine's answer is looked up
+        (`lookup`); the caller records the reference of the attempt it returns."""
+        ref = job.engine_ref
+        if not ref and job.engine_state == "submitted":
+            try:
+                ref = self.lookup(job)
+            except EngineError as exc:
+                log.warning("cannot ask %s whether attempt %d of %s was submitted (%s); queueing it again (if it "
+                            "was, it runs twice)", self.kind, job.attempt, job.id, exc)
+                return None
+            if ref:
+                log.info("found attempt %d of %s in %s as %s (the daemon stopped before recording it)", job.attempt,
+                         job.id, self.kind, ref)
+        if not ref:
             return None
-        attempt = RemoteAttempt(job.id, job.engine_ref, runner=self, last_state=job.engine_state,
+        attempt = RemoteAttempt(job.id, ref, runner=self, last_state=job.engine_state,
                                 events=EventsFile(self.events_path(job), job.events_offset))
         try:
-            known = self._statuses([attempt]).get(job.engine_ref)
+            known = self._statuses([attempt]).get(ref)
         except EngineError as exc:
             # Cannot tell now: follow it anyway; if it is really gone, the poller says so after a few polls.
-            log.warning("cannot ask %s about %s (%s); following it anyway", self.kind, job.engine_ref, exc)
+            log.warning("cannot ask %s about %s (%s); following it anyway", self.kind, ref, exc)
             known = EngineStatus(job.engine_state or "pending")
         if known is None:
             return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -264,6 +265,32 @@ def test_a_job_waiting_for_a_node_shows_pending_in_kubernetes(tmp_path, cluster)
         assert [j["state"] for j in jobs] == ["succeeded", "succeeded"]
     finally:
         d.stop()
+
+
+def test_an_attempt_created_just_before_the_daemon_died_is_adopted_not_submitted_again(tmp_path, cluster):
+    cluster.kubelet()
+    d = k8s_daemon(tmp_path, cluster).start()
+    try:
+        d.drop("window", {"epochs": 60}, fake={"sleep": 0.1})
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 2 and j[0], 30, what="epoch 2")
+        name = job["engine_ref"]
+        d.kill9()
+        # The ledger as a daemon leaves it that dies after creating the Job but before recording the answer: the
+        # start recorded (attempt 1, "submitted"), neither the Job's name nor any event read.
+        db = sqlite3.connect(d.state / "ledger.sqlite3")
+        with db:
+            db.execute("UPDATE jobs SET engine_ref = NULL, engine_state = 'submitted', events_offset = 0, epoch = 0 "
+                       "WHERE id = ?", (job["id"],))
+        db.close()
+        d.start()
+        # Found by its name, and recorded: a later restart or a cancel knows it.
+        wait_for(lambda: d.jobs()[0]["engine_ref"] == name, 30, what="the Job's name recorded")
+        assert f"found attempt 1 of {job['id']} in kubernetes as {name}" in d.log()
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "succeeded" and job["attempt"] == 1 and job["epoch"] == 60, job
+        assert len(requests(cluster, kmock.action.CREATE)) == 1 and len(d.runs(job["id"])) == 1
+    finally:
+        d.stop(signal.SIGKILL)
 
 
 def test_the_kustomize_base_renders_and_validates_strictly():
