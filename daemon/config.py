@@ -94,6 +94,9 @@ class KubernetesConfig(_Section):
     tolerations: list[dict] = Field(default_factory=list)
     instance: str = Field("default", description="Labels this daemon's Jobs, so two daemons can share a namespace.")
     kubeconfig: str | None = Field(None, description="A kubeconfig file; default: in-cluster, else ~/.kube/config.")
+    container_error_seconds: Annotated[float, Field(gt=0, le=86400)] = Field(
+        300.0, description="How long a trainer pod may fail to start its container (ErrImagePull, ImagePullBackOff, "
+                           "CreateContainerConfigError) before the attempt fails; InvalidImageName fails at once.")
 
 
 class RunnerConfig(_Section):

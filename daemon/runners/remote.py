@@ -18,7 +18,7 @@ from pathlib import Path
 from daemon.ledger import Job
 from daemon.messages import EngineUpdate, Message, TrainerEvent, TrainerExit, TrainerProtocolMismatch
 from daemon.runners.base import Attempt, Launch, Runner
-from trainer.protocol import ProtocolError, parse_event
+from trainer.protocol import Error, ProtocolError, parse_event
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -61,6 +61,9 @@ class EngineStatus:
     status: int | None = None  # exit status (negative: the signal), once ended
     timed_out: bool = False  # ended at the engine's time limit
     cancelled: bool = False  # cancelled in the engine (by us or by someone else)
+    # What the engine knows about why it ended that the trainer could not say (its container was OOMKilled, or
+    # never started): posted as the attempt's last event, so `daemon.decision` weighs it like the trainer's own.
+    error: Error | None = None
 
 
 @dataclass
@@ -227,6 +230,8 @@ class RemoteRunner(Runner):
             elif status.state == "ended":
                 attempt.ended = True
                 self._drain(attempt)
+                if status.error is not None:
+                    self.post(TrainerEvent(attempt.job_id, status.error))
                 self.post(TrainerExit(attempt.job_id, status.status if status.status is not None else -9,
                                       timed_out=status.timed_out, detail=status.detail,
                                       cancelled=status.cancelled))

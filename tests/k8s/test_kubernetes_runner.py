@@ -293,6 +293,47 @@ def test_an_attempt_created_just_before_the_daemon_died_is_adopted_not_submitted
         d.stop(signal.SIGKILL)
 
 
+@pytest.mark.parametrize("image, reasons, waits", [
+    ("registry.example/dropfit:missing", ("ErrImagePull", "ImagePullBackOff"), True),
+    ("registry.example/Dropfit:1.0", ("InvalidImageName",), False),  # not a valid reference: waiting cannot help
+], ids=["unpullable", "invalid-name"])
+def test_a_container_that_cannot_start_fails_the_attempt_and_its_job_is_deleted(tmp_path, cluster, image, reasons,
+                                                                              waits):
+    cluster.kubelet(unpullable=("registry.example/dropfit:missing",))
+    d = k8s_daemon(tmp_path, cluster, kubernetes={"image": image, "container_error_seconds": 3}, retries=2).start()
+    try:
+        dropped = time.monotonic()
+        d.drop("pull", {"epochs": 2})
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "failed" and job["error_kind"] == "engine" and job["attempt"] == 1, job
+        assert any(r in job["error"] for r in reasons) and image in job["error"], job["error"]
+        assert "the trainer's container could not start" in job["error"]
+        if waits:  # the kubelet may still pull it (a registry back up): it gets container_error_seconds
+            assert time.monotonic() - dropped >= 3 and "for 3 s" in job["error"]
+        assert len(requests(cluster, kmock.action.CREATE)) == 1  # not retried: the same image would not start
+        [delete] = requests(cluster, kmock.action.DELETE)
+        assert delete.name == job["engine_ref"]
+        wait_for(lambda: not k8s_jobs(cluster) and not pods_of(cluster, job["engine_ref"]), 30, what="Job gone")
+    finally:
+        d.stop()
+
+
+def test_an_oom_killed_container_fails_the_job_as_out_of_memory(tmp_path, cluster):
+    kubelet = cluster.kubelet()
+    d = k8s_daemon(tmp_path, cluster, kubernetes={"memory": "2Gi"}, retries=2).start()
+    try:
+        d.drop("hungry", {"epochs": 100}, fake={"sleep": 0.1})
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 2 and j[0], 30, what="epoch 2")
+        kubelet.oom_kill(job["engine_ref"])  # over its memory limit: the kernel kills it, the kubelet says so
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "failed" and job["error_kind"] == "oom" and job["attempt"] == 1, job
+        assert "OOMKilled" in job["error"] and "2Gi" in job["error"], job["error"]
+        # The same limit would kill it again: not retried.
+        assert len(requests(cluster, kmock.action.CREATE)) == 1
+    finally:
+        d.stop()
+
+
 def test_the_kustomize_base_renders_and_validates_strictly():
     kubectl = system_tool("kubectl", "https://kubernetes.io/docs/tasks/tools/")
     proc = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "k8s")], capture_output=True, text=True,
