@@ -11,6 +11,8 @@
 - the runner lists and watches its Jobs by label (relisting on ``410 Gone`` and after a dropped watch), reads exit
   codes from the Job's pods, and follows the trainer's events file on the shared volume;
 - cancelling deletes the Job with background propagation and the grace period, so the trainer checkpoints;
+- an attempt whose Job is gone ends only once its pod has stopped (a next attempt must not race it for the
+  checkpoint); a Job deleted by someone else is a crash, retried like one;
 - a container that cannot start (ErrImagePull, ImagePullBackOff, CreateContainerConfigError...) fails the attempt
   after ``container_error_seconds`` (InvalidImageName at once) and its Job is deleted; an OOMKilled container fails
   the job as out of memory (not retried: the same limit would kill it again);
@@ -49,6 +51,10 @@ WATCH_SECONDS = 60  # each watch call ends after this long and is made again (a 
 IMAGE_ERRORS = frozenset({"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull"})
 CONFIG_ERRORS = frozenset({"CreateContainerConfigError", "CreateContainerError"})
 NEVER_STARTS = frozenset({"InvalidImageName"})  # the image reference itself is malformed: waiting cannot help
+FINISHED_PHASES = ("Succeeded", "Failed")
+# After its Job is gone, how much longer than its grace period a pod may take to stop before the attempt is taken as
+# ended anyway (a pod on a lost node stays Terminating until someone removes the node).
+POD_STOP_SLACK = 60.0
 
 
 def job_name(job_id: str, attempt: int) -> str:
@@ -79,6 +85,7 @@ class KubernetesRunner(RemoteRunner):
         self.selector = f"{MANAGED_BY}=dropfit,{INSTANCE}={self.k8s.instance}"
         self._api = api_client
         self._cache: dict[str, dict] = {}  # Job name -> the Job as last seen (a dict)
+        self._gone_at: dict[str, float] = {}  # Job name -> when a followed Job was first found gone
         self._stuck: dict[str, float] = {}  # Job name -> since when its container cannot start
         self._listed = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -262,16 +269,35 @@ class KubernetesRunner(RemoteRunner):
                 raise EngineError(f"{type(exc).__name__}: {exc}") from None
         out = {}
         for attempt in attempts:
-            job = self._cache.get(attempt.ref)
-            if job is None:
-                job = self._read(attempt.ref)
-                if job is None:
-                    if attempt.cancel_sent:  # we deleted it (a cancel or a timeout)
-                        out[attempt.ref] = EngineStatus("ended", "kubernetes: the Job was deleted", status=-15,
-                                                        cancelled=True)
-                    continue
-            out[attempt.ref] = self._status(attempt.ref, job)
+            job = self._cache.get(attempt.ref) or self._read(attempt.ref)
+            status = self._status(attempt.ref, job) if job is not None else self._gone(attempt)
+            if status is not None:
+                out[attempt.ref] = status
         return out
+
+    def _gone(self, attempt: RemoteAttempt) -> EngineStatus | None:
+        """An attempt whose Job no longer exists: its end, still stopping, or None (unknown: see `_lost`)."""
+        name = attempt.ref
+        live = [p["metadata"]["name"] for p in self._pods(name)
+                if (p.get("status") or {}).get("phase") not in FINISHED_PHASES]
+        if live:
+            since = self._gone_at.setdefault(name, time.monotonic())
+            if time.monotonic() - since < self.config.stop_grace_seconds + POD_STOP_SLACK:
+                # Still checkpointing after its SIGTERM: a next attempt now would race it for the checkpoint.
+                state = attempt.last_state if attempt.last_state in ("pending", "running") else "running"
+                return EngineStatus(state)
+            log.warning("Job %s is gone but its pod %s has not stopped %.0f s after; taking the attempt as ended",
+                        name, live[0], time.monotonic() - since)
+        if attempt.cancel_sent:  # we deleted it (a cancel or a timeout)
+            return EngineStatus("ended", "kubernetes: the Job was deleted", status=-15, cancelled=True)
+        return None
+
+    def _lost(self, attempt: RemoteAttempt) -> EngineStatus | None:
+        # Not ours (a cancel deletes through `cancel`), not ended before (the watch would have seen it): someone ran
+        # `kubectl delete job`. A crash, retried like one: to stop a job, `dropfit cancel` says so unambiguously.
+        code, _ = self._exit_code(attempt.ref)
+        return EngineStatus("ended", f"kubernetes: the Job {attempt.ref} was deleted outside dropfit",
+                            status=code if code is not None else -15)
 
     def lookup(self, job: Job) -> str | None:
         """The Job of ``job``'s current attempt, by its name (`job_name`), if it exists and is that job's."""
@@ -288,7 +314,8 @@ class KubernetesRunner(RemoteRunner):
         with self._lock:
             attempt = self.active.get(job_id)
         if attempt is not None:
-            self._stuck.pop(attempt.ref, None)
+            for known in (self._gone_at, self._stuck):
+                known.pop(attempt.ref, None)
         super().release(job_id)
 
     def _read(self, name: str) -> dict | None:

@@ -127,6 +127,11 @@ class RemoteRunner(Runner):
         look the attempt up instead, or it may run twice."""
         return None
 
+    def _lost(self, attempt: RemoteAttempt) -> EngineStatus | None:
+        """How an attempt ended that the engine has not known for `LOST_AFTER_POLLS` polls; None: not ended yet
+        (ask again next poll)."""
+        return EngineStatus("ended", f"{self.kind} no longer knows {attempt.ref}", status=-9)
+
     # --- the shared part ---------------------------------------------------------------------------------------
 
     def can_start(self, multi_gpu: bool) -> bool:
@@ -221,7 +226,9 @@ class RemoteRunner(Runner):
                 attempt.unknown_polls += 1
                 if attempt.unknown_polls < self.LOST_AFTER_POLLS:
                     continue
-                status = EngineStatus("ended", f"{self.kind} no longer knows {attempt.ref}", status=-9)
+                status = self._lost(attempt)
+                if status is None:
+                    continue
             attempt.unknown_polls = 0
             self._drain(attempt)
             if status.state in ("pending", "running") and status.state != attempt.last_state:

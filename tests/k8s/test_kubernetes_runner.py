@@ -334,6 +334,35 @@ def test_an_oom_killed_container_fails_the_job_as_out_of_memory(tmp_path, cluste
         d.stop()
 
 
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_job_deleted_outside_dropfit_is_a_crash_retried_once_its_pod_has_stopped(tmp_path, cluster, retries):
+    cluster.kubelet()
+    d = k8s_daemon(tmp_path, cluster, retries=retries).start()
+    try:
+        d.drop("deleted", {"epochs": 40}, fake={"sleep": 0.1, "stop_seconds": 2})
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 3 and j[0], 30, what="epoch 3")
+        first = job["engine_ref"]
+        deleted_at = time.time()
+        # `kubectl delete job`: its pod gets SIGTERM and takes 2 s to write its checkpoint.
+        batch_api(cluster).delete_namespaced_job(first, NS, propagation_policy="Background")
+        [job] = d.wait_jobs(1, timeout=60)
+        assert f"the Job {first} was deleted outside dropfit" in d.log()
+        runs = d.runs(job["id"])
+        if retries:
+            assert job["state"] == "succeeded" and job["attempt"] == 2 and job["epoch"] == 40, job
+            assert len(requests(cluster, kmock.action.CREATE)) == 2
+            # The next attempt began after the first had stopped (not racing it for the checkpoint) and resumed
+            # where it stopped.
+            log = (d.outbox / job["id"] / "train.log").read_text()
+            assert runs[1]["time"] >= deleted_at + 2, runs
+            assert runs[1]["resumed_from"] == stopped_after(log) >= 3, (runs, log)
+        else:
+            assert job["state"] == "failed" and job["error_kind"] == "crash", job
+            assert "was deleted outside dropfit" in job["error"] and len(runs) == 1
+    finally:
+        d.stop()
+
+
 def test_the_kustomize_base_renders_and_validates_strictly():
     kubectl = system_tool("kubectl", "https://kubernetes.io/docs/tasks/tools/")
     proc = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "k8s")], capture_output=True, text=True,
