@@ -37,7 +37,7 @@ class Running:
 
     attempt: Attempt
     job: Job
-    deadline: float | None
+    deadline: float | None = None  # when job_timeout_seconds runs out: only while it runs (see `_clock`)
     kill_at: float | None = None
     cancel: bool = False
     timed_out: bool = False
@@ -48,6 +48,8 @@ class Running:
     engine_timed_out: bool = False  # the engine stopped it at its own time limit
     detail: str | None = None  # the engine's words on how it ended
     stopped_by_daemon: bool = False  # terminate() or kill() came from us (a cancel, a timeout, a protocol error)
+    ran: float = 0.0  # seconds it ran before it last went back to pending in the engine (preempted, suspended)
+    running_since: float | None = None  # monotonic time it started running, while it runs
 
 
 class Scheduling:
@@ -125,9 +127,9 @@ class Scheduling:
         except OSError as exc:
             self.fail(job.id, ErrorKind.INTERNAL, f"could not start the trainer ({argv[0]}): {exc}")
             return True
-        self.running[job.id] = r = Running(attempt, job, time.monotonic() + timeout if timeout else None,
-                                           first_attempt=attempt_no == 1)
+        self.running[job.id] = r = Running(attempt, job, first_attempt=attempt_no == 1)
         state = "running" if self.runner.kind == "local" else "pending"
+        self._clock(r, state)
         r.job = self._update(job.id, engine_ref=attempt.ref, engine_state=state, **attempt.recorded)
         if self.runner.kind != "local":
             jlog(job.id).info("submitted to %s as %s", self.runner.kind, attempt.ref)
@@ -136,10 +138,23 @@ class Scheduling:
 
     def adopt(self, job: Job, attempt: Attempt) -> None:
         """Follow an attempt a previous daemon handed to the engine (after a restart): no second submission."""
-        timeout = self.config.job_timeout_seconds
-        self.running[job.id] = Running(attempt, job, time.monotonic() + timeout if timeout else None,
-                                       first_attempt=job.attempt == 1)
+        self.running[job.id] = r = Running(attempt, job, first_attempt=job.attempt == 1)
+        self._clock(r, "running" if job.engine_state == "running" else "pending")
         self.metrics.job_started(job.id, job.name, job.epoch, job.epochs)
+
+    def _clock(self, r: Running, state: str) -> None:
+        """``job_timeout_seconds`` counts the time an attempt runs: waiting in the engine (for a node, held by Kueue,
+        preempted) uses none of it. ``sbatch --time`` counts the same way, and Kubernetes stops the clock of
+        ``activeDeadlineSeconds`` while Kueue holds a Job (suspended)."""
+        now, timeout = time.monotonic(), self.config.job_timeout_seconds
+        if state == "running" and r.running_since is None:
+            r.running_since = now
+            r.deadline = now + max(0.0, timeout - r.ran) if timeout else None
+        elif state == "pending" and r.running_since is not None:
+            r.ran += now - r.running_since
+            r.running_since = None
+            if not r.timed_out:
+                r.deadline = None
 
     def _stop_trainer(self, r: Running) -> None:
         r.stopped_by_daemon = True
@@ -171,6 +186,7 @@ class Scheduling:
         if isinstance(event, Started):
             # A prediction job counts images where a training job counts epochs.
             done, total = (0, event.images) if event.kind == "predict" else (event.resumed_from, event.epochs)
+            self._clock(r, "running")
             job = r.job = self._update(job_id, epochs=total, epoch=done,
                                        engine_state="running", time_budget=event.time_budget,
                                        deadline=event.deadline, warnings=event.warnings or None, **moved)
@@ -203,6 +219,8 @@ class Scheduling:
 
     def _on_engine_update(self, job_id: str, state: str, detail: str | None) -> None:
         r = self.running.get(job_id)
+        if r is not None:
+            self._clock(r, state)  # before the check below: the trainer's `started` may have said "running" first
         if r is None or r.job.engine_state == state:
             return
         jlog(job_id).info("%s in %s%s", state, self.runner.kind, f" ({detail})" if detail else "")

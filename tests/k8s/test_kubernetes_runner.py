@@ -363,6 +363,54 @@ def test_a_job_deleted_outside_dropfit_is_a_crash_retried_once_its_pod_has_stopp
         d.stop()
 
 
+def test_a_job_held_by_kueue_is_pending_however_long_then_runs(tmp_path, cluster):
+    cluster.kubelet(kueue=True)  # Kueue's webhook suspends every Job with a queue label
+    d = k8s_daemon(tmp_path, cluster, kubernetes={"queue": "team-a"}, job_timeout_seconds=3).start()
+    try:
+        d.drop("queued", {"epochs": 3}, fake={"sleep": 0.1})
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["engine_state"] == "pending" and j[0], 30, what="pending")
+        name = job["engine_ref"]
+        assert stored_job(cluster, name)["spec"]["suspend"] is True and not pods_of(cluster, name)
+        assert "pending in kubernetes" in d.cli("status").stdout
+        # Held for longer than job_timeout_seconds: time waiting for quota is not time running.
+        held = time.monotonic()
+        wait_for(lambda: time.monotonic() - held > 4, 10, what="a hold longer than job_timeout_seconds")
+        [job] = d.jobs()
+        assert job["state"] == "running" and job["engine_state"] == "pending", job
+        batch_api(cluster).patch_namespaced_job(name, NS, {"spec": {"suspend": False}})  # Kueue admits it
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "succeeded" and job["attempt"] == 1 and job["epoch"] == 3, job
+        assert len(requests(cluster, kmock.action.CREATE)) == 1
+    finally:
+        d.stop()
+
+
+def test_a_job_preempted_by_kueue_goes_back_to_pending_and_resumes_from_its_checkpoint(tmp_path, cluster):
+    cluster.kubelet(kueue=True)
+    d = k8s_daemon(tmp_path, cluster, kubernetes={"queue": "team-a"}, retries=0).start()
+    batch = batch_api(cluster)
+    try:
+        d.drop("preempted", {"epochs": 40}, fake={"sleep": 0.1})
+        name = wait_for(lambda: (j := d.jobs()) and j[0]["engine_ref"], 30, what="submitted")
+        wait_for(lambda: name in k8s_jobs(cluster) and stored_job(cluster, name)["spec"].get("suspend"), 30,
+                 what="suspended by the webhook")
+        batch.patch_namespaced_job(name, NS, {"spec": {"suspend": False}})  # admitted
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 3 and j[0], 30, what="epoch 3")
+        batch.patch_namespaced_job(name, NS, {"spec": {"suspend": True}})  # preempted: its pod is deleted
+        train_log = d.outbox / job["id"] / "train.log"
+        wait_for(lambda: d.jobs()[0]["engine_state"] == "pending" and not pods_of(cluster, name)
+                 and "stopped on request" in train_log.read_text(), 30, what="back to pending, its pod stopped")
+        assert d.jobs()[0]["state"] == "running"  # waiting in the engine, not failed nor retried
+        batch.patch_namespaced_job(name, NS, {"spec": {"suspend": False}})  # admitted again
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "succeeded" and job["attempt"] == 1 and job["failures"] == 0, job
+        runs = d.runs(job["id"])
+        assert len(runs) == 2 and runs[1]["resumed_from"] == stopped_after(train_log.read_text()) >= 3, runs
+        assert len(requests(cluster, kmock.action.CREATE)) == 1
+    finally:
+        d.stop()
+
+
 def test_the_kustomize_base_renders_and_validates_strictly():
     kubectl = system_tool("kubectl", "https://kubernetes.io/docs/tasks/tools/")
     proc = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "k8s")], capture_output=True, text=True,
