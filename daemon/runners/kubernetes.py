@@ -12,7 +12,8 @@
   codes from the Job's pods, and follows the trainer's events file on the shared volume;
 - cancelling deletes the Job with background propagation and the grace period, so the trainer checkpoints;
 - an attempt whose Job is gone ends only once its pod has stopped (a next attempt must not race it for the
-  checkpoint); a Job deleted by someone else is a crash, retried like one;
+  checkpoint); a Job deleted by someone else is a crash, retried like one; a Job that ended and was then deleted by
+  ``ttlSecondsAfterFinished`` keeps the end the watch saw;
 - a container that cannot start (ErrImagePull, ImagePullBackOff, CreateContainerConfigError...) fails the attempt
   after ``container_error_seconds`` (InvalidImageName at once) and its Job is deleted; an OOMKilled container fails
   the job as out of memory (not retried: the same limit would kill it again);
@@ -85,6 +86,7 @@ class KubernetesRunner(RemoteRunner):
         self.selector = f"{MANAGED_BY}=dropfit,{INSTANCE}={self.k8s.instance}"
         self._api = api_client
         self._cache: dict[str, dict] = {}  # Job name -> the Job as last seen (a dict)
+        self._deleted: dict[str, dict] = {}  # Job name -> how the watch last saw a followed Job that was deleted
         self._gone_at: dict[str, float] = {}  # Job name -> when a followed Job was first found gone
         self._stuck: dict[str, float] = {}  # Job name -> since when its container cannot start
         self._listed = threading.Event()
@@ -180,6 +182,9 @@ class KubernetesRunner(RemoteRunner):
         }
         if launch.timeout:
             spec["activeDeadlineSeconds"] = int(launch.timeout + launch.grace) + 60
+        if k.ttl_seconds_after_finished is not None:
+            # Finished Jobs and their pods would pile up in the namespace forever; the end is read long before.
+            spec["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
         return {"apiVersion": "batch/v1", "kind": "Job",
                 "metadata": {"name": name, "namespace": k.namespace, "labels": labels,
                              "annotations": {JOB_ID: launch.job_id}},
@@ -238,6 +243,9 @@ class KubernetesRunner(RemoteRunner):
                     name = obj.get("metadata", {}).get("name")
                     if event["type"] == "DELETED":
                         self._cache.pop(name, None)
+                        if name in self._followed():
+                            # Its end may not be read yet (ttlSecondsAfterFinished): keep what the watch saw.
+                            self._deleted[name] = obj
                     elif name:
                         self._cache[name] = obj
                     version = obj.get("metadata", {}).get("resourceVersion") or version
@@ -275,9 +283,16 @@ class KubernetesRunner(RemoteRunner):
                 out[attempt.ref] = status
         return out
 
+    def _followed(self) -> set[str]:
+        with self._lock:
+            return {a.ref for a in self.active.values()}
+
     def _gone(self, attempt: RemoteAttempt) -> EngineStatus | None:
         """An attempt whose Job no longer exists: its end, still stopping, or None (unknown: see `_lost`)."""
         name = attempt.ref
+        last = self._deleted.get(name)
+        if last is not None and _finished(last):
+            return self._status(name, last)  # it ended, then went (ttlSecondsAfterFinished): that end stands
         live = [p["metadata"]["name"] for p in self._pods(name)
                 if (p.get("status") or {}).get("phase") not in FINISHED_PHASES]
         if live:
@@ -314,7 +329,7 @@ class KubernetesRunner(RemoteRunner):
         with self._lock:
             attempt = self.active.get(job_id)
         if attempt is not None:
-            for known in (self._gone_at, self._stuck):
+            for known in (self._deleted, self._gone_at, self._stuck):
                 known.pop(attempt.ref, None)
         super().release(job_id)
 
@@ -451,6 +466,10 @@ def _conditions(job: dict) -> dict[str, dict]:
     """The Job's conditions that hold, by type."""
     status = job.get("status") or {}
     return {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+
+
+def _finished(job: dict) -> bool:
+    return bool(_conditions(job).keys() & {"Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"})
 
 
 def _job_id(job: dict) -> str | None:

@@ -411,6 +411,58 @@ def test_a_job_preempted_by_kueue_goes_back_to_pending_and_resumes_from_its_chec
         d.stop()
 
 
+def test_finished_jobs_are_cleaned_up_by_their_ttl_after_dropfit_read_their_end(tmp_path, cluster):
+    cluster.kubelet(ttl=1.0)  # ttlSecondsAfterFinished on a faster clock
+    d = k8s_daemon(tmp_path, cluster).start()
+    try:
+        d.drop("tidy", {"epochs": 2})
+        d.drop("bad", {"epochs": 3}, fake={"crash_epoch": 1, "exit_code": 2, "error_kind": "data"})
+        ok, bad = d.wait_jobs(2, timeout=60)
+        assert ok["state"] == "succeeded" and bad["outcome"] == "rejected" and bad["error_kind"] == "data", bad
+        assert [p.data["spec"]["ttlSecondsAfterFinished"] for p in requests(cluster, kmock.action.CREATE)] == \
+            [3600, 3600]
+        wait_for(lambda: not k8s_jobs(cluster) and not pods_of(cluster, ok["engine_ref"])
+                 and not pods_of(cluster, bad["engine_ref"]), 30, what="Kubernetes deleting the finished Jobs")
+        # Their ends were recorded before: the deletions change nothing.
+        assert [(j["state"], j["error"]) for j in d.jobs()] == [(ok["state"], ok["error"]), (bad["state"],
+                                                                                             bad["error"])]
+        assert len(requests(cluster, kmock.action.CREATE)) == 2 and "deleted outside dropfit" not in d.log()
+    finally:
+        d.stop()
+
+
+def test_a_job_its_ttl_deleted_before_the_next_poll_keeps_the_end_it_had(tmp_path, cluster):
+    cluster.kubelet(ttl=0)  # deleted as soon as it completes, long before the daemon's next poll
+    d = k8s_daemon(tmp_path, cluster, poll_interval=3.0).start()
+    try:
+        d.drop("quick", {"epochs": 2})
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "succeeded" and job["attempt"] == 1, job
+        assert not k8s_jobs(cluster)  # it was gone when its end was read
+        assert len(requests(cluster, kmock.action.CREATE)) == 1 and "deleted outside dropfit" not in d.log()
+    finally:
+        d.stop()
+
+
+def test_a_job_its_ttl_deleted_while_the_daemon_was_down_is_not_run_again(tmp_path, cluster):
+    cluster.kubelet(ttl=0)
+    d = k8s_daemon(tmp_path, cluster).start()
+    try:
+        d.drop("unattended", {"epochs": 30}, fake={"sleep": 0.1})
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 2 and j[0], 30, what="epoch 2")
+        d.kill9()
+        # It completes and Kubernetes deletes it before the daemon is back: nothing is left to re-attach to.
+        wait_for(lambda: not k8s_jobs(cluster) and (d.outbox / job["id"] / "fake_finished.jsonl").exists(), 30,
+                 what="the Job finished and deleted")
+        d.start()
+        [job] = d.wait_jobs(1, timeout=60)
+        assert job["state"] == "succeeded" and job["epoch"] == 30 and job["attempt"] == 1, job
+        assert "its trainer finished while the daemon was down" in d.log()
+        assert len(requests(cluster, kmock.action.CREATE)) == 1 and len(d.runs(job["id"])) == 1
+    finally:
+        d.stop(signal.SIGKILL)
+
+
 def test_the_kustomize_base_renders_and_validates_strictly():
     kubectl = system_tool("kubectl", "https://kubernetes.io/docs/tasks/tools/")
     proc = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "k8s")], capture_output=True, text=True,
