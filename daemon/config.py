@@ -13,7 +13,16 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from trainer.spec import JobSpec, SpecError, explain, load_yaml_model
 
@@ -94,6 +103,12 @@ class KubernetesConfig(_Section):
     tolerations: list[dict] = Field(default_factory=list)
     instance: str = Field("default", description="Labels this daemon's Jobs, so two daemons can share a namespace.")
     kubeconfig: str | None = Field(None, description="A kubeconfig file; default: in-cluster, else ~/.kube/config.")
+    ttl_seconds_after_finished: Annotated[int, Strict(), Field(ge=60)] | None = Field(
+        3600, description="Kubernetes deletes a finished Job and its pods this long after it ended (at least 60 s "
+                          "and 3 poll intervals, so the daemon reads the end first); null keeps them.")
+    container_error_seconds: Annotated[float, Field(gt=0, le=86400)] = Field(
+        300.0, description="How long a trainer pod may fail to start its container (ErrImagePull, ImagePullBackOff, "
+                           "CreateContainerConfigError) before the attempt fails; InvalidImageName fails at once.")
 
 
 class RunnerConfig(_Section):
@@ -105,6 +120,17 @@ class RunnerConfig(_Section):
         2.0, description="slurm: how often squeue and the trainers' events files are read.")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+
+    @model_validator(mode="after")
+    def _jobs_outlive_a_few_polls(self) -> RunnerConfig:
+        # The end of an attempt (its exit code lives in its pod) is read at the next poll: a Job deleted sooner
+        # could take it along.
+        ttl = self.kubernetes.ttl_seconds_after_finished
+        if ttl is not None and ttl < 3 * self.poll_interval:
+            raise ValueError(f"kubernetes.ttl_seconds_after_finished ({ttl}) must be at least 3 poll intervals "
+                             f"({3 * self.poll_interval:g} s), so the daemon reads how an attempt ended before "
+                             "Kubernetes deletes its Job")
+        return self
 
 
 NOTIFY_EVENTS = ("queued", "started", "finished", "failed", "cancelled")

@@ -70,8 +70,10 @@ def decide(status: int, error: Error | None, attempt: int, policy: RetryPolicy, 
     if timed_out:
         return Decision(Action.FAIL, ErrorKind.TIMEOUT, f"timed out after {timeout_seconds or 0:.0f} seconds "
                                                         f"(job_timeout_seconds); {ended}")
-    if error is not None and error.kind == ErrorKind.PROTOCOL:
-        return Decision(Action.FAIL, ErrorKind.PROTOCOL, error.message)
+    if error is not None and error.kind in (ErrorKind.PROTOCOL, ErrorKind.ENGINE):
+        # The trainer never sends ENGINE: a runner does, when the engine could not run it at all (a container
+        # that never started). Its message is the whole story; the exit status is the engine's, not the trainer's.
+        return Decision(Action.FAIL, error.kind, error.message)
     if stopping:
         return Decision(Action.INTERRUPT)
     if status == ExitCode.INVALID:

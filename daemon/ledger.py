@@ -82,6 +82,7 @@ CREATE TABLE IF NOT EXISTS {name} (
     engine_ref TEXT,
     engine_state TEXT,
     running_since REAL,
+    ran_seconds REAL,
     events_offset INTEGER NOT NULL DEFAULT 0,
     time_budget REAL,
     deadline REAL,
@@ -126,6 +127,7 @@ class Job:
     engine_ref: str | None = None  # the engine's name for that attempt: a Slurm job id, a Kubernetes Job name
     engine_state: str | None = None  # pending (waiting in the engine) or running
     running_since: float | None = None  # when the engine started this attempt (Unix time): the timeout counts from it
+    ran_seconds: float | None = None  # what earlier runs of this attempt used of the timeout (requeued, preempted)
     events_offset: int = 0  # how far the trainer's events file has been read and applied (remote runners)
     failures: int = 0  # attempts that failed and were retried: what `retries` limits (a daemon restart is none)
     time_budget: float | None = None  # seconds (job.yaml's time_budget), once the trainer has started

@@ -88,6 +88,10 @@ def _resume(daemon: Daemon, job: Job) -> None:
             return
         daemon.unresolved.pop(job.id, None)
         if attempt is not None:
+            if attempt.ref != job.engine_ref:
+                # Found by its name after a crash between submitting and recording (runner.lookup): recorded now,
+                # so a later restart, a cancel and `dropfit status` all know it.
+                job = daemon._update(job.id, engine_ref=attempt.ref)
             jl.info("re-attached to %s %s (%s); not submitting it again; events from epoch %d", engine, attempt.ref,
                     job.engine_state or "state unknown", job.epoch)
             daemon.adopt(job, attempt)

@@ -37,7 +37,7 @@ class Running:
 
     attempt: Attempt
     job: Job
-    deadline: float | None
+    deadline: float | None = None  # when job_timeout_seconds runs out: only while it runs (see `_clock`)
     kill_at: float | None = None
     cancel: bool = False
     timed_out: bool = False
@@ -125,12 +125,12 @@ class Scheduling:
         except OSError as exc:
             self.fail(job.id, ErrorKind.INTERNAL, f"could not start the trainer ({argv[0]}): {exc}")
             return True
-        self.running[job.id] = r = Running(attempt, job, None, first_attempt=attempt_no == 1)
+        self.running[job.id] = r = Running(attempt, job, first_attempt=attempt_no == 1)
         local = self.runner.kind == "local"
         r.job = self._update(job.id, engine_ref=attempt.ref, engine_state="running" if local else "pending",
-                             running_since=None, **attempt.recorded)
+                             running_since=None, ran_seconds=0.0, **attempt.recorded)
         if local:  # running from now; an engine says when it starts the attempt (`_on_engine_update`)
-            self._running_since(r, time.time())
+            self._clock(r, "running", time.time())
         else:
             jlog(job.id).info("submitted to %s as %s", self.runner.kind, attempt.ref)
         self.metrics.job_started(job.id, job.name, job.epoch, job.epochs)
@@ -138,21 +138,29 @@ class Scheduling:
 
     def adopt(self, job: Job, attempt: Attempt) -> None:
         """Follow an attempt a previous daemon handed to the engine (after a restart): no second submission. Its
-        timeout still counts from when the engine started it."""
-        r = self.running[job.id] = Running(attempt, job, None, first_attempt=job.attempt == 1)
-        if attempt.recorded:  # found by its name: the engine's id is recorded now
-            r.job = self._update(job.id, **attempt.recorded)
+        timeout goes on counting from when the engine started it (the ledger keeps that, and what it ran before)."""
+        r = self.running[job.id] = Running(attempt, job, first_attempt=job.attempt == 1)
         if job.running_since is not None and job.engine_state == "running":
-            self._running_since(r, job.running_since)
+            self._clock(r, "running", job.running_since)
         self.metrics.job_started(job.id, job.name, job.epoch, job.epochs)
 
-    def _running_since(self, r: Running, since: float) -> None:
-        """The attempt runs since ``since`` (Unix time): recorded, and its deadline set from it. Time spent waiting
-        in an engine's queue is not running time."""
-        if r.job.running_since != since:
-            r.job = self._update(r.job.id, running_since=since)
-        timeout = self.config.job_timeout_seconds
-        r.deadline = time.monotonic() + (since + timeout - time.time()) if timeout else None
+    def _clock(self, r: Running, state: str, since: float | None = None) -> None:
+        """``job_timeout_seconds`` counts the time an attempt runs: waiting in the engine (for a node, held by Kueue,
+        requeued, preempted) uses none of it, as ``sbatch --time`` counts. ``since`` (Unix time) is when the engine
+        started it running, by its own clock where it says; the ledger keeps it (``running_since``) and the seconds
+        earlier runs of the attempt used (``ran_seconds``), so a re-attached daemon goes on with the same clock."""
+        job, timeout = r.job, self.config.job_timeout_seconds
+        if state == "running":
+            since = since or job.running_since or time.time()
+            if job.running_since != since:
+                r.job = self._update(job.id, running_since=since)
+            left = timeout - (job.ran_seconds or 0.0) if timeout else None
+            r.deadline = time.monotonic() + (since + left - time.time()) if timeout else None
+        elif job.running_since is not None:  # back in the engine's queue
+            ran = (job.ran_seconds or 0.0) + max(0.0, time.time() - job.running_since)
+            r.job = self._update(job.id, running_since=None, ran_seconds=ran)
+            if not r.timed_out:
+                r.deadline = None
 
     def _stop_trainer(self, r: Running) -> None:
         r.stopped_by_daemon = True
@@ -184,11 +192,12 @@ class Scheduling:
         if isinstance(event, Started):
             # A prediction job counts images where a training job counts epochs.
             done, total = (0, event.images) if event.kind == "predict" else (event.resumed_from, event.epochs)
+            self._clock(r, "running")
             job = r.job = self._update(job_id, epochs=total, epoch=done,
                                        engine_state="running", time_budget=event.time_budget,
                                        deadline=event.deadline, warnings=event.warnings or None, **moved)
             if r.deadline is None:  # it runs, though the engine has not said so yet
-                self._running_since(r, job.running_since or time.time())
+                self._clock(r, "running")
             self.metrics.budget(job_id, job.name, event.time_budget, event.deadline)
             if self.notifier is not None:
                 self.notifier.job_changed(job, "started")
@@ -223,13 +232,8 @@ class Scheduling:
         if r.job.engine_state != state:
             jlog(job_id).info("%s in %s%s", state, self.runner.kind, f" ({detail})" if detail else "")
             r.job = self._update(job_id, engine_state=state)
-        if state == "running":
-            # The engine's own start time when it gives one (also after a re-attach), else the first news of it.
-            self._running_since(r, started_at or r.job.running_since or time.time())
-        else:  # back in the queue (requeued, preempted, suspended): not running time
-            r.deadline = None
-            if r.job.running_since is not None:
-                r.job = self._update(job_id, running_since=None)
+        # Running: from the engine's own start time when it gives one (also after a re-attach), else from now.
+        self._clock(r, state, started_at)
 
     def _on_protocol_mismatch(self, job_id: str, message: str) -> None:
         r = self.running.get(job_id)

@@ -10,6 +10,7 @@ Behaviour comes from an optional ``fake.json`` in the job folder:
      "error_kind": "internal", the kind of that error event
      "hang": true,             never finish (for timeouts)
      "ignore_sigterm": true,   ignore SIGTERM (and the parent-death SIGTERM): only SIGKILL stops it
+     "stop_seconds": 2,        after SIGTERM, take this long to write the checkpoint before stopping
      "read_all": true,         open and read every file of the dataset first, as the real trainer's scan does
      "protocol": 1,            speak this protocol version instead of the current one
      "warnings": ["..."],      warnings about the data, in the started event
@@ -138,6 +139,7 @@ def main() -> int:
         end = time.time() + behaviour.get("sleep", 0.05)
         while time.time() < end or behaviour.get("hang"):
             if stop:
+                time.sleep(behaviour.get("stop_seconds", 0))
                 print(f"stopped on request after {epoch - 1} epoch(s)", file=sys.stderr)
                 emit("interrupted", job=args.job_id, completed_epochs=epoch - 1)
                 return ExitCode.INTERRUPTED

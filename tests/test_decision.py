@@ -36,6 +36,8 @@ def error(kind: str, message: str = "why") -> Error:
     (1, error("oom"), 1, {}, Action.FAIL, ErrorKind.OOM, "failed"),
     (0, None, 1, {}, Action.RETRY, ErrorKind.RETRY, None),  # exit 0 without `finished`: not a success
     (75, error("protocol", "speaks version 1"), 1, {"stopping": True}, Action.FAIL, ErrorKind.PROTOCOL, "failed"),
+    # A runner's verdict that the container never started (kubernetes: ImagePullBackOff): not retried.
+    (1, error("engine", "could not pull the image"), 1, {}, Action.FAIL, ErrorKind.ENGINE, "failed"),
 ])
 def test_decide(status, err, attempt, flags, action, kind, outcome):
     decision = decide(status, err, attempt, POLICY, timeout_seconds=60, **flags)
@@ -55,6 +57,8 @@ def test_reasons_are_readable():
     assert decide(-9, None, 1, POLICY, timed_out=True, timeout_seconds=7200).reason.startswith(
         "timed out after 7200 seconds (job_timeout_seconds); the trainer was killed by SIGKILL")
     assert decide(2, error("data", "needs at least 2 classes"), 1, POLICY).reason == "needs at least 2 classes"
+    # The engine's own verdict on a trainer that never ran is not dressed up as an exit of the trainer.
+    assert decide(1, error("engine", "its image cannot be pulled"), 1, POLICY).reason == "its image cannot be pulled"
 
 
 def test_the_retry_policy():

@@ -10,7 +10,14 @@
 - names are DNS-1123 (``dropfit-<hash of the job id>-<attempt>``); the job id itself is an annotation;
 - the runner lists and watches its Jobs by label (relisting on ``410 Gone`` and after a dropped watch), reads exit
   codes from the Job's pods, and follows the trainer's events file on the shared volume;
-- cancelling deletes the Job with background propagation and the grace period, so the trainer checkpoints.
+- cancelling deletes the Job with background propagation and the grace period, so the trainer checkpoints;
+- an attempt whose Job is gone ends only once its pod has stopped (a next attempt must not race it for the
+  checkpoint); a Job deleted by someone else is a crash, retried like one; a Job that ended and was then deleted by
+  ``ttlSecondsAfterFinished`` keeps the end the watch saw;
+- a container that cannot start (ErrImagePull, ImagePullBackOff, CreateContainerConfigError...) fails the attempt
+  after ``container_error_seconds`` (InvalidImageName at once) and its Job is deleted; an OOMKilled container fails
+  the job as out of memory (not retried: the same limit would kill it again);
+- a suspended Job (Kueue: not admitted yet, or preempted) is pending, not failed.
 
 The data volume (inbox, outbox, state: a ReadWriteMany claim) is mounted at the same path in the daemon's pod and in
 every trainer pod, so every path the daemon hands a trainer is valid there. The ledger stays on its own disk.
@@ -21,12 +28,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from pathlib import Path
 
 from daemon.config import Config
 from daemon.ledger import Job
 from daemon.runners.base import Launch, SubmitError
 from daemon.runners.remote import EngineError, EngineStatus, RemoteAttempt, RemoteRunner
+from trainer.protocol import Error, ErrorKind, ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +47,15 @@ JOB_ID = "dropfit.dev/job-id"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 CONTAINER = "trainer"
 WATCH_SECONDS = 60  # each watch call ends after this long and is made again (a proxy may drop idle ones anyway)
+# Why a container waits instead of starting, when it will not start by itself: after
+# `runner.kubernetes.container_error_seconds` the attempt fails (the kubelet would retry the pull forever).
+IMAGE_ERRORS = frozenset({"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull"})
+CONFIG_ERRORS = frozenset({"CreateContainerConfigError", "CreateContainerError"})
+NEVER_STARTS = frozenset({"InvalidImageName"})  # the image reference itself is malformed: waiting cannot help
+FINISHED_PHASES = ("Succeeded", "Failed")
+# After its Job is gone, how much longer than its grace period a pod may take to stop before the attempt is taken as
+# ended anyway (a pod on a lost node stays Terminating until someone removes the node).
+POD_STOP_SLACK = 60.0
 
 
 def job_name(job_id: str, attempt: int) -> str:
@@ -68,6 +86,9 @@ class KubernetesRunner(RemoteRunner):
         self.selector = f"{MANAGED_BY}=dropfit,{INSTANCE}={self.k8s.instance}"
         self._api = api_client
         self._cache: dict[str, dict] = {}  # Job name -> the Job as last seen (a dict)
+        self._deleted: dict[str, dict] = {}  # Job name -> how the watch last saw a followed Job that was deleted
+        self._gone_at: dict[str, float] = {}  # Job name -> when a followed Job was first found gone
+        self._stuck: dict[str, float] = {}  # Job name -> since when its container cannot start
         self._listed = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -161,6 +182,9 @@ class KubernetesRunner(RemoteRunner):
         }
         if launch.timeout:
             spec["activeDeadlineSeconds"] = int(launch.timeout + launch.grace) + 60
+        if k.ttl_seconds_after_finished is not None:
+            # Finished Jobs and their pods would pile up in the namespace forever; the end is read long before.
+            spec["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
         return {"apiVersion": "batch/v1", "kind": "Job",
                 "metadata": {"name": name, "namespace": k.namespace, "labels": labels,
                              "annotations": {JOB_ID: launch.job_id}},
@@ -219,6 +243,9 @@ class KubernetesRunner(RemoteRunner):
                     name = obj.get("metadata", {}).get("name")
                     if event["type"] == "DELETED":
                         self._cache.pop(name, None)
+                        if name in self._followed():
+                            # Its end may not be read yet (ttlSecondsAfterFinished): keep what the watch saw.
+                            self._deleted[name] = obj
                     elif name:
                         self._cache[name] = obj
                     version = obj.get("metadata", {}).get("resourceVersion") or version
@@ -250,16 +277,61 @@ class KubernetesRunner(RemoteRunner):
                 raise EngineError(f"{type(exc).__name__}: {exc}") from None
         out = {}
         for attempt in attempts:
-            job = self._cache.get(attempt.ref)
-            if job is None:
-                job = self._read(attempt.ref)
-                if job is None:
-                    if attempt.cancel_sent:  # we deleted it (a cancel or a timeout)
-                        out[attempt.ref] = EngineStatus("ended", "kubernetes: the Job was deleted", status=-15,
-                                                        cancelled=True)
-                    continue
-            out[attempt.ref] = self._status(attempt.ref, job)
+            job = self._cache.get(attempt.ref) or self._read(attempt.ref)
+            status = self._status(attempt.ref, job) if job is not None else self._gone(attempt)
+            if status is not None:
+                out[attempt.ref] = status
         return out
+
+    def _followed(self) -> set[str]:
+        with self._lock:
+            return {a.ref for a in self.active.values()}
+
+    def _gone(self, attempt: RemoteAttempt) -> EngineStatus | None:
+        """An attempt whose Job no longer exists: its end, still stopping, or None (unknown: see `_lost`)."""
+        name = attempt.ref
+        last = self._deleted.get(name)
+        if last is not None and _finished(last):
+            return self._status(name, last)  # it ended, then went (ttlSecondsAfterFinished): that end stands
+        live = [p["metadata"]["name"] for p in self._pods(name)
+                if (p.get("status") or {}).get("phase") not in FINISHED_PHASES]
+        if live:
+            since = self._gone_at.setdefault(name, time.monotonic())
+            if time.monotonic() - since < self.config.stop_grace_seconds + POD_STOP_SLACK:
+                # Still checkpointing after its SIGTERM: a next attempt now would race it for the checkpoint.
+                state = attempt.last_state if attempt.last_state in ("pending", "running") else "running"
+                return EngineStatus(state)
+            log.warning("Job %s is gone but its pod %s has not stopped %.0f s after; taking the attempt as ended",
+                        name, live[0], time.monotonic() - since)
+        if attempt.cancel_sent:  # we deleted it (a cancel or a timeout)
+            return EngineStatus("ended", "kubernetes: the Job was deleted", status=-15, cancelled=True)
+        return None
+
+    def _lost(self, attempt: RemoteAttempt) -> EngineStatus | None:
+        # Not ours (a cancel deletes through `cancel`), not ended before (the watch would have seen it): someone ran
+        # `kubectl delete job`. A crash, retried like one: to stop a job, `dropfit cancel` says so unambiguously.
+        code, _ = self._exit_code(attempt.ref)
+        return EngineStatus("ended", f"kubernetes: the Job {attempt.ref} was deleted outside dropfit",
+                            status=code if code is not None else -15)
+
+    def lookup(self, job: Job) -> str | None:
+        """The Job of ``job``'s current attempt, by its name (`job_name`), if it exists and is that job's."""
+        name = job_name(job.id, job.attempt)
+        found = self._read(name)
+        if found is None:
+            return None
+        if ((found.get("metadata") or {}).get("annotations") or {}).get(JOB_ID) != job.id:
+            log.warning("Job %s exists but belongs to another job id; not adopting it", name)
+            return None
+        return name
+
+    def release(self, job_id: str) -> None:
+        with self._lock:
+            attempt = self.active.get(job_id)
+        if attempt is not None:
+            for known in (self._deleted, self._gone_at, self._stuck):
+                known.pop(attempt.ref, None)
+        super().release(job_id)
 
     def _read(self, name: str) -> dict | None:
         from kubernetes.client.rest import ApiException
@@ -277,20 +349,71 @@ class KubernetesRunner(RemoteRunner):
 
     def _status(self, name: str, job: dict) -> EngineStatus:
         status = job.get("status") or {}
-        conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+        conditions = _conditions(job)
         if "Complete" in conditions or "SuccessCriteriaMet" in conditions:
             return EngineStatus("ended", status=0)
         failed = conditions.get("Failed") or conditions.get("FailureTarget")
         if failed:
             reason = failed.get("reason") or "Failed"
             code, why = self._exit_code(name)
+            error = None
+            if why == "OOMKilled":
+                error = Error(kind=ErrorKind.OOM, message=self._oom_message(), job=_job_id(job))
             return EngineStatus("ended", f"kubernetes: {reason}" + (f", {why}" if why else ""),
-                                status=code if code is not None else -9, timed_out=reason == "DeadlineExceeded")
+                                status=code if code is not None else -9, timed_out=reason == "DeadlineExceeded",
+                                error=error)
         if (job.get("spec") or {}).get("suspend"):
+            # Kueue holds it (not admitted yet, or preempted: its pods were deleted): it waits, it has not failed.
+            self._stuck.pop(name, None)
             return EngineStatus("pending", "suspended (waiting for its Kueue quota)")
-        if status.get("ready") or (status.get("active") and self._running_pods(name)):
-            return EngineStatus("running")
+        if not status.get("ready") and not status.get("active"):
+            return EngineStatus("pending", "no pod running yet")
+        pods = self._pods(name)
+        if status.get("ready") or any((p.get("status") or {}).get("phase") == "Running" for p in pods):
+            self._stuck.pop(name, None)
+            return EngineStatus("running", started_at=_started_at(pods))
+        return self._waiting(name, job, pods)
+
+    def _waiting(self, name: str, job: dict, pods: list[dict]) -> EngineStatus:
+        """A Job with a pod that has not started: pending, or ended if its container cannot start."""
+        for pod in pods:
+            if (pod.get("metadata") or {}).get("deletionTimestamp"):
+                continue
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                waiting = (cs.get("state") or {}).get("waiting") or {}
+                reason = waiting.get("reason")
+                if reason in IMAGE_ERRORS | CONFIG_ERRORS | NEVER_STARTS:
+                    return self._cannot_start(name, job, reason, waiting.get("message") or "")
+        self._stuck.pop(name, None)
         return EngineStatus("pending", "no pod running yet")
+
+    def _cannot_start(self, name: str, job: dict, reason: str, message: str) -> EngineStatus:
+        now = time.monotonic()
+        if name not in self._stuck:
+            log.warning("Job %s: its container cannot start (%s: %s); the attempt fails if that lasts %.0f s", name,
+                        reason, message, 0 if reason in NEVER_STARTS else self.k8s.container_error_seconds)
+        since = self._stuck.setdefault(name, now)
+        if reason not in NEVER_STARTS and now - since < self.k8s.container_error_seconds:
+            return EngineStatus("pending", f"{reason}: {message}" if message else reason)
+        if reason in CONFIG_ERRORS:
+            hint = "check what the pod refers to (a Secret or ConfigMap that does not exist?)"
+        else:
+            hint = (f"check runner.kubernetes.image ({self.k8s.image}) and that the cluster can pull it "
+                    "(registry, tag, imagePullSecrets)")
+        waited = "" if reason in NEVER_STARTS else f" for {now - since:.0f} s"
+        text = f"the trainer's container could not start{waited} in kubernetes: {reason}" + \
+            (f" ({message})" if message else "") + f"; {hint}"
+        log.error("Job %s: %s; deleting it", name, text)
+        self._delete(name, grace=0)
+        return EngineStatus("ended", f"kubernetes: {reason}", status=ExitCode.FAILED,
+                            error=Error(kind=ErrorKind.ENGINE, message=text, job=_job_id(job)))
+
+    def _oom_message(self) -> str:
+        if self.k8s.memory:
+            return (f"its container went over its memory limit (runner.kubernetes.memory: {self.k8s.memory}) and was "
+                    "OOMKilled; raise the limit or lower batch_size in job.yaml")
+        return ("its container was OOMKilled: the node ran out of memory (no runner.kubernetes.memory is set, so "
+                "the pod was given none in particular); set one")
 
     def _pods(self, name: str) -> list[dict]:
         try:
@@ -299,9 +422,6 @@ class KubernetesRunner(RemoteRunner):
             log.warning("cannot list the pods of Job %s: %s", name, exc)
             return []
         return self._dict(pods).get("items", [])
-
-    def _running_pods(self, name: str) -> bool:
-        return any((p.get("status") or {}).get("phase") == "Running" for p in self._pods(name))
 
     def _exit_code(self, name: str) -> tuple[int | None, str | None]:
         """The trainer container's exit of the Job's newest finished pod: (status or minus the signal, reason)."""
@@ -325,16 +445,48 @@ class KubernetesRunner(RemoteRunner):
 
     def cancel(self, attempt: RemoteAttempt, graceful: bool) -> None:
         attempt.cancel_sent = True
-        grace = int(self.config.stop_grace_seconds) if graceful else 0
+        self._delete(attempt.ref, int(self.config.stop_grace_seconds) if graceful else 0)
+
+    def _delete(self, name: str, grace: int) -> None:
         try:
             # Background: the Job goes at once and its pods get SIGTERM with the grace period (the trainer
             # checkpoints); without a policy batch/v1 would orphan the pods.
-            self.batch.delete_namespaced_job(attempt.ref, self.k8s.namespace, propagation_policy="Background",
+            self.batch.delete_namespaced_job(name, self.k8s.namespace, propagation_policy="Background",
                                              grace_period_seconds=grace)
         except Exception as exc:
             status = getattr(exc, "status", None)
             if status != 404:
-                log.error("deleting Job %s failed: %s", attempt.ref, exc)
+                log.error("deleting Job %s failed: %s", name, exc)
+
+
+def _conditions(job: dict) -> dict[str, dict]:
+    """The Job's conditions that hold, by type."""
+    status = job.get("status") or {}
+    return {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+
+
+def _finished(job: dict) -> bool:
+    return bool(_conditions(job).keys() & {"Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"})
+
+
+def _job_id(job: dict) -> str | None:
+    return ((job.get("metadata") or {}).get("annotations") or {}).get(JOB_ID)
+
+
+def _started_at(pods: list[dict]) -> float | None:
+    """When the trainer container of the newest running pod started (Unix time): what the timeout counts from."""
+    import calendar
+
+    times = []
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            started = ((cs.get("state") or {}).get("running") or {}).get("startedAt")
+            if cs.get("name") == CONTAINER and started:
+                try:
+                    times.append(calendar.timegm(time.strptime(str(started)[:19], "%Y-%m-%dT%H:%M:%S")))
+                except ValueError:
+                    continue
+    return float(max(times)) if times else None
 
 
 def _message(exc) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from daemon.ledger import Job
 from daemon.messages import EngineUpdate, Message, TrainerEvent, TrainerExit, TrainerProtocolMismatch
 from daemon.runners.base import Attempt, EngineError, Launch, Runner
-from trainer.protocol import ProtocolError, parse_event
+from trainer.protocol import Error, ProtocolError, parse_event
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -62,6 +62,9 @@ class EngineStatus:
     timed_out: bool = False  # ended at the engine's time limit
     cancelled: bool = False  # cancelled in the engine (by us or by someone else)
     started_at: float | None = None  # running: when the engine started this run of it (Unix time), if it says
+    # What the engine knows about why it ended that the trainer could not say (its container was OOMKilled, or
+    # never started): posted as the attempt's last event, so `daemon.decision` weighs it like the trainer's own.
+    error: Error | None = None
 
 
 @dataclass
@@ -112,6 +115,21 @@ class RemoteRunner(Runner):
     def cancel(self, attempt: RemoteAttempt, graceful: bool) -> None:
         """Stop an attempt: gracefully (SIGTERM, time to checkpoint) or at once."""
 
+    def lookup(self, job: Job) -> str | None:
+        """Find the engine's reference of ``job``'s current attempt (``job.attempt``) by the name this runner gives
+        every attempt, for a daemon that died after recording the start (``engine_state`` ``submitted``) but before
+        recording the engine's answer. None: the engine has no such attempt (it was never submitted). Raises
+        `EngineError` if the engine cannot be asked. Never starts anything.
+
+        This default finds nothing, so such a job is queued again; a runner whose names are deterministic should
+        look the attempt up instead, or it may run twice."""
+        return None
+
+    def _lost(self, attempt: RemoteAttempt) -> EngineStatus | None:
+        """How an attempt ended that the engine has not known for `LOST_AFTER_POLLS` polls; None: not ended yet
+        (ask again next poll)."""
+        return EngineStatus("ended", f"{self.kind} no longer knows {attempt.ref}", status=-9)
+
     # --- the shared part ---------------------------------------------------------------------------------------
 
     def can_start(self, multi_gpu: bool) -> bool:
@@ -128,6 +146,9 @@ class RemoteRunner(Runner):
         return attempt
 
     def reattach(self, job: Job, grace: float) -> RemoteAttempt | None:
+        """See `Runner.reattach`. An attempt whose submission was recorded but not the engine's answer is looked up
+        by its name (`lookup`) and adopted, never submitted twice; the caller records the reference of the attempt
+        it returns. An `EngineError` (the engine cannot be asked) reaches the caller, which asks again later."""
         ref = job.engine_ref
         if not ref and job.engine_state == "submitted":
             # The previous daemon died between handing the attempt over and recording the engine's id: the
@@ -139,7 +160,7 @@ class RemoteRunner(Runner):
         if not ref:
             return None
         # The first poll posts the engine's state and start time afresh: the timeout counts from the engine's start.
-        attempt = RemoteAttempt(job.id, ref, {"engine_ref": ref}, runner=self,
+        attempt = RemoteAttempt(job.id, ref, runner=self,
                                 events=EventsFile(self.events_path(job), job.events_offset))
         try:
             known = self._statuses([attempt]).get(ref)
@@ -152,12 +173,6 @@ class RemoteRunner(Runner):
         with self._lock:
             self.active[job.id] = attempt
         return attempt
-
-    def lookup(self, job: Job) -> str | None:
-        """The engine's reference of ``job``'s current attempt, found by its deterministic name (for an attempt whose
-        submission the ledger did not get to record), or None if the engine has no such attempt. Raises
-        `EngineError` if the engine cannot be asked."""
-        return None
 
     @abstractmethod
     def events_path(self, job: Job) -> Path:
@@ -208,7 +223,9 @@ class RemoteRunner(Runner):
                 attempt.unknown_polls += 1
                 if attempt.unknown_polls < self.LOST_AFTER_POLLS:
                     continue
-                status = EngineStatus("ended", f"{self.kind} no longer knows {attempt.ref}", status=-9)
+                status = self._lost(attempt)
+                if status is None:
+                    continue
             attempt.unknown_polls = 0
             self._drain(attempt)
             if status.state in ("pending", "running") and (status.state, status.started_at) != (
@@ -218,6 +235,8 @@ class RemoteRunner(Runner):
             elif status.state == "ended":
                 attempt.ended = True
                 self._drain(attempt)
+                if status.error is not None:
+                    self.post(TrainerEvent(attempt.job_id, status.error))
                 self.post(TrainerExit(attempt.job_id, status.status if status.status is not None else -9,
                                       timed_out=status.timed_out, detail=status.detail,
                                       cancelled=status.cancelled))

@@ -91,6 +91,10 @@ def field_matcher(selector: str | None) -> Callable[[dict[str, Any]], bool]:
     return lambda obj: all(p(obj) for p in preds)
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 # --------------------------------------------------------------------------------------
 # 2. The emulator subclass.
 # --------------------------------------------------------------------------------------
@@ -126,6 +130,9 @@ class DropfitKubernetes(kmock.KubernetesEmulator):
     * DELETE with propagationPolicy=Background|Foreground cascades to objects whose
       metadata.ownerReferences[].uid is the deleted object's uid (the real GC is async; here
       it is immediate).  Orphan / no policy leaves dependents (the batch/v1 REST default!).
+      A dependent with finalizers (a Job's pods carry batch.kubernetes.io/job-tracking) is
+      only marked (deletionTimestamp, a MODIFIED event) and stays, Terminating, until they
+      are removed -- as kmock's own DELETE does for such an object.
     """
 
     compacted_rv: int = 0
@@ -190,8 +197,7 @@ class DropfitKubernetes(kmock.KubernetesEmulator):
                     raise kmock.KubernetesError(status=409, reason="AlreadyExists",
                                                 message=f'"{meta["name"]}" already exists')
                 meta.update(uid=str(uuid.uuid4()), generation=1, resourceVersion=self._next_rv(),
-                            creationTimestamp=datetime.datetime.now(datetime.timezone.utc)
-                            .strftime("%Y-%m-%dT%H:%M:%SZ"))
+                            creationTimestamp=_now())
                 if "status" in self.resources[request.resource].subresources:
                     data.pop("status", None)
             elif request.action == kmock.action.UPDATE and isinstance(data, dict):
@@ -223,7 +229,14 @@ class DropfitKubernetes(kmock.KubernetesEmulator):
             async with self._lock:
                 for (res, _ns, _name), obj in list(self.objects.items()):
                     refs = [] if obj.deleted else obj.raw.get("metadata", {}).get("ownerReferences") or []
-                    if any(ref.get("uid") == cascade_uid for ref in refs):
+                    if not any(ref.get("uid") == cascade_uid for ref in refs):
+                        continue
+                    meta = obj.raw.get("metadata", {})
+                    if meta.get("finalizers"):  # deleted gracefully: it stays, Terminating, until they are removed
+                        if not meta.get("deletionTimestamp"):
+                            obj.patch({"metadata": {"deletionTimestamp": _now(), "resourceVersion": self._next_rv()}})
+                            await self._buses[res].put({"type": "MODIFIED", "object": obj.raw})
+                    else:
                         obj.delete()
                         await self._buses[res].put({"type": "DELETED", "object": obj.last.raw})
         return response
