@@ -46,6 +46,9 @@ class ObserverConfig(_Section):
 
     kind: Literal["inotify", "polling"] = "inotify"
     interval: Annotated[float, Field(gt=0, le=3600)] = Field(2.0, description="Seconds between polls (polling).")
+    rescan_seconds: Annotated[float, Field(gt=0, le=86400)] = Field(
+        30.0, description="How often the inbox's top level is looked at in full anyway (one scandir), and the "
+                          "watcher checked, so that a drop whose event was lost is still found.")
 
 
 class LimitsConfig(_Section):

@@ -18,6 +18,11 @@ class InboxActivity:
 
 
 @dataclass(frozen=True)
+class InboxEventsLost:
+    """The watcher lost events (the kernel's queue overflowed): the inbox's top level must be looked at again."""
+
+
+@dataclass(frozen=True)
 class TrainerEvent:
     job_id: str
     event: Event
@@ -61,5 +66,5 @@ class StopSignal:
     signum: int
 
 
-Message = (InboxActivity | TrainerEvent | TrainerProtocolMismatch | TrainerExit | EngineUpdate | CancelRequest
-           | StopSignal)
+Message = (InboxActivity | InboxEventsLost | TrainerEvent | TrainerProtocolMismatch | TrainerExit | EngineUpdate
+           | CancelRequest | StopSignal)

@@ -30,6 +30,7 @@ from daemon.messages import (
     CancelRequest,
     EngineUpdate,
     InboxActivity,
+    InboxEventsLost,
     Message,
     StopSignal,
     TrainerEvent,
@@ -76,6 +77,8 @@ class Daemon(Scheduling):
         self.messages: queue.SimpleQueue = queue.SimpleQueue()
         self.settler = Settler(self.inbox, config.settle_seconds)
         self.waiting: dict[str, float] = {}  # settled folders without a job.yaml -> when to look again
+        self.left_in_inbox: set[str] = set()  # drops an intake could not move (they failed): not taken in again
+        self.next_rescan = 0.0  # when the inbox's top level is looked at in full again (`_look_at_inbox`)
         self.running: dict[str, Running] = {}
         self.runner = make_runner(config, self.messages.put)
         self.submit_blocked_until: float | None = None  # set while the engine refuses submissions for now
@@ -117,13 +120,9 @@ class Daemon(Scheduling):
                 self._ledger_trouble(exc)
             self.runner.start()
             self.server.start()
-            self.watcher = Watcher(self.inbox, lambda name: self.messages.put(InboxActivity(name)),
-                                   self.config.observer.kind, self.config.observer.interval)
-            self.watcher.start()
+            self._start_watcher()
             # Whatever arrived while we were down settles like a new drop (a copy may still be going on).
-            for name in inbox_entries(self.inbox):
-                if may_be_a_job(self.inbox, name):
-                    self.settler.touch(name)
+            self._rescan()
             if install_signals:
                 signal.signal(signal.SIGTERM, self._on_signal)
                 signal.signal(signal.SIGINT, self._on_signal)
@@ -137,6 +136,35 @@ class Daemon(Scheduling):
             self._close()
         log.info("dropfit daemon stopped")
         return 0
+
+    def _start_watcher(self) -> None:
+        self.watcher = Watcher(self.inbox, lambda name: self.messages.put(InboxActivity(name)),
+                               self.config.observer.kind, self.config.observer.interval,
+                               on_lost=lambda: self.messages.put(InboxEventsLost()))
+        self.watcher.start()
+        self.next_rescan = time.monotonic() + self.config.observer.rescan_seconds
+
+    def _rescan(self, why: str | None = None) -> None:
+        """Look at the inbox's whole top level: every entry that may be a job and is not already waiting (to settle,
+        for its job.yaml, or left there by an intake that could not move it) settles like a new drop."""
+        found = [name for name in inbox_entries(self.inbox)
+                 if name not in self.settler.pending and name not in self.waiting and name not in self.left_in_inbox
+                 and may_be_a_job(self.inbox, name)]
+        for name in found:
+            self.settler.touch(name)
+        if why and found:
+            log.warning("%s: found %d drop(s) in the inbox the watcher had not reported", why, len(found))
+
+    def _look_at_inbox(self, now: float) -> None:
+        """Every ``observer.rescan_seconds``: a watcher that no longer sees the inbox is replaced, and the whole top
+        level is looked at (a drop whose event was lost is found within that time)."""
+        self.next_rescan = now + self.config.observer.rescan_seconds
+        trouble = self.watcher.trouble()
+        if trouble:
+            log.warning("%s; watching %s again", trouble, self.inbox)
+            self.watcher.stop()
+            self._start_watcher()
+        self._rescan(trouble or "periodic look at the inbox")
 
     def _write_daemon_file(self) -> None:
         """state/daemon.json: who runs and where its metrics are (for `dropfit health`, `dropfit demo`, tests).
@@ -240,7 +268,8 @@ class Daemon(Scheduling):
 
     def _timeout(self) -> float | None:
         deadlines = [self.settler.next_deadline(), self.metrics.next_expiry(), self.ledger_blocked_until,
-                     self.submit_blocked_until, *self.waiting.values(), *self.unresolved.values()]
+                     self.submit_blocked_until, *self.waiting.values(), *self.unresolved.values(),
+                     self.next_rescan if self.watcher is not None and not self.stopping else None]
         for r in self.running.values():
             deadlines += [r.deadline, r.kill_at]
         if self.running or self.ledger.count(JobState.QUEUED):
@@ -251,9 +280,13 @@ class Daemon(Scheduling):
     def _dispatch(self, message: Message) -> None:
         if isinstance(message, InboxActivity):
             # Events also come for entries leaving the inbox (our own claims among them): only present ones wait.
+            self.left_in_inbox.discard(message.name)  # changed since: worth another try
             if not self.stopping and may_be_a_job(self.inbox, message.name):
                 self.waiting.pop(message.name, None)
                 self.settler.touch(message.name)
+        elif isinstance(message, InboxEventsLost):
+            if not self.stopping:
+                self._rescan("the watcher lost events (its queue overflowed)")
         elif isinstance(message, TrainerEvent):
             self._on_event(message.job_id, message.event, message.offset)
         elif isinstance(message, EngineUpdate):
@@ -306,6 +339,8 @@ class Daemon(Scheduling):
             for name, at in list(self.waiting.items()):
                 if now >= at:
                     self._look_for_spec(name)
+        if not self.stopping and self.watcher is not None and now >= self.next_rescan:
+            self._look_at_inbox(now)
         if now >= self.next_cancel_poll and not blocked:
             self.next_cancel_poll = now + CANCEL_POLL_SECONDS
             self._poll_cancels()
@@ -426,6 +461,8 @@ class Daemon(Scheduling):
             jl.info("queued inbox/%s (%d epochs)", job.name, result.spec.epochs)
         else:
             jl.warning("inbox/%s %s (%s):\n%s", job.name, result.outcome, result.kind, result.message)
+            if result.kept is not None and job.source and Path(result.kept) == Path(job.source):
+                self.left_in_inbox.add(Path(job.source).name)  # not taken in again until it changes
             kind = "predict" if (Path(job.path) / PREDICT_FILE).exists() else "train"
             self._update(job.id, kind=kind, **({"path": str(result.kept)} if result.kept is not None else {}))
             self.fail(job.id, ErrorKind(result.kind), result.message)

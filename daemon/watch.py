@@ -6,6 +6,11 @@ the kernel's event queue and lost events), and a recursive poll re-lists every f
 Whether a dropped folder is still being written is judged instead by `fingerprint` — file and folder counts, total
 size, newest modification time — taken again while it is pending, at a pace that keeps the cost of large folders small.
 
+Events can still be lost: the kernel's queue overflows (a flood of changes while the daemon is busy or stopped), the
+watch ends (an inotify error, the inbox folder removed and made again). The watcher reports an overflow
+(``on_lost``) and says when it no longer sees the inbox (`Watcher.trouble`); the daemon then looks at the whole top
+level again, and also every ``observer.rescan_seconds`` anyway (one ``scandir``).
+
 Handlers run on watchdog's observer thread and only hand names to a callback (which enqueues them); all decisions
 happen on the daemon's own loop.
 """
@@ -19,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import EVENT_TYPE_EVENTS_LOST, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
@@ -40,11 +45,14 @@ def ignored_name(name: str) -> bool:
 
 
 class _InboxHandler(FileSystemEventHandler):
-    def __init__(self, root: str, on_activity: Callable[[str], None]):
+    def __init__(self, root: str, on_activity: Callable[[str], None], on_lost: Callable[[], None]):
         super().__init__()
-        self.root, self.on_activity = root, on_activity
+        self.root, self.on_activity, self.on_lost = root, on_activity, on_lost
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type == EVENT_TYPE_EVENTS_LOST:  # the kernel's queue overflowed: names were lost
+            self.on_lost()
+            return
         if event.event_type in _PASSIVE_EVENTS:
             return
         for path in (event.src_path, getattr(event, "dest_path", "")):
@@ -58,14 +66,16 @@ class _InboxHandler(FileSystemEventHandler):
 
 
 class Watcher:
-    """Watches the inbox's top level (not its subfolders: see the module's doc)."""
+    """Watches the inbox's top level (not its subfolders: see the module's doc). ``on_lost()`` is called when events
+    were lost (the kernel's queue overflowed): the caller looks at the whole top level again."""
 
     def __init__(self, inbox: Path, on_activity: Callable[[str], None], kind: str = "inotify",
-                 interval: float = 2.0):
+                 interval: float = 2.0, on_lost: Callable[[], None] = lambda: None):
         self.observer = PollingObserver(timeout=interval) if kind == "polling" else Observer()
         self.inbox = os.path.normpath(str(inbox))
-        self.observer.schedule(_InboxHandler(self.inbox, on_activity), self.inbox, recursive=False)
+        self.observer.schedule(_InboxHandler(self.inbox, on_activity, on_lost), self.inbox, recursive=False)
         self.kind = kind
+        self.identity = _identity(self.inbox)
 
     def start(self) -> None:
         self.observer.start()
@@ -74,6 +84,25 @@ class Watcher:
     def stop(self) -> None:
         self.observer.stop()
         self.observer.join(timeout=10)
+
+    def trouble(self) -> str | None:
+        """Why this watcher no longer sees the inbox, or None while it does: its threads died (an inotify error), or
+        the inbox folder was replaced (removed and made again, remounted), so the watch is on a folder that is gone."""
+        if not self.observer.is_alive():
+            return "the watcher's thread stopped"
+        if any(not emitter.is_alive() for emitter in self.observer.emitters):
+            return "the watch on the inbox ended"
+        if _identity(self.inbox) != self.identity:
+            return "the inbox folder was replaced"
+        return None
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def inbox_entries(inbox: Path) -> list[str]:

@@ -5,6 +5,7 @@ within memory. (How fast is measured in bench/, not here: these assert behaviour
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -118,5 +119,48 @@ def test_a_hundred_thousand_file_drop_is_claimed_once_without_losing_events(tmp_
         assert "read 100002 files" in (d.outbox / jobs["big"]["id"] / "train.log").read_text()
         assert "overflow" not in d.log().lower()
         assert rss_mb(d.proc.pid) < MEMORY_LIMIT_MB
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+def test_a_real_inotify_queue_overflow_loses_no_drop(tmp_path):
+    """A real IN_Q_OVERFLOW: while the daemon is stopped (SIGSTOP) more changes happen at the inbox's top level than
+    the kernel queues for it (max_queued_events), then two drops arrive, whose events the kernel drops. The
+    overflow itself must make the daemon look at the whole top level again — the periodic look is an hour away."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    d = DaemonProcess(tmp_path / "d", observer={"kind": "inotify", "rescan_seconds": 3600}, settle_seconds=0.5)
+    try:
+        d.start()
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            for i in range(limit + 100):  # hidden names: never jobs, but each one a queued event
+                os.mkdir(d.inbox / f".flood-{i}")
+            for name in ("after-1", "after-2"):
+                d.drop(name, {"epochs": 1})
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        jobs = d.wait_jobs(2, timeout=60)
+        assert sorted((j["name"], j["state"]) for j in jobs) == [("after-1", "succeeded"), ("after-2", "succeeded")]
+        assert "the watcher lost events (its queue overflowed): found 2 drop(s)" in d.log()
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("observer", ["inotify", "polling"])
+def test_an_inbox_folder_replaced_under_the_daemon_is_watched_again(tmp_path, observer):
+    """`rm -rf inbox && mkdir inbox`, or a share remounted: the old watch is on a folder that is gone. The daemon
+    notices at its next look at the inbox and watches the new folder; drops in it run."""
+    d = DaemonProcess(tmp_path / "d", observer={"kind": observer, "interval": 0.3, "rescan_seconds": 1.0})
+    try:
+        d.start()
+        shutil.rmtree(d.inbox)
+        d.inbox.mkdir()
+        d.drop("first", {"epochs": 1})
+        [job] = d.wait_jobs(1, timeout=30)
+        if observer == "inotify":  # the watch died with the old folder (polling lists the path, whatever it is)
+            assert f"watching {d.inbox} again" in d.log()
+        d.drop("second", {"epochs": 1})
+        jobs = d.wait_jobs(2, timeout=60)
+        assert sorted((j["name"], j["state"]) for j in jobs) == [("first", "succeeded"), ("second", "succeeded")]
     finally:
         d.stop(signal.SIGKILL)
