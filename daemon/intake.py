@@ -12,6 +12,7 @@ Every step is idempotent so that recovery after a crash is simply "do it again":
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -76,6 +77,8 @@ def take_in(name: str, source: Path | None, hidden: Path, dataset: Path, default
         still = next((p for p in (hidden, source) if p is not None and p.exists()), None)
         return Intake("failed", kind="io", message=f"could not move the dataset out of the inbox: "
                                                    f"{_describe(exc)}", kept=still)
+    if source is not None and not is_archive:
+        relink(dataset, source)
     if is_archive and not dataset.exists():
         try:
             extract(kept, dataset, limits)
@@ -196,6 +199,31 @@ def claim(source: Path | None, hidden: Path, target: Path) -> bool:
     copy_into_place(hidden, target)
     _remove(hidden)
     return True
+
+
+def relink(dataset: Path, source: Path) -> int:
+    """Links inside a claimed drop that named a place inside it by its absolute path in the inbox (as
+    ``ln -s "$PWD/..."`` makes them) are made relative, so they still point inside the drop now that it has moved.
+    Other links are left as they are (the trainer skips those that point outside). Returns how many were changed;
+    safe to call again."""
+    old_root = os.path.normpath(os.fspath(source))
+    changed = 0
+    for folder, dirs, files in os.walk(dataset):
+        for name in (*dirs, *files):
+            link = os.path.join(folder, name)
+            if not os.path.islink(link):
+                continue
+            target = os.path.normpath(os.readlink(link))
+            if not os.path.isabs(target) or not (target == old_root or target.startswith(old_root + os.sep)):
+                continue
+            moved = os.path.join(os.fspath(dataset), os.path.relpath(target, old_root))
+            tmp = os.path.join(folder, f".{name}.relink")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.symlink(os.path.relpath(moved, folder), tmp)
+            os.replace(tmp, link)  # in one step: a crash leaves the old link or the new one
+            changed += 1
+    return changed
 
 
 def move_tree(src: Path, dst: Path) -> None:

@@ -54,6 +54,12 @@ def resolve(ref: str, ledger: Ledger, outbox: Path) -> tuple[str, Path]:
         if chosen:
             return chosen[0]["id"], Path(chosen[0]["path"])
         if not models:
+            coming = sum(1 for j in ledger.jobs(JobState.QUEUED, JobState.RUNNING, JobState.INTERRUPTED)
+                         if j.kind != "predict")
+            if coming:
+                raise LookupError(f"no trained model yet (got {ref!r}); {coming} training job"
+                                  f"{' is' if coming == 1 else 's are'} queued or running: drop this again once one "
+                                  "has finished (`dropfit models` lists the trained ones)")
             raise LookupError(f"no trained model yet (got {ref!r}); drop a dataset with a job.yaml first")
         names = sorted({dataset_name(m["dataset"]) for m in models})
         raise LookupError(f"no trained model for a dataset named {dataset!r} (got {ref!r}); trained datasets: "

@@ -5,7 +5,8 @@ Delivery never blocks or fails a job: events go into one queue per URL (so each 
 its own thread, with bounded retries and exponential backoff. A delivery that still fails is logged, counted
 (``dropfit_notifications_total{result="failed"}``) and recorded in the job's ``outbox/<id>/notifications.jsonl``
 (delivered ones too; URLs appear there and in the log redacted). When the daemon stops, what is still queued gets one
-last attempt each for a few seconds; the rest is recorded as not sent. Each body is signed when the URL has a
+last attempt each for a few seconds; the rest is recorded as not sent (also behind a receiver that never answers,
+whose delivery in flight is recorded as unconfirmed). Each body is signed when the URL has a
 secret::
 
     X-Dropfit-Signature: sha256=<hex HMAC-SHA256 of the body with the secret>
@@ -75,13 +76,14 @@ class Notifier:
         self._stop = threading.Event()  # stopped: nothing more is sent
         self._record_lock = threading.Lock()
         self._workers = []
+        self._inflight: dict[int, tuple] = {}  # worker -> the delivery it is making now (event, job id, delivery)
         for target in targets:
             if target.secret_env and target.signing_key() is None:
                 log.warning("notify %s: secret_env %s is not set; its events go unsigned", redact(target.url),
                             target.secret_env)
             q: queue.Queue = queue.Queue(QUEUE_SIZE)
-            thread = threading.Thread(target=self._drain, args=(target, q), name=f"notify-{len(self._workers)}",
-                                      daemon=True)
+            thread = threading.Thread(target=self._drain, args=(len(self._workers), target, q),
+                                      name=f"notify-{len(self._workers)}", daemon=True)
             self._workers.append((target, q, thread))
             thread.start()
 
@@ -111,10 +113,26 @@ class Notifier:
         for _, _, thread in self._workers:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._stop.set()
-        for _, _, thread in self._workers:
+        for index, (target, q, thread) in enumerate(self._workers):
             thread.join(1.0)
+            if thread.is_alive():  # held by a receiver that takes the connection and never answers: left behind
+                self._give_up(index, target, q)
 
-    def _drain(self, target, q: queue.Queue) -> None:
+    def _give_up(self, index: int, target, q: queue.Queue) -> None:
+        """Record what a stuck worker will never send, so that nothing queued is lost without a trace."""
+        inflight = self._inflight.pop(index, None)
+        if inflight is not None:
+            self._failed(target, *inflight, 1, "no answer before the daemon stopped (it may have arrived)")
+        while True:
+            try:
+                item = q.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _END:
+                event, job_id, delivery, _ = item
+                self._failed(target, event, job_id, delivery, 0, "not sent: the daemon stopped")
+
+    def _drain(self, index: int, target, q: queue.Queue) -> None:
         key = target.signing_key()
         while True:
             try:
@@ -129,7 +147,11 @@ class Notifier:
             if self._stop.is_set():
                 self._failed(target, event, job_id, delivery, 0, "not sent: the daemon stopped")
                 continue
-            self._deliver(target, key, event, job_id, delivery, body)
+            self._inflight[index] = (event, job_id, delivery)
+            try:
+                self._deliver(target, key, event, job_id, delivery, body)
+            finally:
+                self._inflight.pop(index, None)
 
     def _deliver(self, target, key: bytes | None, event: str, job_id: str, delivery: str, body: bytes) -> None:
         headers = {"Content-Type": "application/json", "User-Agent": "dropfit", "X-Dropfit-Event": event,

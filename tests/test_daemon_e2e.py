@@ -94,3 +94,39 @@ def test_job_defaults_from_the_config_are_what_the_real_trainer_trains(tmp_path)
         assert len(rows) == 2
     finally:
         d.stop()
+
+
+def test_class_folders_that_are_links_inside_the_drop_and_a_one_image_class(real_daemon):
+    """Class folders that are symbolic links to folders inside the drop itself — relative, and absolute as
+    `ln -s "$PWD/..."` makes them (they pointed into the inbox, and the drop has moved since) — are classes like any
+    other; a class with a single image trains (it has nothing to hold out), with a warning."""
+    import numpy as np
+    from PIL import Image
+
+    from trainer.demo import make_shapes
+
+    d = real_daemon.start()
+    staging = d.root / "staging" / "linked"
+    make_shapes(staging, classes=["circle"], per_class=8, size_range=(24, 32), seed=1,
+                job={"target_size": 24, "epochs": 2, "batch_size": 4, "model": {"architecture": "recipe"}})
+    make_shapes(staging / ".store", classes=["square", "triangle"], per_class=8, size_range=(24, 32), seed=2)
+    (staging / "lonely").mkdir()
+    noise = np.random.default_rng(3).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(staging / "lonely" / "only-one.png")
+    os.symlink(".store/square", staging / "square")  # relative
+    dropped = d.inbox / "linked"
+    os.symlink(dropped / ".store" / "triangle", staging / "triangle")  # absolute, into the drop where it lands
+    os.rename(staging, dropped)
+    [job] = d.wait_jobs(1, timeout=300)
+    assert job["state"] == "succeeded", (job["error"], d.log()[-3000:])
+    dataset = json.loads((d.outbox / job["id"] / "dataset.json").read_text())
+    assert dataset["skipped"] == [], dataset["skipped"]
+    counts = {name: c["total"] for name, c in dataset["counts"].items()}
+    assert counts == {"circle": 8, "lonely": 1, "square": 8, "triangle": 8}, counts
+    assert dataset["counts"]["lonely"]["train"] == 1
+    assert any("'lonely' has only 1 training image" in w for w in dataset["warnings"]), dataset["warnings"]
+    assert json.loads((d.outbox / job["id"] / "labels.json").read_text())["classes"] == [
+        "circle", "lonely", "square", "triangle"]
+    kept = d.archive / job["id"]
+    assert os.readlink(kept / "square") == ".store/square" and os.readlink(kept / "triangle") == ".store/triangle"
+    assert len(list((kept / "triangle").iterdir())) == 8

@@ -106,6 +106,37 @@ def test_a_receiver_that_is_down_never_holds_a_job_back(tmp_path):
         d.stop()
 
 
+def test_a_receiver_that_accepts_and_never_answers_delays_nothing(tmp_path, receiver):
+    """A webhook endpoint that takes the connection and then says nothing (a hung proxy): each delivery to it waits
+    its timeout on its own thread. Jobs, the loop, /healthz, another URL's deliveries and the shutdown all go on."""
+    import time
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)  # the kernel completes each connection; nobody ever reads or answers
+    try:
+        d = DaemonProcess(tmp_path / "d", notify=[
+            {"url": f"http://127.0.0.1:{hung.getsockname()[1]}/", "retries": 5, "timeout_seconds": 60},
+            {"url": receiver.url, "events": ["finished"]}]).start()
+        started = time.monotonic()
+        for name in ("one", "two", "three"):
+            d.drop(name, {"epochs": 2})
+        jobs = d.wait_jobs(3, timeout=60)
+        assert [j["state"] for j in jobs] == ["succeeded"] * 3
+        assert time.monotonic() - started < 30  # not one webhook timeout (60 s) on the way
+        finished = wait_for(lambda: len(receiver.requests) >= 3 and receiver.requests, 30,
+                            what="the other URL's deliveries")
+        assert sorted(json.loads(body)["job"]["dataset"] for _, body in finished) == ["one", "three", "two"]
+        answered = time.monotonic()
+        assert d.get("/healthz")[0] == 200 and time.monotonic() - answered < 2
+        stopping = time.monotonic()
+        assert d.stop(timeout=30) == 0
+        assert time.monotonic() - stopping < 15, "the daemon waited for the hung receiver to stop"
+        assert "not sent: the daemon stopped" in (d.outbox / jobs[0]["id"] / "notifications.jsonl").read_text()
+    finally:
+        hung.close()
+
+
 def test_a_bad_webhook_url_is_a_config_error(tmp_path):
     d = DaemonProcess(tmp_path / "d", notify=[{"url": "ftp://example.invalid/x"}])
     proc = d.cli("status")

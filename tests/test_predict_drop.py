@@ -133,6 +133,33 @@ def test_a_bad_predict_yaml_is_rejected_with_a_located_reason_and_the_images_kep
     assert (Path(kept) / "a.png").is_file() and (Path(kept) / "predict.yaml").read_text() == content
 
 
+def test_model_latest_before_any_model_exists_is_rejected_saying_why(tmp_path):
+    """`model: latest` on a daemon that has trained nothing yet, and while the first training job still runs: a
+    rejection that says so (and that a job is on its way), the images kept — not a crash, not a wait."""
+    d = DaemonProcess(tmp_path / "d")
+    try:
+        d.start()
+
+        def build(root):
+            Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "a.png")
+            (root / "predict.yaml").write_text("model: latest\n")
+
+        drop_folder(d, "too-early", build)
+        job = wait_job(d, "too-early", timeout=60)
+        assert job["state"] == "failed" and job["outcome"] == "rejected" and job["error_kind"] == "spec", job
+        assert "no trained model yet (got 'latest'); drop a dataset with a job.yaml first" in job["error"]
+        assert (Path(d.status(job["id"])["dataset_path"]) / "a.png").is_file()
+        d.drop("training", {"epochs": 200}, fake={"sleep": 0.1})
+        wait_for(lambda: any(j["name"] == "training" and j["state"] == "running" for j in d.jobs()), 30,
+                 what="the first training job running")
+        drop_folder(d, "still-too-early", build)
+        job = wait_job(d, "still-too-early", timeout=60)
+        assert job["outcome"] == "rejected" and "1 training job is queued or running" in job["error"], job
+        assert d.proc.poll() is None
+    finally:
+        d.stop(signal.SIGKILL)
+
+
 def test_a_folder_with_both_specs_is_rejected(trained):
     d, _ = trained
 

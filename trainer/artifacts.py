@@ -24,6 +24,7 @@ from pathlib import Path
 # Re-exported: the trainer's modules write through `artifacts`; the daemon imports `trainer.atomic` itself.
 from trainer.atomic import atomic_path, clean_json, write_bytes, write_json, write_text  # noqa: F401
 
+THUMBNAIL = (256, 256)  # images in the plots are decoded at least this large (a large JPEG at reduced scale)
 METRIC_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds",
                   "images_per_second")
 
@@ -117,7 +118,7 @@ def plot_errors(path: str | os.PathLike, errors: list[dict], color_mode: str = "
             ax.axis("off")
         for ax, e in zip(axes.flat, errors, strict=False):
             try:
-                image = load_rgb(e["file"], 1 if color_mode == "grayscale" else 3)
+                image = load_rgb(e["file"], 1 if color_mode == "grayscale" else 3, THUMBNAIL)
                 ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if color_mode == "grayscale"
                           else None)
             except BadImage:
@@ -220,7 +221,7 @@ def plot_groups(path: str | os.PathLike, groups: list[dict], root: str, color_mo
             for c, (file, label) in enumerate(list(zip(group["files"], group["labels"], strict=True))[:per_row]):
                 ax = axes[r][c]
                 try:
-                    image = load_rgb(os.path.join(root, file), 1 if color_mode == "grayscale" else 3)
+                    image = load_rgb(os.path.join(root, file), 1 if color_mode == "grayscale" else 3, THUMBNAIL)
                     ax.imshow(image[..., 0] if image.shape[-1] == 1 else image,
                               cmap="gray" if image.shape[-1] == 1 else None)
                 except BadImage:

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 NEAR_HAMMING = 10
 NEAR_MEAN = 4.0
 NEAR_MAX = 48
+DRAFT_PIXELS, DRAFT_SIDE = 16_000_000, 2048  # JPEGs above this many pixels are hashed at reduced scale (>= this side)
 NEAR_CONTRAST_SHARE = 0.5  # ... and at most half the contrast of the flatter thumbnail (low-contrast images)
 THUMB = 16
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -74,7 +75,9 @@ def fingerprint_image(im) -> Fingerprint:
         small = pixels[:: max(1, pixels.shape[0] // 32), :: max(1, pixels.shape[1] // 32)].astype(np.int16)
         grey = int(np.abs(small[..., 0] - small[..., 1]).max(initial=0)) <= 2 and \
             int(np.abs(small[..., 1] - small[..., 2]).max(initial=0)) <= 2
-    digest = hashlib.sha1(pixels.tobytes() + bytes(str(pixels.shape), "ascii")).hexdigest()
+    digest = hashlib.sha1(np.ascontiguousarray(pixels))  # the buffer itself: no copy of a large image
+    digest.update(bytes(str(pixels.shape), "ascii"))
+    digest = digest.hexdigest()
     thumb = np.asarray(rgb.resize((THUMB, THUMB), Image.BOX), dtype=np.uint8)
     return Fingerprint(digest, int(str(imagehash.phash(rgb)), 16), thumb, grey, pixels.shape[:2])
 
@@ -86,6 +89,10 @@ def fingerprint(path: str) -> Fingerprint:
     try:
         with Image.open(path) as im:
             im.seek(0)
+            if im.format in ("JPEG", "MPO") and im.width * im.height > DRAFT_PIXELS:
+                # A huge photo is hashed as decoded at reduced scale (the same file gives the same pixels): a full
+                # decode of 100 megapixels would take ~1 GB in each worker.
+                im.draft(im.mode if im.mode in ("L", "RGB", "CMYK") else None, (DRAFT_SIDE, DRAFT_SIDE))
             return fingerprint_image(ImageOps.exif_transpose(im))
     except Exception:  # the training pipeline skips and reports unreadable files; here they just hash to nothing
         return Fingerprint(None, 0, np.zeros((THUMB, THUMB, 3), np.uint8), False, (0, 0))

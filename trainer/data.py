@@ -99,7 +99,7 @@ def make_dataset(samples: list[Sample], *, num_classes: int, target_size: tuple[
     def pillow(path: bytes) -> np.ndarray:
         name = path.decode("utf-8", "surrogateescape")
         try:
-            return load_rgb(name, channels)
+            return load_rgb(name, channels, target_size)
         except BadImage as exc:
             if failures is not None:
                 failures.add(name, str(exc))

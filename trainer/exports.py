@@ -22,6 +22,7 @@ files are run in a separate process that never imports TensorFlow (`trainer.expo
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -90,12 +91,28 @@ def export_model(model, fmt: str, out: Path, representative: np.ndarray) -> Path
         except ExportError:
             raise
         except Exception as exc:  # converters raise anything from ConverterError to AttributeError
+            if _disk_full(exc):  # our disk, not the converter: a full disk, as for any other file
+                raise OSError(errno.ENOSPC, "No space left on device", str(target)) from exc
             raise ExportError(f"the {fmt} export failed ({_versions_text()}): {type(exc).__name__}: "
                               f"{str(exc).strip()[:500]}") from exc
         if target.is_dir():
             shutil.rmtree(target)
         os.replace(written, target)  # a folder (SavedModel, OpenVINO) or a file: in place in one rename, once complete
     return target
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """Whether a converter's error (or one it was raised from) is a full disk or quota: TensorFlow and the ONNX and
+    OpenVINO writers say so in their own exception types, often with no errno."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc).lower()
+        if "no space left on device" in text or "disk quota exceeded" in text:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def check_export(fmt: str, path: Path, images: np.ndarray, labels: np.ndarray | None, expected: np.ndarray,

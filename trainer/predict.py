@@ -83,7 +83,7 @@ def decode_file(path: str | os.PathLike, channels: int = 3, target_size: tuple[i
             return decode_native(data, channels, target_size or (1, 1))
         except tf.errors.OpError as exc:
             raise BadImage(f"cannot decode: {exc.message}") from None
-    return tf.convert_to_tensor(load_rgb(path, channels))
+    return tf.convert_to_tensor(load_rgb(path, channels, target_size))
 
 
 UNKNOWN = "unknown"

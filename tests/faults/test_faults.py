@@ -176,6 +176,55 @@ def test_disk_full_fails_the_job_with_the_reason_cleans_up_and_the_next_job_succ
         d.stop(signal.SIGKILL)
 
 
+@pytest.fixture
+def small_outbox(tmp_path):
+    yield from _small_disk(tmp_path, "outbox", "64m")
+
+
+def _fill_when_exports_begin(out: Path, stop) -> None:
+    """Wait for the trainer's first export (its temporary folder appears in the job's outbox), then take every free
+    byte of that filesystem at once (fallocate): the disk fills up in the middle of the export."""
+    while not stop.is_set():
+        if any(p.name.startswith(".export-") for p in out.glob("*/.export-*")):
+            fd = os.open(out / "filler", os.O_WRONLY | os.O_CREAT)
+            try:
+                os.posix_fallocate(fd, 0, shutil.disk_usage(out).free - 4096)
+            finally:
+                os.close(fd)
+            return
+        time.sleep(0.005)
+
+
+def test_a_disk_that_fills_up_during_an_export_fails_the_job_as_a_full_disk(small_outbox):
+    """The model and reports are written, then the outbox fills up while an export is written: the job fails kind
+    `io` naming the full filesystem (not as a broken converter), is not retried, and leaves no partial export."""
+    import threading
+
+    root, small = small_outbox
+    d = DaemonProcess(root, trainer_command=None, retries=1)
+    spec = {"target_size": 32, "epochs": 1, "batch_size": 8, "model": {"architecture": "recipe"},
+            "augmentation": {"enabled": False}, "exports": ["savedmodel", "onnx"]}
+    stop = threading.Event()
+    filler = threading.Thread(target=_fill_when_exports_begin, args=(d.outbox, stop), daemon=True)
+    try:
+        d.start()
+        filler.start()
+        d.drop("exports", spec, per_class=8, size_range=(24, 40))
+        [job] = d.wait_jobs(1, timeout=300)
+        assert (small / "filler").exists(), "the disk was never filled: the test proves nothing"
+        assert job["state"] == "failed" and job["error_kind"] == "io", job
+        assert "no space left on device" in job["error"].lower(), job["error"]
+        assert job["attempt"] == 1  # not retried: the same disk would fail the same way
+        out = d.outbox / job["id"]
+        assert (out / "model.keras").is_file()
+        assert not [p.name for p in out.iterdir() if p.name.startswith((".export-", ".tmp-"))]
+        assert not (out / "savedmodel").exists() and not (out / "model.onnx").exists()
+        assert d.proc.poll() is None
+    finally:
+        stop.set()
+        d.stop(signal.SIGKILL)
+
+
 def test_a_full_state_folder_starts_nothing_loses_nothing_and_recovers_when_space_is_freed(small_state):
     """With the ledger's own disk full nothing can be recorded: once, a trainer was started at every tick because
     its start could not be written down. Now nothing starts, the drop waits in the inbox, and the daemon serves on."""

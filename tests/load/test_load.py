@@ -156,7 +156,8 @@ def test_an_inbox_folder_replaced_under_the_daemon_is_watched_again(tmp_path, ob
         shutil.rmtree(d.inbox)
         d.inbox.mkdir()
         d.drop("first", {"epochs": 1})
-        [job] = d.wait_jobs(1, timeout=30)
+        [first] = d.wait_jobs(1, timeout=30)
+        assert first["state"] == "succeeded", first
         if observer == "inotify":  # the watch died with the old folder (polling lists the path, whatever it is)
             assert f"watching {d.inbox} again" in d.log()
         d.drop("second", {"epochs": 1})
