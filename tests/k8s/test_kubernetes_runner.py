@@ -51,6 +51,8 @@ def cluster(tmp_path):
     for k in kubelets:
         k.stop()
     server.stop()
+    for k in kubelets:
+        k.check()
 
 
 def k8s_daemon(tmp_path, cluster, kubernetes: dict | None = None, poll_interval: float = 0.2,
