@@ -42,6 +42,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[1])
+
+
+def _ignores(pid: int, sig: int) -> bool:
+    """Whether the process has ``sig`` set to SIG_IGN (its SigIgn mask in /proc)."""
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask.split()[1], 16) >> (sig - 1) & 1)
+
+
 def _ledger_set(d: DaemonProcess, job_id: str, **values) -> None:
     """Edit the ledger as an older version (or a crash) left it; only while no daemon runs."""
     db = sqlite3.connect(d.state / "ledger.sqlite3")
@@ -165,9 +175,13 @@ def test_restart_stops_its_own_orphan_even_one_that_ignores_sigterm(tmp_path):
         job = wait_for(lambda: (j := d.jobs()) and j[0]["state"] == "running" and j[0]["pid"] and j[0], 30,
                        what="running")
         wait_for(lambda: d.runs(job["id"]), 30, what="the trainer to be past its start-up")  # signals set up
+        daemon_pid = d.proc.pid
+        assert _parent(job["pid"]) == daemon_pid
         d.kill9()
-        time.sleep(1.0)
-        assert _alive(job["pid"])  # it ignored the parent-death SIGTERM: an orphan
+        # An orphan: the kernel has reparented it, which it does in the same step as sending the parent-death
+        # SIGTERM, before the daemon could be reaped; it ignores that signal, so it lives on.
+        assert _alive(job["pid"]) and _parent(job["pid"]) != daemon_pid
+        assert _ignores(job["pid"], signal.SIGTERM)
         d.start()
         wait_for(lambda: not _alive(job["pid"]), 20, what="the orphan to be killed")
         assert f"stopping trainer pid {job['pid']} left running by the previous daemon" in d.log()

@@ -70,6 +70,6 @@ def test_jobs_on_a_real_cluster_complete_fail_and_cancel(runner):
     assert _end(messages, f"e2e-ok-{stamp}").status == 0
     bad = _end(messages, f"e2e-bad-{stamp}")
     assert bad.status == 2 and "PodFailurePolicy" in (bad.detail or "")
-    time.sleep(10)
+    time.sleep(10)  # on purpose, not a wait for a condition: the slow one is cancelled once it has had time to run
     attempts["slow"].terminate()
     assert _end(messages, f"e2e-slow-{stamp}").cancelled
