@@ -66,15 +66,20 @@ def test_job_defaults_reach_the_trainer_through_the_resolved_spec(tmp_path):
     d = DaemonProcess(tmp_path / "d", job_defaults={"epochs": 4, "batch_size": 8})
     try:
         d.start()
-        d.drop("defaults", {}, fake={"sleep": 0.2})
-        seen = set()
-        job = wait_for(lambda: (j := d.jobs()) and j[0]["state"] == "running" and j[0], 30, what="running")
+        # The trainer holds after its first epoch until released: the job is seen running, for sure, for as long
+        # as the checks take (a fixed pace could end the job between two looks).
+        d.drop("defaults", {}, fake={"hold_after_epoch": 1})
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] == 1 and j[0], 30, what="epoch 1, held",
+                       show=d.describe)
+        assert job["state"] == "running" and job["epochs"] == 4  # what `dropfit status` shows: never "/50"
+        assert "1/4" in d.cli("status").stdout
+        status = d.status(job["id"])
+        assert status["state"] == "running" and status["epochs"] == 4
         spec_file = d.state / "jobs" / job["id"] / "spec.json"
         assert json.loads(spec_file.read_text())["epochs"] == 4  # written once, at intake
-        while (j := d.jobs()[0])["state"] == "running":
-            seen.add(j["epochs"])
-            time.sleep(0.05)
-        assert j["state"] == "succeeded" and j["epoch"] == 4 and seen == {4}  # never "/50"
+        (d.outbox / job["id"] / "RELEASE").touch()
+        [j] = d.wait_jobs(1)
+        assert j["state"] == "succeeded" and j["epoch"] == 4 and j["epochs"] == 4
         [run] = d.runs(job["id"])
         assert run["spec"] == str(spec_file)  # the trainer was handed the resolved spec, not job.yaml
         resolved = (d.outbox / job["id"] / "job.resolved.yaml").read_text()
