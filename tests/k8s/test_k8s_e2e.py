@@ -45,6 +45,7 @@ def _end(messages, job_id: str, timeout: float = 300):
     from daemon.messages import TrainerExit
 
     deadline = time.monotonic() + timeout
+    seen = []  # what the runner said meanwhile, for the timeout's message
     while time.monotonic() < deadline:
         try:
             message = messages.get(timeout=5)
@@ -52,7 +53,8 @@ def _end(messages, job_id: str, timeout: float = 300):
             continue
         if isinstance(message, TrainerExit) and message.job_id == job_id:
             return message
-    raise AssertionError(f"{job_id} did not end within {timeout} s")
+        seen.append(message)
+    raise AssertionError(f"{job_id} did not end within {timeout} s; the runner's last messages: {seen[-10:]!r}")
 
 
 def test_jobs_on_a_real_cluster_complete_fail_and_cancel(runner):
