@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,14 +23,51 @@ from trainer.demo import make_shapes
 FAKE_TRAINER = [sys.executable, str(ROOT / "tests" / "fake_trainer.py")]
 
 
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition",
+             transient: tuple[type[BaseException], ...] = (), show=None):
+    """Poll ``predicate`` until it returns something true, and return that.
+
+    An exception from the predicate ends the wait at once (a broken check must not look like a slow one), unless it
+    is one of ``transient``, which the caller names (e.g. a file read while it is being replaced). On timeout the
+    error says what the predicate last returned or raised, and ``show()`` if given (the state worth seeing: the job
+    table, a log's tail). The predicate is asked once more at the deadline, so a slow machine cannot skip it.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
+    last, error = None, None
+    while True:
+        try:
+            value = predicate()
+        except transient as exc:
+            last, error = None, exc
+        else:
+            if value:
+                return value
+            last, error = value, None
+        if time.monotonic() >= deadline:
+            break
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    seen = f"the check last raised {error!r}" if error is not None else f"the check last returned {last!r}"
+    extra = f"\n{show()}" if show is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; {seen}{extra}") from error
+
+
+def tree_digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Everything under ``root`` by its path relative to it: a hash of each file's bytes, each link's target text,
+    "folder" for a folder (an emptied folder shows too). ``skip``: relative paths left out, with all below them."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            if any(rel == s or rel.startswith(s + os.sep) for s in skip):
+                continue
+            if path.is_symlink():
+                out[rel] = "link:" + os.readlink(path)
+            elif path.is_dir():
+                out[rel] = "folder"
+            elif path.is_file():
+                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
 
 
 class DaemonProcess:
@@ -59,17 +97,16 @@ class DaemonProcess:
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                      env={**env_for_subprocess(), **self.env}, cwd=self.cwd)
         log.close()
-        info = wait_for(self._info, 30, what=f"daemon start (log: {self.log_path})")
+        # daemon.json is absent until the daemon is up, and may be read half written: both are only "not yet".
+        info = wait_for(self._info, 30, what=f"daemon start (log: {self.log_path})",
+                        transient=(FileNotFoundError, json.JSONDecodeError), show=lambda: self.log()[-3000:])
         self.url = info["metrics_url"].rsplit("/", 1)[0]
         return self
 
     def _info(self):
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-        try:
-            info = json.loads((self.state / "daemon.json").read_text())
-        except (OSError, ValueError):
-            return None
+        info = json.loads((self.state / "daemon.json").read_text())
         return info if info["pid"] == self.proc.pid else None
 
     def log(self) -> str:
@@ -123,7 +160,16 @@ class DaemonProcess:
             jobs = self.jobs()
             return jobs if len(jobs) >= n and all(j["state"] in states for j in jobs[:n]) else None
 
-        return wait_for(done, timeout, interval=0.2, what=f"{n} job(s) in {states}\n{self.log()[-3000:]}")
+        return wait_for(done, timeout, interval=0.2, what=f"{n} job(s) in {states}", show=self.describe)
+
+    def describe(self) -> str:
+        """The job table as `dropfit status` sees it now, and the daemon log's tail: what a timed-out wait shows."""
+        try:
+            table = "\n".join(f"  {j['name']!r}: {j['state']}, epoch {j['epoch']}/{j['epochs']}, attempt "
+                              f"{j['attempt']}, {j['error'] or ''}" for j in self.jobs()) or "  (no jobs)"
+        except AssertionError as exc:  # `dropfit status` itself failed: that is worth seeing too
+            table = f"  dropfit status failed: {exc}"
+        return f"jobs:\n{table}\ndaemon log (tail):\n{self.log()[-3000:]}"
 
     def runs(self, job_id: str) -> list[dict]:
         path = self.outbox / job_id / "fake_runs.jsonl"

@@ -9,6 +9,8 @@ Behaviour comes from an optional ``fake.json`` in the job folder:
      "exit_code": 1,           exit with this code at ``crash_epoch`` (instead of a signal), with an error event
      "error_kind": "internal", the kind of that error event
      "hang": true,             never finish (for timeouts)
+     "hold_after_epoch": 1,    after this epoch (0: right after "started"), wait until a file named RELEASE is in
+                               its output folder: a state the test can look at for as long as it needs
      "ignore_sigterm": true,   ignore SIGTERM (and the parent-death SIGTERM): only SIGKILL stops it
      "stop_seconds": 2,        after SIGTERM, take this long to write the checkpoint before stopping
      "read_all": true,         open and read every file of the dataset first, as the real trainer's scan does
@@ -137,7 +139,9 @@ def main() -> int:
         print("[1, 2, 3]", flush=True)
     for epoch in range(done + 1, epochs + 1):
         end = time.time() + behaviour.get("sleep", 0.05)
-        while time.time() < end or behaviour.get("hang"):
+        held = behaviour.get("hold_after_epoch") == epoch - 1 and not (out / "RELEASE").exists()
+        while time.time() < end or behaviour.get("hang") or held:
+            held = held and not (out / "RELEASE").exists()
             if stop:
                 time.sleep(behaviour.get("stop_seconds", 0))
                 print(f"stopped on request after {epoch - 1} epoch(s)", file=sys.stderr)

@@ -319,18 +319,24 @@ class SlurmCluster:
                     f"{self.dir}/log:\n{self.tail_logs()}")
 
     def _wait_for(self, pred, timeout: float, what: str) -> None:
+        """Poll ``pred`` until it is true. Only a client command that hangs while a daemon is still starting
+        (subprocess.TimeoutExpired) counts as "not yet"; any other exception is a real failure and ends the wait.
+        On timeout the error says what ``pred`` last returned or raised, with the daemons' logs."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        last: object = None
+        while True:
             self._check_alive()
             try:
-                if pred():
+                last = pred()
+            except subprocess.TimeoutExpired as exc:
+                last = exc
+            else:
+                if last:
                     return
-            except SlurmError:
-                raise
-            except Exception:
-                pass
+            if time.monotonic() >= deadline:
+                break
             time.sleep(0.1)
-        raise SlurmError(f"timeout waiting for {what}\n{self.tail_logs()}")
+        raise SlurmError(f"timeout waiting for {what}; last saw {last!r}\n{self.tail_logs()}")
 
     def _ctld_up(self) -> bool:
         r = self.run("scontrol", "ping", check=False)

@@ -55,23 +55,36 @@ def planted(tmp_path_factory):
     return root, exact, near, (conflict, Path(twin))
 
 
+def _joined(pairs) -> list[set[str]]:
+    """The groups the planted pairs make (pairs sharing an image are one group)."""
+    groups: list[set[str]] = []
+    for a, b in pairs:
+        pair = {str(a), str(b)}
+        touching = [g for g in groups if g & pair]
+        groups = [g for g in groups if not g & pair] + [pair.union(*touching)]
+    return groups
+
+
 def test_planted_copies_are_found_and_nothing_else_is_paired(planted):
     root, exact, near, (conflict, twin) = planted
     samples = load(root, TrainOptions(validation_split=0.0, audit=False)).train
     paths = [s.path for s in samples]
     result = audit(paths, [s.label for s in samples])
-    group_of = {paths[i]: g for i, g in result.group_of.items()}
-
-    def together(a: Path, b: Path) -> bool:
-        return str(a) in group_of and group_of.get(str(a)) == group_of.get(str(b))
-
-    assert all(together(a, b) for a, b in exact)  # every exact copy
-    found = sum(together(a, b) for a, b in near)
-    assert found >= 0.9 * len(near), f"{found} of {len(near)} resized/re-encoded copies found"
-    planted_files = {str(p) for pair in (*exact, *near, (conflict, twin)) for p in pair}
-    stray = [g for g in result.groups if not {paths[i] for i in g} & planted_files]
-    assert stray == [], [[paths[i] for i in g] for g in stray]  # no distinct images paired
-    assert len(result.conflicts) == 1 and together(conflict, twin)
+    found = [{paths[i] for i in g} for g in result.groups]
+    whole = _joined([*exact, (conflict, twin)])  # exact copies and the conflict: found whole, exactly
+    near_groups = _joined(near)  # resized and re-encoded copies, each group around its original
+    assert len(found) == len(whole) + len(near_groups), [sorted(g) for g in found]
+    for group in whole:
+        assert group in found, (sorted(group), [sorted(g) for g in found if g & group])
+    for group in found:
+        # Every group found is a planted one, or part of one (a near copy may be missed): an image that is no
+        # copy, merged into a group, or paired with another, fails here.
+        home = next((g for g in (*whole, *near_groups) if g & group), set())
+        assert group <= home, f"not planted together: {sorted(group - home)} in {sorted(group)}"
+    paired = sum(str(copy) in g for _, copy in near for g in found)
+    assert paired >= 0.9 * len(near), f"{paired} of {len(near)} resized/re-encoded copies found"
+    assert [sorted(paths[i] for i in result.groups[c]) for c in result.conflicts] == [sorted([str(conflict),
+                                                                                                str(twin)])]
 
 
 def test_no_false_pairs_among_one_digit_by_many_writers(tmp_path):
@@ -151,10 +164,12 @@ def test_a_job_reports_its_audit_and_its_label_suspects(planted, tmp_path):
     flagged = [line for line in suspects[1:] if "mislabelled-" in line]
     held_out = [p for p in json.loads((out / "report.json").read_text())["misclassified"]
                 if "mislabelled-" in p["file"]]
-    # Every mislabelled image the model saw as held out and contradicted with >= 0.9 is listed, as a square.
-    for miss in held_out:
-        if miss["probability"] >= 0.9:
-            assert any(Path(miss["file"]).name in line and ",triangle,square," in line for line in flagged)
+    # Every mislabelled image the model saw as held out and contradicted with >= 0.9 is listed, as a square; there
+    # must be one (there is: square_0028 at 0.955), or this proves nothing.
+    contradicted = [miss for miss in held_out if miss["probability"] >= 0.9]
+    assert contradicted, held_out
+    for miss in contradicted:
+        assert any(Path(miss["file"]).name in line and ",triangle,square," in line for line in flagged)
 
 
 def test_the_banded_search_finds_every_pair_a_full_comparison_finds_once_and_no_other():

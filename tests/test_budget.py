@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT, env_for_subprocess, events
@@ -27,8 +28,9 @@ def test_a_budgeted_job_ends_inside_its_budget_on_data_that_would_take_several_t
                           capture_output=True, text=True, timeout=300, env=env_for_subprocess(), cwd=ROOT)
     wall = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr[-4000:]
-    # The whole job (interpreter, TensorFlow's import, scan, training, evaluation, artifacts) within 5%.
-    assert wall <= BUDGET * 1.05 + 1.0, wall
+    # The whole process (interpreter, TensorFlow's import, scan, training, evaluation, artifacts, exit) within 5%,
+    # measured from outside.
+    assert wall <= BUDGET * 1.05, wall
 
     summary = json.loads((out / "summary.json").read_text())
     plan = summary["budget"]["plan"]
@@ -41,7 +43,9 @@ def test_a_budgeted_job_ends_inside_its_budget_on_data_that_would_take_several_t
     assert summary["budget"]["stopped_by"] in {"plan", "time", "early stopping"}
     assert (out / "model.keras").is_file() and (out / "report.html").is_file()
 
-    # The learning rate decays over the plan (cosine ending on the last planned epoch).
+    # The learning rate decays over the plan (cosine ending on the last planned epoch). Only a machine fast enough
+    # to fit three epochs here shows it in metrics.csv (a 2-core CPU fits one); the schedule itself is checked on
+    # every machine by test_the_schedule_warms_up_decays_to_the_plans_end_and_stops_in_time.
     with open(out / "metrics.csv") as f:
         rates = [float(row["learning_rate"]) for row in csv.DictReader(f)]
     if summary["budget"]["stopped_by"] == "plan" and len(rates) >= 3:
@@ -96,3 +100,35 @@ def test_the_planner_shrinks_the_network_when_too_few_epochs_fit():
     assert len(plan.candidates) > 1 and built[1] != built[0]
     assert plan.batch_size == 128 and plan.epochs >= 1
     assert plan.epochs <= 50 and plan.target_size[0] <= 64
+
+
+def test_the_schedule_warms_up_decays_to_the_plans_end_and_stops_in_time():
+    """The budget's Keras callback on its own: the cosine learning rate, and the hard stop, which comes early enough
+    for the validation pass a stopped epoch still runs."""
+    from types import SimpleNamespace
+
+    plan = budget.Plan(budget=100.0, used_before_training=0.0, reserve=10.0, training_seconds=60.0, batch_size=32,
+                       target_size=(32, 32), channels=1, filters=None, images_per_second=100.0, epoch_seconds=5.0,
+                       epochs=10)
+    clock = budget.Clock(budget=100.0, started=time.monotonic())
+    steps = 20
+
+    def callback(training_ends=60.0, held_out=0):
+        return budget.schedule_callback(clock, plan, base_lr=1e-3, min_lr=1e-5, steps_per_epoch=steps,
+                                        phase_start=0, first_epoch=0, planned_end=10, max_end=50,
+                                        training_ends=training_ends, recorder=SimpleNamespace(epochs=10), work=None,
+                                        held_out=held_out)
+
+    rates = [callback()._lr(step) for step in range(10 * steps + 1)]
+    warmup = int(0.05 * 10 * steps)
+    assert rates[:warmup] == sorted(rates[:warmup]) and rates[warmup - 1] == pytest.approx(1e-3)
+    assert rates[warmup:] == sorted(rates[warmup:], reverse=True)  # then only down ...
+    assert rates[-1] == pytest.approx(1e-5) and min(rates) >= 1e-5  # ... to the floor, on the plan's last step
+
+    # 600 held-out images at 3 x 100 images/s: the hard stop comes 2 s before the training time is up.
+    used = clock.used()
+    for held_out, stops in ((0, False), (600, True)):
+        schedule = callback(training_ends=used + 1.5, held_out=held_out)
+        schedule.set_model(SimpleNamespace(stop_training=False))
+        schedule.on_train_batch_end(0)
+        assert schedule.model.stop_training is stops and schedule.stopped_by == ("time" if stops else None)

@@ -84,22 +84,25 @@ def test_per_job_series_expire_after_the_retention_time(tmp_path):
 
 
 def test_a_folder_still_being_copied_is_not_started_until_it_settles(tmp_path):
-    daemon = DaemonProcess(tmp_path / "d", settle_seconds=2.0).start()
+    settle = 1.5
+    daemon = DaemonProcess(tmp_path / "d", settle_seconds=settle).start()
     try:
         folder = daemon.inbox / "slowcopy"
         (folder / "a").mkdir(parents=True)
         (folder / "job.yaml").write_text("epochs: 1\n")  # the spec arrives first...
         src = next((ROOT / "tests").glob("*.py"))
         last_write = 0.0
-        for i in range(8):  # ...and files keep coming deep inside, 0.5 s apart (well under settle_seconds)
-            time.sleep(0.5)
+        for i in range(5):  # ...and files keep coming deep inside, 0.5 s apart (well under settle_seconds)
+            time.sleep(0.5)  # the copy's pace, on purpose (not a wait for a condition)
             (folder / "a" / f"f{i}.png").write_bytes(src.read_bytes())
             last_write = time.time()
-            assert not daemon.jobs(), "claimed while files were still arriving"
+            # Not claimed: still in the inbox, nothing in the state folder (looked at without a `dropfit status`,
+            # whose start-up would stretch the pace).
+            assert folder.is_dir() and not list((daemon.state / "jobs").glob("*")), "claimed while still arriving"
         [job] = daemon.wait_jobs(1)
         run = daemon.runs(job["id"])[0]
-        assert run["time"] >= last_write + 2.0
-        assert len(list((daemon.archive / job["id"] / "a").iterdir())) == 8
+        assert run["time"] >= last_write + settle
+        assert len(list((daemon.archive / job["id"] / "a").iterdir())) == 5
     finally:
         daemon.stop()
 
@@ -235,8 +238,13 @@ def test_a_second_signal_kills_trainers_that_ignore_the_first(tmp_path):
     daemon.drop("deaf", {"epochs": 3}, fake={"hang": True, "ignore_sigterm": True})
     job = wait_for(lambda: (j := daemon.jobs()) and j[0]["state"] == "running" and j[0], 30, what="running")
     daemon.proc.send_signal(signal.SIGTERM)
-    time.sleep(1.5)
-    assert daemon.proc.poll() is None  # waiting for the trainer to checkpoint (it never will)
+    # The signal was taken in and the trainer asked to stop (the log says so), and it is still held (healthz:
+    # stopping, one running): the daemon waits for it to checkpoint (it never will) instead of exiting. A daemon
+    # that had exited would refuse the request.
+    wait_for(lambda: "SIGTERM: no new jobs; asking 1 trainer(s) to checkpoint and stop" in daemon.log()
+             and (r := daemon.get("/healthz"))[0] == 503 and json.loads(r[1])["running"] == 1, 10,
+             what="the trainer asked to stop, and still held", show=daemon.describe)
+    assert daemon.proc.poll() is None
     started = time.monotonic()
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(timeout=20) == 0 and time.monotonic() - started < 10  # not the 60 s grace
@@ -289,9 +297,12 @@ def test_a_multi_gpu_job_waits_for_every_gpu_and_gets_them_all(tmp_path):
         daemon.drop("single", {"epochs": 30}, fake={"sleep": 0.1})
         daemon.drop("all", {"epochs": 2, "hardware": {"multi_gpu": True}})
         daemon.drop("after", {"epochs": 1})
-        wait_for(lambda: (j := daemon.jobs()) and len(j) == 3 and j[0]["state"] == "running", 30, what="first job")
-        time.sleep(0.5)
-        assert [j["state"] for j in daemon.jobs()] == ["running", "queued", "queued"]  # FIFO: nobody jumps ahead
+        # FIFO: nobody jumps ahead onto the free GPU. The gauges are set after each pass of the loop, whose
+        # scheduling runs after its intake: one running and two queued there means the scheduler has looked at
+        # both waiting jobs with a GPU free, and left them waiting.
+        wait_for(lambda: (s := daemon.scrape())[("dropfit_jobs_running", ())] == 1
+                 and s[("dropfit_jobs_queued", ())] == 2, 30, what="one running, two queued", show=daemon.describe)
+        assert [j["state"] for j in daemon.jobs()] == ["running", "queued", "queued"]
         jobs = daemon.wait_jobs(3)
         cuda = [daemon.runs(j["id"])[0]["cuda"] for j in jobs]
         assert cuda[1] in ("0,1", "1,0")

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, env_for_subprocess
-from daemon_harness import DaemonProcess, wait_for
+from daemon_harness import DaemonProcess, tree_digest, wait_for
+from trainer.demo import make_shapes
 from trainer.protocol import PROTOCOL_VERSION
 
 
@@ -42,6 +43,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[1])
+
+
+def _ignores(pid: int, sig: int) -> bool:
+    """Whether the process has ``sig`` set to SIG_IGN (its SigIgn mask in /proc)."""
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask.split()[1], 16) >> (sig - 1) & 1)
+
+
+def _changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """The paths of two `tree_digest`s that differ: changed, gone or new."""
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
 def _ledger_set(d: DaemonProcess, job_id: str, **values) -> None:
     """Edit the ledger as an older version (or a crash) left it; only while no daemon runs."""
     db = sqlite3.connect(d.state / "ledger.sqlite3")
@@ -56,15 +72,20 @@ def test_job_defaults_reach_the_trainer_through_the_resolved_spec(tmp_path):
     d = DaemonProcess(tmp_path / "d", job_defaults={"epochs": 4, "batch_size": 8})
     try:
         d.start()
-        d.drop("defaults", {}, fake={"sleep": 0.2})
-        seen = set()
-        job = wait_for(lambda: (j := d.jobs()) and j[0]["state"] == "running" and j[0], 30, what="running")
+        # The trainer holds after its first epoch until released: the job is seen running, for sure, for as long
+        # as the checks take (a fixed pace could end the job between two looks).
+        d.drop("defaults", {}, fake={"hold_after_epoch": 1})
+        job = wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] == 1 and j[0], 30, what="epoch 1, held",
+                       show=d.describe)
+        assert job["state"] == "running" and job["epochs"] == 4  # what `dropfit status` shows: never "/50"
+        assert "1/4" in d.cli("status").stdout
+        status = d.status(job["id"])
+        assert status["state"] == "running" and status["epochs"] == 4
         spec_file = d.state / "jobs" / job["id"] / "spec.json"
         assert json.loads(spec_file.read_text())["epochs"] == 4  # written once, at intake
-        while (j := d.jobs()[0])["state"] == "running":
-            seen.add(j["epochs"])
-            time.sleep(0.05)
-        assert j["state"] == "succeeded" and j["epoch"] == 4 and seen == {4}  # never "/50"
+        (d.outbox / job["id"] / "RELEASE").touch()
+        [j] = d.wait_jobs(1)
+        assert j["state"] == "succeeded" and j["epoch"] == 4 and j["epochs"] == 4
         [run] = d.runs(job["id"])
         assert run["spec"] == str(spec_file)  # the trainer was handed the resolved spec, not job.yaml
         resolved = (d.outbox / job["id"] / "job.resolved.yaml").read_text()
@@ -165,9 +186,13 @@ def test_restart_stops_its_own_orphan_even_one_that_ignores_sigterm(tmp_path):
         job = wait_for(lambda: (j := d.jobs()) and j[0]["state"] == "running" and j[0]["pid"] and j[0], 30,
                        what="running")
         wait_for(lambda: d.runs(job["id"]), 30, what="the trainer to be past its start-up")  # signals set up
+        daemon_pid = d.proc.pid
+        assert _parent(job["pid"]) == daemon_pid
         d.kill9()
-        time.sleep(1.0)
-        assert _alive(job["pid"])  # it ignored the parent-death SIGTERM: an orphan
+        # An orphan: the kernel has reparented it, which it does in the same step as sending the parent-death
+        # SIGTERM, before the daemon could be reaped; it ignores that signal, so it lives on.
+        assert _alive(job["pid"]) and _parent(job["pid"]) != daemon_pid
+        assert _ignores(job["pid"], signal.SIGTERM)
         d.start()
         wait_for(lambda: not _alive(job["pid"]), 20, what="the orphan to be killed")
         assert f"stopping trainer pid {job['pid']} left running by the previous daemon" in d.log()
@@ -181,25 +206,58 @@ def test_restart_stops_its_own_orphan_even_one_that_ignores_sigterm(tmp_path):
 
 # --- restarts and clean-up -------------------------------------------------------------------------------------------
 
+# What a restart itself writes, or may: its log, its lock and pid file, the ledger (and SQLite's journal files).
+RESTART_WRITES = ("daemon.log", "state/daemon.json", "state/daemon.lock", "state/ledger.sqlite3",
+                  "state/ledger.sqlite3-wal", "state/ledger.sqlite3-shm", "state/ledger.sqlite3-journal")
+
+
 def test_a_restart_never_deletes_outside_the_jobs_state_folder(tmp_path):
+    """A clean-up after success that a crash cut short is finished at the next start, and it deletes only what lies
+    inside the job's own state folder, whatever the ledger says the dataset's path is: an older ledger's "" (once
+    resolved against the working directory), a folder of the user's outside the daemon's folders, another job's
+    kept dataset. Everything else — but those jobs' state folders, which the clean-up removes — is byte for byte as
+    it was: the daemon's folders, its working directory, the user's folder."""
     d = DaemonProcess(tmp_path / "d", after_success="delete")
     try:
         d.start()
-        d.drop("deleted", {"epochs": 1})
-        [job] = d.wait_jobs(1)
-        assert job["state"] == "succeeded" and job["path"] is None
+        for name in ("deleted", "pointed-out", "pointed-at-a-neighbour"):
+            d.drop(name, {"epochs": 1})
+        d.drop("kept-after-failure", {"epochs": 1}, fake={"crash_epoch": 1, "exit_code": 2, "error_kind": "data"})
+        jobs = {j["name"]: j for j in d.wait_jobs(4)}
+        failed = jobs["kept-after-failure"]
+        assert failed["state"] == "failed" and Path(failed["path"]).is_dir()  # a failed job keeps its dataset
+        assert all(jobs[n]["state"] == "succeeded" and jobs[n]["path"] is None
+                   for n in ("deleted", "pointed-out", "pointed-at-a-neighbour"))
         d.stop()
-        precious = d.cwd / "precious.txt"
-        precious.write_text("the daemon's working directory")
-        # A crash during the clean-up left the state folder; an older ledger recorded "" for "deleted".
-        leftover = d.state / "jobs" / job["id"] / "dataset" / "circle"
-        leftover.mkdir(parents=True)
-        (leftover / "x.png").write_bytes(b"x")
-        (d.state / "jobs" / job["id"] / ".after-success").write_text("delete\n")
-        _ledger_set(d, job["id"], path="")
+        (d.cwd / "precious.txt").write_text("the daemon's working directory")
+        users = make_shapes(tmp_path / "users-photos", classes=2, per_class=3)  # outside every configured folder
+        unfinished = {}
+        # A crash during each clean-up left its state folder with the policy it began with (the first, before it
+        # deleted its dataset), and the ledger row says the dataset is at ``path``.
+        for name, path in (("deleted", ""), ("pointed-out", str(users)), ("pointed-at-a-neighbour", failed["path"])):
+            job_state = d.state / "jobs" / jobs[name]["id"]
+            job_state.mkdir(parents=True)
+            (job_state / ".after-success").write_text("delete\n")
+            _ledger_set(d, jobs[name]["id"], path=path)
+            unfinished[name] = job_state
+        (unfinished["deleted"] / "dataset" / "circle").mkdir(parents=True)
+        (unfinished["deleted"] / "dataset" / "circle" / "x.png").write_bytes(b"x")
+        # Besides what a restart writes: the unfinished state folders, which the clean-up is to remove, and the
+        # status of the job whose dataset it does delete (its dataset_path becomes null).
+        skip = (*RESTART_WRITES, *(str(p.relative_to(tmp_path / "d")) for p in unfinished.values()),
+                f"outbox/{jobs['deleted']['id']}/status.json")
+        before = tree_digest(tmp_path / "d", skip)
+        outside_before = tree_digest(users)
+        assert [k for k in before if k.startswith(str(Path(failed["path"]).relative_to(tmp_path / "d")))]
         d.start()
-        wait_for(lambda: not (d.state / "jobs" / job["id"]).exists(), 10, what="the clean-up to finish")
-        assert precious.read_text() == "the daemon's working directory"
+        wait_for(lambda: not any(p.exists() for p in unfinished.values()), 10, what="the clean-ups to finish",
+                 show=d.describe)
+        changed = _changes(before, tree_digest(tmp_path / "d", skip))
+        assert not changed, f"the restart changed or removed: {changed}"
+        changed = _changes(outside_before, tree_digest(users))
+        assert outside_before and not changed, f"the restart changed or removed: {changed}"
+        assert f"not touching {users}" in d.log() and f"not touching {failed['path']}" in d.log()
+        assert d.status(jobs["deleted"]["id"])["dataset_path"] is None
         assert d.get("/healthz")[0] == 200
     finally:
         d.stop(signal.SIGKILL)
@@ -213,14 +271,20 @@ def test_changing_after_success_never_touches_datasets_kept_on_purpose(tmp_path)
     d.stop()
     kept = Path(job["path"])
     assert kept.is_dir() and kept.is_relative_to(d.state / "jobs")
+    # The kept job's state folder and outbox, to the byte: the new policy applies to new successes only.
+    mine = (d.state / "jobs" / job["id"], d.outbox / job["id"])
+    before = [tree_digest(p) for p in mine]
+    assert list(kept.rglob("*.png")) and "dataset/job.yaml" in before[0]
     d.config["after_success"] = "delete"
     (d.root / "config.yaml").write_text(yaml.safe_dump(d.config))
     d.start()
     try:
         d.drop("later", {"epochs": 1})
-        d.wait_jobs(2)
-        assert kept.is_dir() and list(kept.rglob("*.png"))  # the new policy applies to new successes only
-        assert d.jobs()[1]["path"] is None
+        later = d.wait_jobs(2)[1]
+        assert later["state"] == "succeeded" and later["path"] is None
+        assert not (d.state / "jobs" / later["id"]).exists()  # the new policy did run, on the new success
+        changed = [c for b, p in zip(before, mine, strict=True) for c in _changes(b, tree_digest(p))]
+        assert not changed, f"the kept job's files changed or went: {changed}"
     finally:
         d.stop()
 

@@ -193,7 +193,8 @@ def _noise_images(root, count: int, size: int = 48) -> None:
 
 def test_a_20000_image_drop_streams_through_the_model_in_bounded_memory(trained):
     """Held in memory at the model's 48x48x3, 20,000 images would take 138 MB more than 2,000 do; streamed in
-    batches, the trainer's peak memory barely moves."""
+    batches, the trainer's peak memory barely moves — its peak over the whole job, read from its summary once the
+    job has ended, so writing the outputs counts too. And every image is labelled once."""
     d, _ = trained
     peaks = {}
     for count in (2_000, 20_000):
@@ -206,7 +207,14 @@ def test_a_20000_image_drop_streams_through_the_model_in_bounded_memory(trained)
         drop_folder(d, name, build)
         job = wait_job(d, name, timeout=600)
         assert job["state"] == "succeeded", d.log()[-3000:]
-        summary = json.loads((d.outbox / job["id"] / "summary.json").read_text())
+        out = d.outbox / job["id"]
+        summary = json.loads((out / "summary.json").read_text())
         assert summary["images"] == count and summary["unreadable"] == 0
+        with (out / "predictions.csv").open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        files = [r["file"] for r in rows]
+        assert len(files) == count and set(files) == {f"part-{i // 1000:03d}/{i:06d}.png" for i in range(count)}
+        assert {r["label"] for r in rows} <= set(CLASSES)
+        assert all(0 <= float(r["probability"]) <= 1 for r in rows)
         peaks[count] = summary["peak_memory_mb"]
     assert peaks[20_000] - peaks[2_000] < 60, peaks

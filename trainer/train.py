@@ -376,7 +376,7 @@ def _fit(model, phases: list[Phase], train_ds, val_ds, data: Dataset, o: TrainOp
             schedule = budget.schedule_callback(
                 clock, plan, base_lr=phase.learning_rate, min_lr=o.min_learning_rate, steps_per_epoch=steps_per_epoch,
                 phase_start=phase_start, first_epoch=resumes_at, planned_end=phase_start + planned[index],
-                max_end=end_epoch, training_ends=ends, recorder=recorder, work=work)
+                max_end=end_epoch, training_ends=ends, recorder=recorder, work=work, held_out=len(data.val))
             fit_callbacks.append(schedule)
         fit_callbacks.append(recorder.announcer)
         early = None

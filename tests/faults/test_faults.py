@@ -239,7 +239,10 @@ def test_a_full_state_folder_starts_nothing_loses_nothing_and_recovers_when_spac
                 f.flush()
         d.drop("waits", {"epochs": 2})
         wait_for(lambda: "cannot be written" in d.log(), 30, what="the ledger error")
-        time.sleep(2)
+        # The error is logged when the drop's intake has been tried and failed, after the point where a claim (or a
+        # start) would have happened; the daemon holds the drop as pending again, to be taken in once it can.
+        wait_for(lambda: d.scrape()[("dropfit_inbox_pending", ())] == 1, 10, what="the drop held as pending",
+                 show=d.describe)
         assert d.jobs() == [] and (d.inbox / "waits").is_dir()  # not claimed, not lost
         assert not list(d.outbox.glob("*/fake_runs.jsonl"))  # no trainer started
         assert d.get("/healthz")[0] == 200 and d.proc.poll() is None

@@ -7,34 +7,18 @@ side of hostile data (bad images, one class, ...) is in test_hostile_data.py.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from daemon_harness import DaemonProcess, wait_for
+from daemon_harness import DaemonProcess, tree_digest, wait_for
 from trainer.demo import make_shapes
 
 BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every file under ``root`` (links as their target text) with a hash of its bytes."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            rel = str(path.relative_to(root))
-            if path.is_symlink():
-                out[rel] = "link:" + os.readlink(path)
-            elif path.is_file():
-                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
 
 
 @pytest.fixture
@@ -116,8 +100,13 @@ def test_odd_names_and_vanishing_folders(daemon):
     shutil.rmtree(daemon.inbox / "vanishing")
     daemon.drop("renamed-before", {"epochs": 1})
     os.rename(daemon.inbox / "renamed-before", daemon.inbox / "renamed-after")
-    jobs = daemon.wait_jobs(7, timeout=60)
-    time.sleep(1.5)  # longer than settle_seconds: no late job for the vanished or renamed-away names
+    daemon.wait_jobs(7, timeout=60)
+    # No late job for the vanished or renamed-away names: their events came before those of "renamed-after", which
+    # is a job now, so the daemon has seen them all; once nothing waits to settle any more (the gauge is refreshed
+    # after each pass of its loop), nothing can still become a job.
+    wait_for(lambda: daemon.scrape()[("dropfit_inbox_pending", ())] == 0, 10, what="nothing left settling",
+             show=daemon.describe)
+    assert not os.listdir(daemon.inbox)
     jobs = daemon.jobs()
     assert sorted(j["name"] for j in jobs) == sorted(["with spaces", "ünïcödé-数据", "-rf", "--help", "new\nline",
                                                       "a-folder.zip", "renamed-after"])

@@ -47,6 +47,7 @@ import signal
 import subprocess
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,7 @@ class FakeKubelet:
         self.sanitize = api_client.sanitize_for_serialization
         self.namespace, self.logs, self.capacity = namespace, logs, capacity
         self.runs: dict[str, _Run] = {}
+        self.errors: list[str] = []  # what went wrong in the loop while the test ran (see `check`)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="fake-kubelet", daemon=True)
@@ -115,6 +117,12 @@ class FakeKubelet:
             if run.proc is not None and run.proc.poll() is None:
                 os.killpg(run.proc.pid, signal.SIGKILL)
                 run.proc.wait()
+
+    def check(self) -> None:
+        """Fail if the loop raised while the test ran: a cluster that silently stopped playing its part would leave
+        the test waiting on a timeout, or passing on a cluster that did not do what the test says it did."""
+        if self.errors:
+            raise AssertionError(f"the fake kubelet failed {len(self.errors)} time(s); the first:\n{self.errors[0]}")
 
     def disrupt(self, name: str) -> None:
         """Evict the Job's running pod as a node drain does (the Eviction API): the pod gets the DisruptionTarget
@@ -141,9 +149,13 @@ class FakeKubelet:
             try:
                 with self._lock:
                     self._step()
-            except Exception as exc:  # the API server stopping under us at the end of a test
-                if not self._stop.is_set():
-                    print(f"fake kubelet: {type(exc).__name__}: {exc}")
+            except Exception as exc:
+                if self._stop.is_set():
+                    return  # the API server stopping under us at the end of a test: expected
+                # Anything else is a failure, kept for `check` (the fixture calls it); the loop carries on so the
+                # test can still end and show its own assertion too.
+                self.errors.append(traceback.format_exc())
+                print(f"fake kubelet: {type(exc).__name__}: {exc}")
 
     def _step(self) -> None:
         jobs = {j["metadata"]["name"]: j for j in self.sanitize(self.batch.list_namespaced_job(self.namespace))

@@ -45,6 +45,7 @@ def _end(messages, job_id: str, timeout: float = 300):
     from daemon.messages import TrainerExit
 
     deadline = time.monotonic() + timeout
+    seen = []  # what the runner said meanwhile, for the timeout's message
     while time.monotonic() < deadline:
         try:
             message = messages.get(timeout=5)
@@ -52,7 +53,8 @@ def _end(messages, job_id: str, timeout: float = 300):
             continue
         if isinstance(message, TrainerExit) and message.job_id == job_id:
             return message
-    raise AssertionError(f"{job_id} did not end within {timeout} s")
+        seen.append(message)
+    raise AssertionError(f"{job_id} did not end within {timeout} s; the runner's last messages: {seen[-10:]!r}")
 
 
 def test_jobs_on_a_real_cluster_complete_fail_and_cancel(runner):
@@ -70,6 +72,6 @@ def test_jobs_on_a_real_cluster_complete_fail_and_cancel(runner):
     assert _end(messages, f"e2e-ok-{stamp}").status == 0
     bad = _end(messages, f"e2e-bad-{stamp}")
     assert bad.status == 2 and "PodFailurePolicy" in (bad.detail or "")
-    time.sleep(10)
+    time.sleep(10)  # on purpose, not a wait for a condition: the slow one is cancelled once it has had time to run
     attempts["slow"].terminate()
     assert _end(messages, f"e2e-slow-{stamp}").cancelled

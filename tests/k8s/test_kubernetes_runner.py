@@ -51,6 +51,8 @@ def cluster(tmp_path):
     for k in kubelets:
         k.stop()
     server.stop()
+    for k in kubelets:
+        k.check()
 
 
 def k8s_daemon(tmp_path, cluster, kubernetes: dict | None = None, poll_interval: float = 0.2,
@@ -171,10 +173,16 @@ def test_a_dropped_watch_and_410_gone_are_survived(tmp_path, cluster):
     try:
         d.drop("steady", {"epochs": 30}, fake={"sleep": 0.1})
         wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 2, 30, what="epoch 2")
-        lists_before = len([r for r in requests(cluster, kmock.action.LIST)])
+        # The runner's own lists (by its label selector; the test kubelet lists every Job, all the time).
+        runner_lists = lambda: [r for r in requests(cluster, kmock.action.LIST) if r.params.get("labelSelector")]  # noqa: E731
+        lists_before = len(runner_lists())
         handler = cluster.server.handler
         cluster.server.call(handler.drop_watches)  # the connection breaks mid-stream
-        time.sleep(1.0)
+        # The runner saw it, listed again and watches again (its new watch is open on the server): only a watch
+        # opened before the compaction below can be told 410 Gone.
+        wait_for(lambda: "Kubernetes watch broke" in d.log() and len(runner_lists()) == lists_before + 1
+                 and cluster.server.call(lambda: len(handler._watches)) == 1, 10, what="a new watch after the break",
+                 show=d.describe)
         # Other objects change (the runner's watch of its Jobs does not see them), then history is compacted: the
         # version the runner watches from is too old now, and its next watch gets 410 Gone.
         core = client.CoreV1Api(cluster.server.api_client())
@@ -184,7 +192,7 @@ def test_a_dropped_watch_and_410_gone_are_survived(tmp_path, cluster):
         cluster.server.call(handler.end_watches)
         [job] = d.wait_jobs(1, timeout=60)
         assert job["state"] == "succeeded" and job["epoch"] == 30
-        assert len(requests(cluster, kmock.action.LIST)) > lists_before  # it listed again
+        assert len(runner_lists()) == lists_before + 2  # it listed again after the break, and after the 410
         log = d.log()
         assert "Kubernetes watch broke" in log and "410 Gone" in log
     finally:

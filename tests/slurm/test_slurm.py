@@ -275,7 +275,7 @@ def test_a_re_attached_job_keeps_its_timeout_clock(tmp_path, cluster):
                  what="running in Slurm")
         time.sleep(3)  # (a wait for time to pass, not for a condition): part of the timeout is used
         d.kill9()
-        time.sleep(3)
+        time.sleep(3)  # (likewise on purpose): the job runs on in Slurm while no daemon watches it
         d.start()
         [job] = d.wait_jobs(1, timeout=60)
         assert job["state"] == "failed" and job["error_kind"] == "timeout", job
