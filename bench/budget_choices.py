@@ -1,5 +1,5 @@
 """What should a time budget spend its time on? Held-out accuracy within the same budget, for the choices the
-planner makes on its own (trainer/budget.py), against the alternatives, on 28x28 greyscale data like the datasets
+planner makes on its own (trainer/fitting/budget.py), against the alternatives, on 28x28 greyscale data like the datasets
 users bring (nothing downloaded):
 
 - ``digits28``: scikit-learn's real handwritten digits (1,797), blown up to 28x28 greyscale PNGs;
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from PIL import Image
 
-from trainer.demo import make_shapes
-from trainer.spec import JobSpec
+from contract.spec import JobSpec
+from trainer.data.demo import make_shapes
 
 CHOICES = {
     "planner (grey 28x28, batch auto, width auto)": {},

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from PIL import Image
 
-from trainer.demo import make_shapes
-from trainer.spec import JobSpec
+from contract.spec import JobSpec
+from trainer.data.demo import make_shapes
 
 RECIPE = {"model": {"architecture": "recipe"}, "optimizer": {"name": "rmsprop", "learning_rate": 0.001},
           "augmentation": {"enabled": False}, "training": {"early_stopping_patience": None,

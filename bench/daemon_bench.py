@@ -63,7 +63,7 @@ def idle(seconds: float = 60.0) -> dict:
 def latency(settle: float = 1.0) -> dict:
     """From the moment a dropped folder has settled (last write + settle_seconds) to the trainer process starting,
     and to its first epoch starting (the trainer's log line before fit; TensorFlow's import is in there)."""
-    from trainer.demo import make_shapes
+    from trainer.data.demo import make_shapes
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -97,7 +97,7 @@ def scan_and_validate(root: Path) -> dict:
     pass reads from disk unless the files are in the page cache (a dataset just copied in usually is), the second
     from the page cache."""
     from daemon.intake import validate
-    from trainer.scan import scan_directory
+    from trainer.data.scan import scan_directory
 
     out = {}
     for key in ("scan_validate_s", "scan_validate_warm_s"):
@@ -194,7 +194,7 @@ def slurm_latency(jobs: int = 5) -> dict:
         finally:
             del os.environ["SLURM_CONF"]
         try:
-            from trainer.demo import make_shapes
+            from trainer.data.demo import make_shapes
 
             waits = []
             for i in range(jobs):

@@ -1,7 +1,7 @@
 """The GPU side of the benchmark, for a GPU machine that has no TensorFlow: Keras 3 on its JAX backend.
 
-dropfit's networks are pure Keras 3 (``trainer.model``), so the same model code runs here unchanged. What this
-measures on the GPU, recipe model at 200x200, batch 32, as in bench/training.py:
+dropfit's networks are pure Keras 3 (``trainer.network.networks``), so the same model code runs here unchanged. What
+this measures on the GPU, recipe model at 200x200, batch 32, as in bench/training.py:
 
 - ``bound``: training fed from in-memory uint8 arrays (the compute limit; what dropfit's uint8 cache feeds), in
   float32 and in mixed float16 (what dropfit picks on Tensor Core GPUs), XLA-compiled as JAX always is;
@@ -37,7 +37,7 @@ TARGET = (200, 200)
 def _model(architecture: str, precision: str, num_classes: int = 5):
     import keras
 
-    from trainer.model import build_model, compile_model
+    from trainer.network.networks import build_model, compile_model
 
     keras.mixed_precision.set_global_policy(precision)
     try:

@@ -55,8 +55,8 @@ def limit_tensorflow(files: list[str]) -> float:
 
 def dropfit_pipeline(root: Path, epochs: int = 3) -> tuple[float, float, int]:
     """(first epoch images/s including the scan, cached epochs images/s, images)."""
-    from trainer.data import make_dataset
-    from trainer.scan import scan_directory, shuffled
+    from trainer.data.pipeline import make_dataset
+    from trainer.data.scan import scan_directory, shuffled
 
     start = time.perf_counter()
     scan = scan_directory(root)

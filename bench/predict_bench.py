@@ -23,8 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def make_model(folder: Path, input_shape: tuple[int, int, int], classes: int) -> Path:
     """An (untrained: speed does not depend on the weights) default network, saved as a dropfit output folder."""
-    from trainer import artifacts
-    from trainer.model import build_model
+    from trainer.network.networks import build_model
+    from trainer.outputs import artifacts
 
     folder.mkdir(parents=True, exist_ok=True)
     model = build_model(input_shape, classes, architecture="cnn", seed=0)
@@ -57,9 +57,9 @@ def one_run(images: str, model_dir: str, batch: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from trainer.predict import load_model
-    from trainer.predict_spec import PredictRun, PredictSpec
-    from trainer.prediction import run_prediction
+    from contract.predict_spec import PredictRun, PredictSpec
+    from trainer.prediction.api import load_model
+    from trainer.prediction.drop import run_prediction
 
     with tempfile.TemporaryDirectory() as out:
         run = PredictRun(spec=PredictSpec(batch_size=batch), model_job="bench", model_dir=model_dir)

@@ -144,9 +144,9 @@ def main() -> int:
 
 
 def audit_cost(files: list[str], repeats: int) -> dict:
-    """The dataset audit (`trainer.audit`: decode, pixel hash, perceptual hash, pairs) on the photo dataset, in
+    """The dataset audit (`trainer.data.audit`: decode, pixel hash, perceptual hash, pairs) on the photo dataset, in
     seconds per 10,000 images; the issue's target is at most 60 s on this machine."""
-    from trainer.audit import audit
+    from trainer.data.audit import audit
 
     classes = sorted({Path(f).parent.name for f in files})
     labels = [classes.index(Path(f).parent.name) for f in files]

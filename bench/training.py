@@ -38,7 +38,7 @@ class _StepTimer:
 
 
 def _model(num_classes: int):
-    from trainer.model import build_model, compile_model
+    from trainer.network.networks import build_model, compile_model
 
     return compile_model(build_model((*TARGET, 3), num_classes, architecture="recipe"), "rmsprop", 1e-3)
 
@@ -57,8 +57,8 @@ def bound(steps: int = 40, warmup: int = 8) -> float:
 
 
 def dropfit(root: Path, steps: int = 40) -> float:
-    from trainer.data import make_dataset
-    from trainer.scan import scan_directory, shuffled
+    from trainer.data.pipeline import make_dataset
+    from trainer.data.scan import scan_directory, shuffled
 
     scan = scan_directory(root)
     samples = shuffled(scan.samples, 1)[: BATCH * 40]

@@ -1,8 +1,8 @@
 """``dropfit``: the daemon (``serve``), its jobs (``status``, ``models``, ``cancel``, ``demo``), and the trainer's
 commands.
 
-The trainer's commands (``run``, ``train``, ``predict``, ``evaluate``, ``validate``, ``schema``) are handed to
-`trainer.cli`; nothing here imports TensorFlow.
+The trainer's commands (``run``, ``train``, ``predict``, ``evaluate``, ``schema``) are ``python -m trainer`` itself
+(exec'd in this process' place); nothing here imports the trainer, only the `contract` package.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import logging
 import os
 import secrets
 import sqlite3
+import subprocess
 import sys
 import time
 
+from contract.spec import SpecError
 from daemon.config import load_config
-from trainer.spec import SpecError
 
 TRAINER_COMMANDS = ("run", "train", "predict", "evaluate", "schema")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -128,7 +129,7 @@ def cmd_status(args) -> int:
         if j.state.value == "running" and j.engine not in (None, "local"):
             detail = f"{j.engine} job {j.engine_ref}" + (f"; {detail}" if detail else "")
         if j.deadline is not None and not j.state.terminal:
-            from trainer.duration import format_duration
+            from contract.duration import format_duration
 
             left = f"{format_duration(max(0.0, j.deadline - now))} left of {format_duration(j.time_budget or 0)}"
             detail = left + (f"; {detail}" if detail else "")
@@ -156,8 +157,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from daemon.watch import CANCEL_FILE
-    from trainer.atomic import write_text
+    from contract.atomic import write_text
+    from contract.files import CANCEL_FILE
 
     config = _config(args)
     path = config.ledger_path()
@@ -189,10 +190,11 @@ def cmd_validate(args) -> int:
 
     import yaml
 
+    from contract.files import JOB_FILE, PREDICT_FILE
+    from contract.predict_spec import PredictRun
+    from contract.spec import resolved_yaml
     from daemon.intake import validate
     from daemon.unpack import archive_kind
-    from trainer.predict_spec import PREDICT_FILE, PredictRun
-    from trainer.spec import JOB_FILE, resolved_yaml
 
     config = _config(args)
     path = Path(args.path)
@@ -252,15 +254,18 @@ def cmd_health(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from trainer.demo import make_demo
-
     config = _config(args)
     inbox = config.path("inbox")
     inbox.mkdir(parents=True, exist_ok=True)
     name = args.name or f"demo-shapes-{time.strftime('%H%M%S')}"
-    # Built under a hidden name, then renamed: the daemon sees one complete folder appear.
+    # Built under a hidden name, then renamed: the daemon sees one complete folder appear. Made by the trainer's
+    # own command line (the daemon's side never imports the trainer).
     tmp = inbox / f".dropfit-demo-{secrets.token_hex(4)}"
-    make_demo(tmp, seed=args.seed)
+    proc = subprocess.run([sys.executable, "-m", "trainer", "demo", str(tmp), "--seed", str(args.seed)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"dropfit demo: the trainer could not write the demo dataset:\n{proc.stderr.strip()}", file=sys.stderr)
+        return EXIT_FAILED
     os.rename(tmp, inbox / name)
     print(f"dropped {inbox / name}; watch it with `dropfit status`, results in {config.path('outbox')}/")
     return EXIT_OK
@@ -299,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TRAINER_COMMANDS:
-        from trainer.cli import main as trainer_main
-
-        return trainer_main(argv)
+        # The trainer's own command line, in this process' place: `dropfit train ...` is `python -m trainer train ...`.
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "trainer", *argv])
     args = build_parser().parse_args(argv)
     return args.func(args)

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from trainer.spec import JobSpec, SpecError, explain, load_yaml_model
+from contract.spec import JobSpec, SpecError, explain, load_yaml_model
 
 CONFIG_FILE = "config.yaml"
 ENV_CONFIG = "DROPFIT_CONFIG"

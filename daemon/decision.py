@@ -9,7 +9,7 @@ import signal
 from dataclasses import dataclass
 from enum import Enum
 
-from trainer.protocol import Error, ErrorKind, ExitCode
+from contract.protocol import Error, ErrorKind, ExitCode
 
 
 class Action(str, Enum):

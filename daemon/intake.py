@@ -24,16 +24,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.atomic import write_json
+from contract.files import JOB_FILE, LABELS_FILE, PREDICT_FILE, SPEC_FILE
+from contract.predict_spec import PredictRun, load_predict_spec
+from contract.spec import JobSpec, SpecError, load_spec, resolve_path
 from daemon.unpack import ArchiveError, archive_kind, extract
 from daemon.watch import ignored_name
-from trainer.atomic import write_json
-from trainer.predict_spec import PREDICT_FILE, PredictRun, load_predict_spec
-from trainer.spec import JOB_FILE, JobSpec, SpecError, load_spec, resolve_path
 
 log = logging.getLogger(__name__)
 
 # The resolved spec, written once at intake into state/jobs/<id>/: what the trainer runs (`trainer run --spec`).
-SPEC_FILE = "spec.json"
 
 
 @dataclass
@@ -302,7 +302,7 @@ def _validate_prediction(dataset: Path, display: str | None, models) -> tuple[Pr
 
 def _suggested(model_dir: Path) -> float | None:
     try:
-        labels = json.loads((model_dir / "labels.json").read_text(encoding="utf-8"))
+        labels = json.loads((model_dir / LABELS_FILE).read_text(encoding="utf-8"))
         return (labels.get("calibration") or {}).get("min_confidence")
     except (OSError, ValueError, AttributeError):
         return None

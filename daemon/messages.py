@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.protocol import Event
+from contract.protocol import Event
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from http.server import ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import MetricsHandler
 
+from contract.predict_spec import KINDS
 from daemon.config import NOTIFY_EVENTS
 from daemon.ledger import OUTCOMES
-from trainer.predict_spec import KINDS
 
 log = logging.getLogger(__name__)
 # The `_created` companion series double what a scrape carries and no dashboard of ours uses them.

@@ -11,11 +11,9 @@ import json
 import time
 from pathlib import Path
 
+from contract.files import EXPORT_FILES, LABELS_FILE, MODEL_FILE, SUMMARY_FILE
+from contract.predict_spec import LATEST
 from daemon.ledger import JobState, Ledger
-from trainer.predict_spec import LATEST
-from trainer.spec import EXPORT_FILES
-
-MODEL_FILE = "model.keras"
 
 
 def entries(ledger: Ledger, outbox: Path) -> list[dict]:
@@ -27,8 +25,8 @@ def entries(ledger: Ledger, outbox: Path) -> list[dict]:
         folder = outbox / job.id
         if not (folder / MODEL_FILE).is_file():
             continue
-        summary = _read(folder / "summary.json")
-        labels = _read(folder / "labels.json")
+        summary = _read(folder / SUMMARY_FILE)
+        labels = _read(folder / LABELS_FILE)
         evaluation = summary.get("evaluation") or {}
         out.append({
             "id": job.id, "dataset": job.name, "finished_at": job.finished_at,

@@ -32,6 +32,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from contract.files import NOTIFICATIONS_FILE as RECORD_FILE
 from daemon.ledger import Job, JobState
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ EVENT_OF_STATE = {JobState.QUEUED: "queued", JobState.RUNNING: "started", JobSta
                   JobState.FAILED: "failed", JobState.CANCELLED: "cancelled"}
 QUEUE_SIZE = 10_000  # per URL: a receiver down for days must not grow the daemon's memory without bound
 MAX_BACKOFF = 60.0
-RECORD_FILE = "notifications.jsonl"
 
 
 _END = object()

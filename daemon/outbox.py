@@ -11,15 +11,11 @@ from pathlib import Path
 
 import yaml
 
+from contract.atomic import write_json, write_text
+from contract.files import ERROR_FILE, RESOLVED_FILE, RESOLVED_PREDICT_FILE, STATUS_FILE
+from contract.predict_spec import PredictRun
+from contract.spec import JobSpec, resolved_yaml
 from daemon.ledger import Job
-from trainer.atomic import write_json, write_text
-from trainer.predict_spec import PredictRun
-from trainer.spec import JobSpec, resolved_yaml
-
-STATUS_FILE = "status.json"
-ERROR_FILE = "error.txt"
-RESOLVED_FILE = "job.resolved.yaml"
-RESOLVED_PREDICT_FILE = "predict.resolved.yaml"
 
 
 def write_status(outbox: Path, job: Job) -> None:

@@ -21,13 +21,13 @@ import sqlite3
 import time
 from typing import TYPE_CHECKING
 
+from contract.files import CANCEL_FILE
+from contract.protocol import ErrorKind, read_finished
 from daemon.ledger import Job, JobState
 from daemon.repair import status_is_readable
 from daemon.retention import unfinished
 from daemon.runners.base import EngineError
 from daemon.runners.local import stop_left_over
-from daemon.watch import CANCEL_FILE
-from trainer.protocol import ErrorKind, read_finished
 
 if TYPE_CHECKING:
     from daemon.service import Daemon

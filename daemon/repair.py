@@ -16,6 +16,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from contract.files import STATUS_FILE
 from daemon.ledger import Job, JobState, Ledger
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,6 @@ def rebuild(ledger: Ledger, outbox: Path, jobs_dir: Path) -> int:
 
 def status_is_readable(outbox: Path, job: Job) -> bool:
     try:
-        return json.loads((outbox / job.id / "status.json").read_text())["id"] == job.id
+        return json.loads((outbox / job.id / STATUS_FILE).read_text())["id"] == job.id
     except (OSError, ValueError, KeyError, TypeError):
         return False

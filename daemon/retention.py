@@ -13,7 +13,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.intake import SPEC_FILE, move_tree
+from contract.files import SPEC_FILE
+from daemon.intake import move_tree
 from daemon.unpack import archive_kind
 
 log = logging.getLogger(__name__)

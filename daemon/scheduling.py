@@ -10,19 +10,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.atomic import write_json
+from contract.files import CANCEL_FILE, EVENTS_FILE, SPEC_FILE, TRAIN_LOG
+from contract.predict_spec import PredictRun
+from contract.protocol import EpochEnd, Error, ErrorKind, Finished, Progress, Started, run_argv
 from daemon.decision import Action, decide
-from daemon.intake import SPEC_FILE, validate
+from daemon.intake import validate
 from daemon.ledger import Job, JobState
 from daemon.retention import put_away
 from daemon.runners.base import Attempt, Launch, SubmitError
 from daemon.runners.local import trainer_env
-from daemon.watch import CANCEL_FILE
-from trainer.atomic import write_json
-from trainer.predict_spec import PredictRun
-from trainer.protocol import EpochEnd, Error, ErrorKind, Finished, Progress, Started, run_argv
 
 log = logging.getLogger("daemon.service")
-EVENTS_FILE = "events.jsonl"  # in the job's work folder, for runners that follow the trainer's events through a file
 SUBMIT_RETRY_SECONDS = 10.0  # after an engine refused a submission for now (it may be down)
 
 
@@ -96,7 +95,7 @@ class Scheduling:
         attempt_no = job.attempt + 1
         work = self.jobs_dir / job.id / "work"
         events_file = work / EVENTS_FILE if self.runner.follows_events_file else None
-        log_file = self.outbox / job.id / "train.log"
+        log_file = self.outbox / job.id / TRAIN_LOG
         argv = run_argv(self.runner.trainer_command or self.config.trainer_argv(), job.path, spec=spec_file,
                         out=self.outbox / job.id, work=work, job_id=job.id, events_file=events_file,
                         log_file=log_file if self.runner.writes_own_log else None)

@@ -20,6 +20,10 @@ import time
 import traceback
 from pathlib import Path
 
+from contract.atomic import display_path, write_json
+from contract.files import JOB_FILE, PREDICT_FILE
+from contract.predict_spec import PredictRun
+from contract.protocol import ErrorKind
 from daemon import models, outbox, recovery
 from daemon.config import Config
 from daemon.decision import RetryPolicy
@@ -43,10 +47,6 @@ from daemon.repair import LedgerLocationError, open_ledger
 from daemon.runners import make_runner
 from daemon.scheduling import Running, Scheduling, jlog
 from daemon.watch import Settler, Watcher, inbox_entries
-from trainer.atomic import display_path, write_json
-from trainer.predict_spec import PREDICT_FILE, PredictRun
-from trainer.protocol import ErrorKind
-from trainer.spec import JOB_FILE
 
 log = logging.getLogger(__name__)
 DAEMON_FILE = "daemon.json"  # pid and metrics URL of the running daemon

@@ -30,7 +30,6 @@ from watchdog.observers.polling import PollingObserver
 
 log = logging.getLogger(__name__)
 
-CANCEL_FILE = "CANCEL"
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", ".filepart", "~")
 # Reading a file is not activity: the daemon's own reads must not keep a folder from settling.
 _PASSIVE_EVENTS = {"opened", "closed_no_write"}

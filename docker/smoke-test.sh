@@ -72,7 +72,7 @@ EOF
 
 say "image $IMAGE (BASE_IMAGE=$BASE_IMAGE, CPU only)"
 mkdir -p "$WORK/context"
-cp -r pyproject.toml README.md .dockerignore trainer daemon docker "$WORK/context/"
+cp -r pyproject.toml README.md .dockerignore trainer daemon contract docker "$WORK/context/"
 rm -rf "$WORK/context/docker/build-extra/wheels"
 cp -r "$CACHE/wheels" "$WORK/context/docker/build-extra/wheels"
 docker build --quiet -f "$WORK/context/docker/Dockerfile" --build-arg BASE_IMAGE="$BASE_IMAGE" \
@@ -105,7 +105,7 @@ say "drop a dataset"
 "$PY" - "$PROJECT" <<'EOF'
 import os, sys
 from pathlib import Path
-from trainer.demo import make_shapes
+from trainer.data.demo import make_shapes
 project = Path(sys.argv[1])
 tiny = make_shapes(project / "staging" / "tiny", classes=2, per_class=6, size_range=(24, 40),
                    job={"target_size": 24, "epochs": 2, "batch_size": 4})

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.demo import make_shapes
+from trainer.data.demo import make_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, env_for_subprocess
-from trainer.demo import make_shapes
+from trainer.data.demo import make_shapes
 
 FAKE_TRAINER = [sys.executable, str(ROOT / "tests" / "fake_trainer.py")]
 

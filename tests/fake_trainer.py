@@ -1,4 +1,4 @@
-"""A stand-in for ``python -m trainer`` that speaks the same command line and event protocol (`trainer.protocol`,
+"""A stand-in for ``python -m trainer`` that speaks the same command line and event protocol (`contract.protocol`,
 imported from the same place as the real trainer), instantly and without TensorFlow.
 
 Behaviour comes from an optional ``fake.json`` in the job folder:
@@ -36,7 +36,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer.protocol import (
+from contract.protocol import (
     ENV_PARENT_PID,
     EVENT_TYPES,
     ExitCode,

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, events, run_trainer
-from trainer.audit import audit
-from trainer.dataset import load
-from trainer.demo import make_shapes
-from trainer.options import TrainOptions
+from contract.options import TrainOptions
+from trainer.data.audit import audit
+from trainer.data.dataset import load
+from trainer.data.demo import make_shapes
 
 sys.path.insert(0, str(ROOT / "bench"))
 from audit_threshold import copies
@@ -175,7 +175,7 @@ def test_a_job_reports_its_audit_and_its_label_suspects(planted, tmp_path):
 def test_the_banded_search_finds_every_pair_a_full_comparison_finds_once_and_no_other():
     """Against every pair compared: clustered hashes (many sharing band values, like a set of similar shapes), each
     pair within the threshold reported once; with brightness, every pair close enough to be confirmed still is."""
-    from trainer.audit import NEAR_MEAN, near_pairs
+    from trainer.data.audit import NEAR_MEAN, near_pairs
 
     rng = np.random.default_rng(5)
     centres = rng.integers(0, 2**63, 12, dtype=np.uint64)

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, env_for_subprocess, events
-from trainer import budget
-from trainer.demo import make_shapes
+from trainer.data.demo import make_shapes
+from trainer.fitting import budget
 
 BUDGET = 40.0
 
@@ -59,8 +59,8 @@ def test_a_budgeted_job_ends_inside_its_budget_on_data_that_would_take_several_t
 
 
 def test_a_budgeted_job_with_many_images_per_class_trains_without_geometric_warps(tmp_path):
+    from contract.spec import JobSpec
     from trainer import train_cnn
-    from trainer.spec import JobSpec
 
     data = make_shapes(tmp_path / "many", classes=2, per_class=1300, size_range=(16, 16), formats=("png",),
                        modes=("L",), seed=3)
@@ -83,7 +83,7 @@ def test_a_resumed_job_counts_the_time_its_earlier_attempts_used(tmp_path):
 
 def test_the_planner_shrinks_the_network_when_too_few_epochs_fit():
     """``choose`` on a real (tiny) Keras model: with no time to spare it tries cheaper candidates, in turn."""
-    from trainer.model import build_model, compile_model
+    from trainer.network.networks import build_model, compile_model
 
     built = []
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import run_trainer
-from trainer import calibration
-from trainer.demo import make_shapes
+from trainer.data.demo import make_shapes
+from trainer.fitting import calibration
 
 
 def overconfident(n=2000, classes=5, accuracy=0.7, seed=0, informative=0.0):
@@ -75,7 +75,7 @@ def test_an_overconfident_model_is_calibrated_and_every_export_carries_the_tempe
     import keras
     import tensorflow as tf
 
-    from trainer.predict import load_model
+    from trainer.prediction.api import load_model
 
     summary = json.loads((overfit_run / "summary.json").read_text())
     cal = summary["calibration"]

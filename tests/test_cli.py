@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, env_for_subprocess, events, run_trainer
-from trainer.demo import make_shapes
-from trainer.protocol import PROTOCOL_VERSION
+from contract.protocol import PROTOCOL_VERSION
+from trainer.data.demo import make_shapes
 
 ARTIFACTS = ["model.keras", "labels.json", "metrics.csv", "history.png", "confusion_matrix.png", "errors.png",
              "report.json", "report.html", "dataset.json", "summary.json"]
@@ -243,7 +243,7 @@ def test_an_invalid_resolved_spec_is_refused_with_its_location(tmp_path):
 def test_the_daemon_reads_the_previous_protocol_version_and_refuses_older_ones():
     """Version 3 only adds to version 2: a version-2 trainer still running on a cluster when the daemon is upgraded
     finishes its job; version 1 is refused."""
-    from trainer.protocol import EpochEnd, ProtocolError, parse_event
+    from contract.protocol import EpochEnd, ProtocolError, parse_event
 
     assert isinstance(parse_event('{"event": "epoch_end", "v": 2, "epoch": 3}'), EpochEnd)
     with pytest.raises(ProtocolError, match="protocol version 1"):

@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, env_for_subprocess
+from contract.protocol import PROTOCOL_VERSION
 from daemon_harness import DaemonProcess, tree_digest, wait_for
-from trainer.demo import make_shapes
-from trainer.protocol import PROTOCOL_VERSION
+from trainer.data.demo import make_shapes
 
 
 @pytest.fixture
@@ -417,8 +417,8 @@ def test_the_daemon_imports_only_the_trainers_contract_modules():
     only the TensorFlow-free contract (spec, protocol, atomic writers), plus the demo and the trainer's CLI lazily."""
     import ast
 
-    allowed = {"trainer.spec", "trainer.predict_spec", "trainer.protocol", "trainer.atomic", "trainer.duration"}
-    lazy_only = {"trainer.demo", "trainer.cli"}
+    allowed = {"contract.spec", "contract.predict_spec", "contract.protocol", "contract.atomic", "contract.duration"}
+    lazy_only = {"trainer.data.demo", "trainer.cli"}
     for path in sorted((ROOT / "daemon").rglob("*.py")):
         tree = ast.parse(path.read_text())
         top_level = {id(n) for n in tree.body}
@@ -434,7 +434,7 @@ def test_the_daemon_imports_only_the_trainers_contract_modules():
                     assert name in allowed | lazy_only, where
                     if name in lazy_only:
                         assert id(node) not in top_level, where + " at module level"
-    code = ("import sys, daemon.cli, daemon.service, trainer.spec, trainer.protocol, trainer.atomic; "
+    code = ("import sys, daemon.cli, daemon.service, contract.spec, contract.protocol, contract.atomic; "
             "print([m for m in ('tensorflow', 'keras', 'matplotlib', 'numpy') if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_for_subprocess(),
                           cwd=ROOT, check=True)

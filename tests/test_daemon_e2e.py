@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from daemon_harness import DaemonProcess, wait_for
-from trainer.predict import predict
+from trainer.prediction.api import predict
 
 ARTIFACTS = ["model.keras", "labels.json", "metrics.csv", "history.png", "confusion_matrix.png", "errors.png",
              "report.json", "report.html", "dataset.json", "summary.json", "status.json", "train.log"]
@@ -103,7 +103,7 @@ def test_class_folders_that_are_links_inside_the_drop_and_a_one_image_class(real
     import numpy as np
     from PIL import Image
 
-    from trainer.demo import make_shapes
+    from trainer.data.demo import make_shapes
 
     d = real_daemon.start()
     staging = d.root / "staging" / "linked"

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
+from contract.protocol import Error, ErrorKind, ExitCode
 from daemon.decision import Action, RetryPolicy, decide
-from trainer.protocol import Error, ErrorKind, ExitCode
 
 POLICY = RetryPolicy(retries=1)
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import env_for_subprocess
-from trainer import calibration
-from trainer.demo import make_shapes
+from trainer.data.demo import make_shapes
+from trainer.fitting import calibration
 
 FLOAT_FORMATS = ("savedmodel", "tflite", "onnx", "openvino")
 ALL_FORMATS = (*FLOAT_FORMATS, "tflite_int8")
@@ -73,7 +73,7 @@ def job(tmp_path_factory):
 
 
 def test_model_keras_loads_and_predicts_in_plain_keras_without_dropfit(job, tmp_path):
-    from trainer.predict import predict
+    from trainer.prediction.api import predict
 
     out, _ = job
     with zipfile.ZipFile(out / "model.keras") as z:
@@ -154,8 +154,8 @@ print(json.dumps({{"onnx": onnx.tolist(), "openvino": np.asarray(ir).tolist(),
 @pytest.fixture(scope="module")
 def hot(tmp_path_factory):
     """A model sure of itself (logits scaled up), calibrated with a temperature far from 1, and its exports."""
-    from trainer.exports import export_model
-    from trainer.model import build_model
+    from trainer.network.networks import build_model
+    from trainer.outputs.exports import export_model
 
     model = build_model((SIZE, SIZE, 3), 4, architecture="cnn", filters=(8, 16), seed=2)
     head = model.get_layer("probabilities")
@@ -207,7 +207,7 @@ print(json.dumps({{"onnx": onnx.tolist(), "openvino": np.asarray(ir).tolist(),
 
 
 def test_an_export_that_disagrees_with_the_model_is_removed_and_names_the_versions(hot):
-    from trainer.exports import ExportError, check_export, export_model
+    from trainer.outputs.exports import ExportError, check_export, export_model
 
     model, _, _, _, out = hot
     images = images_for(40, seed=3)
@@ -228,8 +228,8 @@ def test_models_written_by_dropfit_0_1_with_its_own_layers_still_load_through_dr
     """Before 0.2, model.keras held dropfit's `Calibration` layer (and could hold `Augmentation`)."""
     import keras
 
-    from trainer.layers import Augmentation, Calibration
-    from trainer.predict import load_model
+    from trainer.network.layers import Augmentation, Calibration
+    from trainer.prediction.api import load_model
 
     inputs = keras.Input((SIZE, SIZE, 3), name="image")
     x = Augmentation({"flip": "horizontal", "rotation": 0.1}, seed=1, name="augmentation")(inputs)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.images import BadImage, load_rgb, probe
+from trainer.data.images import BadImage, load_rgb, probe
 
 
 def save(tmp_path, name, im, fmt, **kw):
@@ -92,7 +92,7 @@ def test_truncated_files_are_detected(tmp_path):
 
 
 def test_fast_header_parsing_agrees_with_pillow(tmp_path):
-    from trainer.images import _parse_header, _probe_pillow
+    from trainer.data.images import _parse_header, _probe_pillow
 
     rng = np.random.default_rng(3)
     rgb = Image.fromarray(rng.integers(0, 255, (37, 53, 3), np.uint8))

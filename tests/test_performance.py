@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, env_for_subprocess
-from trainer.demo import make_shapes
+from trainer.data.demo import make_shapes
 
 _PREDICT = """
 import json, sys
 import numpy as np
 import keras
-from trainer.model import build_model
+from trainer.network.networks import build_model
 keras.utils.set_random_seed(3)
 model = build_model((48, 48, 3), 4, architecture="recipe")
 x = np.random.default_rng(5).integers(0, 256, (16, 48, 48, 3)).astype("uint8")
@@ -55,7 +55,7 @@ def test_trainer_turns_onednn_on_unless_the_user_chose():
 
 
 def test_hardware_on_a_cpu_machine_resolves_to_float32_without_xla():
-    from trainer.hardware import configure
+    from trainer.fitting.hardware import configure
 
     runtime = configure()
     assert (runtime.precision, runtime.jit_compile, runtime.replicas, runtime.devices) == ("float32", False, 1,
@@ -68,8 +68,8 @@ def test_hardware_on_a_cpu_machine_resolves_to_float32_without_xla():
 
 
 def test_a_dataset_larger_than_the_memory_budget_is_cached_on_disk_once(tmp_path):
-    from trainer.data import make_dataset, plan_cache
-    from trainer.scan import scan_directory
+    from trainer.data.pipeline import make_dataset, plan_cache
+    from trainer.data.scan import scan_directory
 
     data = make_shapes(tmp_path / "data", classes=2, per_class=6, size_range=(20, 40))
     samples = scan_directory(data).samples
@@ -90,8 +90,8 @@ def test_a_dataset_larger_than_the_memory_budget_is_cached_on_disk_once(tmp_path
 
 
 def test_an_incomplete_disk_cache_from_a_killed_run_is_removed(tmp_path):
-    from trainer.data import make_dataset, plan_cache
-    from trainer.scan import scan_directory
+    from trainer.data.pipeline import make_dataset, plan_cache
+    from trainer.data.scan import scan_directory
 
     data = make_shapes(tmp_path / "data", classes=2, per_class=8, size_range=(20, 40))
     samples = scan_directory(data).samples

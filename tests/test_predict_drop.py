@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import write_corrupt_files
 from daemon_harness import DaemonProcess, wait_for
-from trainer.demo import make_shapes
+from trainer.data.demo import make_shapes
 
 CLASSES = ["circle", "square", "triangle"]
 
@@ -49,7 +49,7 @@ def wait_job(d: DaemonProcess, name: str, timeout: float = 300) -> dict:
 
 
 def test_a_drop_of_unsorted_images_is_labelled_like_trainer_predict_and_nothing_is_lost(trained, tmp_path):
-    from trainer.predict import load_model, predict
+    from trainer.prediction.api import load_model, predict
 
     d, model_job = trained
 

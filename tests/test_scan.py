@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from conftest import write_corrupt_files
-from trainer.demo import make_shapes
-from trainer.scan import DatasetError, scan_csv, scan_directory, split
+from trainer.data.demo import make_shapes
+from trainer.data.scan import DatasetError, scan_csv, scan_directory, split
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.spec import JobSpec, SpecError, json_schema, load_spec, parse_spec, resolve_path
+from contract.spec import JobSpec, SpecError, json_schema, load_spec, parse_spec, resolve_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,8 +40,8 @@ def test_example_lists_exactly_the_defaults_and_every_option_is_one_train_cnn_ta
     import dataclasses
     import inspect
 
-    from trainer import train
-    from trainer.options import TrainOptions
+    from contract.options import TrainOptions
+    from trainer.fitting import train
 
     options = spec.train_options()
     recipe = {"target_size", "classes", "batch_size", "num_epochs", "num_classes"}
@@ -163,13 +163,13 @@ def test_square_target_size_and_defaults_merge():
 def check_jsonschema(schema: str, document: Path) -> subprocess.CompletedProcess:
     """The published schema ``schema`` applied to ``document`` by check-jsonschema, as an editor would."""
     checker = Path(sys.executable).with_name("check-jsonschema")
-    return subprocess.run([checker, "--schemafile", ROOT / "trainer" / "schemas" / schema, document],
+    return subprocess.run([checker, "--schemafile", ROOT / "contract" / "schemas" / schema, document],
                           capture_output=True, text=True)
 
 
 def test_published_json_schema_is_current_and_checks_files(tmp_path):
-    shipped = json.loads((ROOT / "trainer" / "schemas" / "job.schema.json").read_text())
-    assert shipped == json_schema(), "run `python -m trainer schema > trainer/schemas/job.schema.json`"
+    shipped = json.loads((ROOT / "contract" / "schemas" / "job.schema.json").read_text())
+    assert shipped == json_schema(), "run `python -m trainer schema > contract/schemas/job.schema.json`"
     assert shipped["additionalProperties"] is False
     ok = check_jsonschema("job.schema.json", ROOT / "examples" / "job.yaml")
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -181,8 +181,9 @@ def test_published_json_schema_is_current_and_checks_files(tmp_path):
 
 
 def test_spec_module_does_not_import_tensorflow():
-    code = ("import sys, trainer, trainer.spec, trainer.scan, trainer.images, trainer.events, trainer.demo; "
-            "trainer.spec.parse_spec('epochs: 3'); print('tensorflow' in sys.modules, 'keras' in sys.modules)")
+    code = ("import sys, trainer, contract.spec, trainer.data.scan, trainer.data.images, trainer.events, "
+            "trainer.data.demo; contract.spec.parse_spec('epochs: 3'); "
+            "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -193,11 +194,11 @@ def test_spec_model_rejects_unknown_keys_directly():
 
 
 def test_predict_yaml_example_schema_and_errors(tmp_path):
-    from trainer import predict_spec
-    from trainer.predict_spec import PredictSpec, load_predict_spec
+    from contract import predict_spec
+    from contract.predict_spec import PredictSpec, load_predict_spec
 
     assert load_predict_spec(ROOT / "examples" / "predict.yaml") == PredictSpec()
-    shipped = json.loads((ROOT / "trainer" / "schemas" / "predict.schema.json").read_text())
+    shipped = json.loads((ROOT / "contract" / "schemas" / "predict.schema.json").read_text())
     assert shipped == predict_spec.json_schema(), "run `make schemas`"
     ok = check_jsonschema("predict.schema.json", ROOT / "examples" / "predict.yaml")
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -218,7 +219,7 @@ def test_predict_yaml_example_schema_and_errors(tmp_path):
 
 
 def test_auto_warps_are_off_only_for_budgeted_jobs_with_many_images_per_class():
-    from trainer.options import TrainOptions, resolve_augmentation
+    from contract.options import TrainOptions, resolve_augmentation
 
     auto = JobSpec().train_options().augmentation
     small = resolve_augmentation(auto, budgeted=True, train_images=999 * 10, num_classes=10)

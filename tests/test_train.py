@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from trainer import TrainingInterrupted, train_cnn
-from trainer.data import make_dataset
-from trainer.demo import draw_shape, make_shapes
-from trainer.predict import evaluate, load_model, predict
-from trainer.scan import DatasetError, Sample
+from trainer.data.demo import draw_shape, make_shapes
+from trainer.data.pipeline import make_dataset
+from trainer.data.scan import DatasetError, Sample
+from trainer.prediction.api import evaluate, load_model, predict
 
 ARTIFACTS = ["model.keras", "labels.json", "metrics.csv", "history.png", "confusion_matrix.png", "errors.png",
              "report.json", "report.html", "dataset.json", "summary.json"]

@@ -17,10 +17,10 @@ from PIL import Image
 
 from conftest import system_tool
 from trainer import train_cnn
-from trainer.backbones import build_backbone
-from trainer.demo import draw_shape, make_shapes
-from trainer.model import build_model
-from trainer.scan import DatasetError, Sample, auto_target_size
+from trainer.data.demo import draw_shape, make_shapes
+from trainer.data.scan import DatasetError, Sample, auto_target_size
+from trainer.network.backbones import build_backbone
+from trainer.network.networks import build_model
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_backbones_take_raw_pixels_and_reload_in_safe_mode(tmp_path, architectur
 
 
 def test_resnet_preprocessing_layer_matches_keras_applications():
-    from trainer.backbones import caffe_preprocess
+    from trainer.network.backbones import caffe_preprocess
 
     x = np.random.default_rng(1).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     expected = keras.applications.resnet50.preprocess_input(x.copy())
@@ -212,8 +212,8 @@ def test_transfer_learning_freezes_then_fine_tunes_and_resumes_in_either_phase(t
 
 
 def test_a_failed_export_names_its_format_and_leaves_nothing(small, tmp_path):
-    from trainer.exports import ExportError, export_model, int8_warning
-    from trainer.model import build_model
+    from trainer.network.networks import build_model
+    from trainer.outputs.exports import ExportError, export_model, int8_warning
 
     model = build_model((32, 32, 3), 3, architecture="recipe")
     with pytest.raises(ExportError, match="tflite_int8 export needs training images"):

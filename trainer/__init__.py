@@ -19,16 +19,16 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 __all__ = ["TrainingInterrupted", "evaluate", "load_model", "predict", "train_cnn"]
 
 _LAZY = {
-    "train_cnn": "trainer.train",
-    "TrainingInterrupted": "trainer.train",
-    "predict": "trainer.predict",
-    "evaluate": "trainer.predict",
-    "load_model": "trainer.predict",
+    "train_cnn": "trainer.fitting.train",
+    "TrainingInterrupted": "trainer.fitting.train",
+    "predict": "trainer.prediction.api",
+    "evaluate": "trainer.prediction.api",
+    "load_model": "trainer.prediction.api",
 }
 
 
 def __getattr__(name: str):
-    # TensorFlow takes seconds to import; the daemon imports trainer.spec and must never pay for it.
+    # TensorFlow takes seconds to import; the daemon imports contract.spec and must never pay for it.
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'trainer' has no attribute {name!r}")

@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from trainer.protocol import ExitCode
+from contract.protocol import ExitCode
 
 log = logging.getLogger("trainer.cli")
 
@@ -84,10 +84,11 @@ def _import_tensorflow() -> None:
 
 def cmd_run(args) -> int:
     started_at = time.monotonic()  # a time budget counts from here: TensorFlow's import is part of the job
+    from contract.files import JOB_FILE, PREDICT_FILE
+    from contract.predict_spec import read_run
+    from contract.protocol import write_finished
+    from contract.spec import Problem, SpecError, load_spec, resolve_path
     from trainer.events import EventStream
-    from trainer.predict_spec import PREDICT_FILE, read_run
-    from trainer.protocol import write_finished
-    from trainer.spec import JOB_FILE, Problem, SpecError, load_spec, resolve_path
 
     _die_with_parent()
     job_dir = Path(args.job_dir)
@@ -132,9 +133,9 @@ def cmd_run(args) -> int:
         return _run_prediction(run, images, args.out, job_id, events, on_event, stop)
     log.info("job %s: training on %s, output in %s", job_id, paths["data.train"], args.out)
     try:
-        from trainer.exports import ExportError
-        from trainer.scan import DatasetError
-        from trainer.train import TrainingInterrupted, train_cnn
+        from trainer.data.scan import DatasetError
+        from trainer.fitting.train import TrainingInterrupted, train_cnn
+        from trainer.outputs.exports import ExportError
 
         options = spec.train_options(paths)
         train_cnn(paths["data.train"], options=options, verbose=0, output_dir=args.out, work_dir=args.work,
@@ -159,9 +160,9 @@ def cmd_run(args) -> int:
 
 
 def _run_prediction(run, images: Path, out, job_id: str, events, on_event, stop) -> int:
-    """A prediction job (`trainer.prediction`), with the same exit codes and events as training."""
-    from trainer.prediction import PredictionRejected, PredictionStopped, run_prediction
-    from trainer.scan import DatasetError
+    """A prediction job (`trainer.prediction.drop`), with the same exit codes and events as training."""
+    from trainer.data.scan import DatasetError
+    from trainer.prediction.drop import PredictionRejected, PredictionStopped, run_prediction
 
     log.info("job %s: labelling %s with the model of %s, output in %s", job_id, images, run.model_job, out)
     try:
@@ -241,7 +242,7 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
 def cmd_train(args) -> int:
     """Train from a terminal with a progress bar: job.yaml's defaults, overridden by --spec FILE and the options."""
-    from trainer.spec import SpecError, deep_merge, load_spec, parse_yaml_model
+    from contract.spec import SpecError, deep_merge, load_spec, parse_yaml_model
 
     setup_logging(Path(args.data_dir).name)
     overrides = _train_overrides(args)
@@ -252,8 +253,8 @@ def cmd_train(args) -> int:
         print(f"error:\n{exc}", file=sys.stderr)
         return ExitCode.INVALID
     _import_tensorflow()
-    from trainer.scan import DatasetError
-    from trainer.train import TrainingInterrupted, train_cnn
+    from trainer.data.scan import DatasetError
+    from trainer.fitting.train import TrainingInterrupted, train_cnn
 
     out = args.out or Path("runs") / f"{Path(args.data_dir).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
     stop = threading.Event()
@@ -281,7 +282,7 @@ def cmd_train(args) -> int:
 
 
 def _job_spec_class():
-    from trainer.spec import JobSpec
+    from contract.spec import JobSpec
 
     return JobSpec
 
@@ -330,7 +331,7 @@ def _expand(paths: list[str]) -> list[str]:
 def cmd_predict(args) -> int:
     setup_logging("predict", logging.WARNING)
     _import_tensorflow()
-    from trainer.predict import load_model, predict
+    from trainer.prediction.api import load_model, predict
 
     try:
         model = load_model(args.model_dir)
@@ -358,8 +359,8 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     setup_logging("evaluate", logging.WARNING)
     _import_tensorflow()
-    from trainer.predict import evaluate, load_model
-    from trainer.scan import DatasetError
+    from trainer.data.scan import DatasetError
+    from trainer.prediction.api import evaluate, load_model
 
     try:
         report = evaluate(load_model(args.model_dir), args.data_dir, batch_size=args.batch_size)
@@ -379,7 +380,8 @@ def cmd_evaluate(args) -> int:
 # --- small helpers -----------------------------------------------------------------------------------------------
 
 def cmd_validate(args) -> int:
-    from trainer.spec import JOB_FILE, SpecError, load_spec
+    from contract.files import JOB_FILE
+    from contract.spec import SpecError, load_spec
 
     path = Path(args.path)
     try:
@@ -393,16 +395,16 @@ def cmd_validate(args) -> int:
 
 def cmd_schema(args) -> int:
     if args.which == "predict":
-        from trainer.predict_spec import json_schema
+        from contract.predict_spec import json_schema
     else:
-        from trainer.spec import json_schema
+        from contract.spec import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return ExitCode.OK
 
 
 def cmd_demo(args) -> int:
-    from trainer.demo import make_demo
+    from trainer.data.demo import make_demo
 
     root = make_demo(args.directory, seed=args.seed)
     print(root)
@@ -410,8 +412,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trainer.protocol import add_run_arguments
-    from trainer.spec import ARCHITECTURES, COLOR_MODES, EXPORT_FORMATS, OPTIMIZERS
+    from contract.protocol import add_run_arguments
+    from contract.spec import ARCHITECTURES, COLOR_MODES, EXPORT_FORMATS, OPTIMIZERS
 
     parser = argparse.ArgumentParser(prog="dropfit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

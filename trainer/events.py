@@ -1,4 +1,4 @@
-"""The trainer's side of the event stream (`trainer.protocol` defines the events): one JSON line per event on
+"""The trainer's side of the event stream (`contract.protocol` defines the events): one JSON line per event on
 stdout, flushed at once, and optionally appended to an events file.
 
 Human-readable logs go to stderr. Anything else that writes to file descriptor 1 (a library's print, a C++
@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import TextIO
 
-from trainer.protocol import EVENT_TYPES, event_line
+from contract.protocol import EVENT_TYPES, event_line
 
 
 class EventStream:
@@ -40,7 +40,7 @@ class EventStream:
         return cls(events, job_id, events_file=events_file)
 
     def emit(self, event: str, payload: dict | None = None, **fields) -> None:
-        """Send event ``event`` (a `trainer.protocol` event name) with its fields, checked against the protocol."""
+        """Send event ``event`` (a `contract.protocol` event name) with its fields, checked against the protocol."""
         record = EVENT_TYPES[event](**{"job": self.job_id, **(payload or {}), **fields})
         line = event_line(record) + "\n"
         with self._lock:

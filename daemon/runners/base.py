@@ -29,7 +29,7 @@ class Launch:
 
     job_id: str
     attempt: int
-    argv: list[str]  # the trainer's whole command line (`trainer.protocol.run_argv`)
+    argv: list[str]  # the trainer's whole command line (`contract.protocol.run_argv`)
     env: dict[str, str]  # what the trainer must find in its environment, besides the engine's own
     log_path: Path  # train.log: the trainer's stderr
     multi_gpu: bool = False

@@ -31,11 +31,11 @@ import threading
 import time
 from pathlib import Path
 
+from contract.protocol import Error, ErrorKind, ExitCode
 from daemon.config import Config
 from daemon.ledger import Job
 from daemon.runners.base import Launch, SubmitError
 from daemon.runners.remote import EngineError, EngineStatus, RemoteAttempt, RemoteRunner
-from trainer.protocol import Error, ErrorKind, ExitCode
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.protocol import ENV_JOB_ID, ENV_PARENT_PID, ENV_STATE_DIR, ProtocolError, parse_event
 from daemon.ledger import Job
 from daemon.messages import Message, TrainerEvent, TrainerExit, TrainerProtocolMismatch
 from daemon.runners.base import Attempt, Launch, Runner
-from trainer.protocol import ENV_JOB_ID, ENV_PARENT_PID, ENV_STATE_DIR, ProtocolError, parse_event
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.protocol import Error, ProtocolError, parse_event
 from daemon.ledger import Job
 from daemon.messages import EngineUpdate, Message, TrainerEvent, TrainerExit, TrainerProtocolMismatch
 from daemon.runners.base import Attempt, EngineError, Launch, Runner
-from trainer.protocol import Error, ProtocolError, parse_event
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20

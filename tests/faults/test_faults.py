@@ -22,7 +22,7 @@ import pytest
 
 from conftest import ROOT, env_for_subprocess
 from daemon_harness import DaemonProcess, wait_for
-from trainer.demo import make_shapes
+from trainer.data.demo import make_shapes
 
 
 @pytest.fixture

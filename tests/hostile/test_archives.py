@@ -17,7 +17,7 @@ from conftest import system_tool
 from daemon.config import LimitsConfig
 from daemon.unpack import ArchiveError, extract
 from daemon_harness import DaemonProcess
-from trainer.demo import make_shapes
+from trainer.data.demo import make_shapes
 
 
 def dataset(tmp_path: Path, name="pets") -> Path:

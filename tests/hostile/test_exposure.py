@@ -11,7 +11,7 @@ import pytest
 
 from daemon.config import Config
 from test_deploy import compose_config
-from trainer.predict import load_model
+from trainer.prediction.api import load_model
 
 
 def test_a_model_file_with_code_in_it_is_refused(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import events, run_trainer, write_corrupt_files
-from trainer.demo import make_shapes
+from trainer.data.demo import make_shapes
 
 
 def digest(root: Path) -> dict[str, str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from daemon_harness import DaemonProcess, tree_digest, wait_for
-from trainer.demo import make_shapes
+from trainer.data.demo import make_shapes
 
 BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))

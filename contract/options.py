@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from trainer.spec import (
+from contract.spec import (
     ARCHITECTURES,
     CACHE_MODES,
     COLOR_MODES,
@@ -37,8 +37,8 @@ _PATHS = ("validation_directory", "test_directory", "labels_csv")
 class TrainOptions:
     """How to train. Defaults are the classic recipe's; an empty job.yaml gives dropfit's better ones.
 
-    See `trainer.train.train_cnn` for what each field means. Invalid values raise ``ValueError`` naming the field,
-    the value received and what was expected.
+    See `trainer.fitting.train.train_cnn` for what each field means. Invalid values raise ``ValueError`` naming the
+    field, the value received and what was expected.
     """
 
     target_size: tuple[int, int] | str = (200, 200)
@@ -78,8 +78,8 @@ class TrainOptions:
     jit_compile: str | bool = "auto"
     multi_gpu: bool = False
     cache: str = "auto"
-    time_budget: float | None = None  # seconds the whole run may take (see trainer.budget)
-    audit: bool = False  # the dataset audit (trainer.audit); job.yaml turns it on by default
+    time_budget: float | None = None  # seconds the whole run may take (see trainer.fitting.budget)
+    audit: bool = False  # the dataset audit (trainer.data.audit); job.yaml turns it on by default
     near_threshold: int = 10
     audit_conflicts: str = "exclude"
 

@@ -17,7 +17,8 @@ model's answers on at least `FLOAT_AGREEMENT` of the images fails the job (a con
 TensorFlow/Keras, named with their versions); an INT8 model that loses more than `INT8_MAX_LOSS` of accuracy is kept,
 and the job's warnings, status and report say so. A failed conversion is an `ExportError` naming the format, and
 leaves no file behind (everything is written to a temporary folder, then renamed into place). The ONNX and OpenVINO
-files are run in a separate process that never imports TensorFlow (`trainer.export_run`), as a user's service would.
+files are run in a separate process that never imports TensorFlow (`trainer.outputs.export_run`), as a user's service
+would.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from trainer import artifacts
-from trainer.spec import EXPORT_FILES, EXPORT_FORMATS
+from contract.files import EXPORT_FILES
+from contract.spec import EXPORT_FORMATS
+from trainer.outputs import artifacts
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +179,7 @@ def int8_warning(rows: list[dict]) -> str | None:
 
 def load_arrays(samples, target_size, channels: int, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``limit`` of ``samples`` (a seeded sample), decoded as the model sees them: (uint8 images, labels)."""
-    from trainer.data import make_dataset
+    from trainer.data.pipeline import make_dataset
 
     if not samples:
         return np.zeros((0, *target_size, channels), np.uint8), np.zeros(0, np.int64)
@@ -310,12 +312,12 @@ def _run_tflite(path: Path, images: np.ndarray, fmt: str) -> tuple[np.ndarray, d
 
 def _run_elsewhere(path: Path, images: np.ndarray, fmt: str) -> tuple[np.ndarray, dict]:
     """ONNX (onnxruntime) and OpenVINO in a fresh interpreter that must not load TensorFlow (what a user's service
-    has): `trainer.export_run`."""
+    has): `trainer.outputs.export_run`."""
     model = path / OPENVINO_XML if fmt == "openvino" else path
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "images.npy", Path(tmp) / "probs.npy"
         np.save(src, images)
-        proc = subprocess.run([sys.executable, "-m", "trainer.export_run", fmt, str(model), str(src), str(dst)],
+        proc = subprocess.run([sys.executable, "-m", "trainer.outputs.export_run", fmt, str(model), str(src), str(dst)],
                               capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise ExportError(f"the {fmt} export does not run ({_versions_text()}): {proc.stderr.strip()[-800:]}")

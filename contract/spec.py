@@ -30,6 +30,8 @@ from pydantic import (
     WithJsonSchema,
 )
 
+from contract.files import EXPORT_FILES, JOB_FILE
+
 __all__ = ["ARCHITECTURES", "CACHE_MODES", "COLOR_MODES", "EXPORT_FILES", "EXPORT_FORMATS", "JOB_FILE",
            "MAX_SPEC_BYTES", "OPTIMIZERS", "PRECISIONS", "DataSpec", "JobSpec", "ModelSpec", "OptimizerSpec",
            "SpecError", "json_schema", "load_spec", "load_yaml_model", "parse_spec", "parse_yaml_model", "resolve_path",
@@ -37,7 +39,6 @@ __all__ = ["ARCHITECTURES", "CACHE_MODES", "COLOR_MODES", "EXPORT_FILES", "EXPOR
 
 M = TypeVar("M", bound=BaseModel)
 
-JOB_FILE = "job.yaml"
 # A job.yaml is a few hundred bytes; anything this large is a mistake or an attack, not a spec.
 MAX_SPEC_BYTES = 256 * 1024
 
@@ -49,9 +50,6 @@ OPTIMIZERS = ("rmsprop", "adam", "sgd")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 CACHE_MODES = ("auto", "memory", "disk", "none")
 EXPORT_FORMATS = ("savedmodel", "tflite", "tflite_int8", "onnx", "openvino")
-# Where each export lands in the output folder (a SavedModel and an OpenVINO IR are folders: model.xml + model.bin).
-EXPORT_FILES = {"savedmodel": "savedmodel", "tflite": "model.tflite", "tflite_int8": "model_int8.tflite",
-                "onnx": "model.onnx", "openvino": "openvino"}
 COLOR_MODES = ("auto", "rgb", "grayscale")
 FLIPS = ("none", "horizontal", "vertical", "both")
 CLASS_WEIGHTS = ("balanced", "none")
@@ -108,7 +106,7 @@ def _target_size(value: Any) -> Any:
 def _time_budget(value: Any) -> Any:
     if value is None:
         return None
-    from trainer.duration import parse_duration
+    from contract.duration import parse_duration
 
     return parse_duration(value)
 
@@ -317,12 +315,12 @@ class JobSpec(_Section):
                                           "size, load time, speed: exports.json and the report).")
 
     def train_options(self, paths: dict[str, os.PathLike | str] | None = None):
-        """The `trainer.options.TrainOptions` this spec stands for.
+        """The `contract.options.TrainOptions` this spec stands for.
 
         ``paths`` maps the fields of `paths` to where they resolve (`resolve_path`); without it, paths stay relative
         to the job folder.
         """
-        from trainer.options import TrainOptions
+        from contract.options import TrainOptions
 
         paths = {k: os.fspath(v) for k, v in (paths or {}).items()}
         t = self.training
@@ -480,7 +478,7 @@ def resolved_yaml(spec: JobSpec, origin: str = "job.yaml") -> str:
 
 
 def json_schema() -> dict:
-    """The JSON Schema of ``job.yaml`` (the file shipped as ``trainer/schemas/job.schema.json``)."""
+    """The JSON Schema of ``job.yaml`` (the file shipped as ``contract/schemas/job.schema.json``)."""
     schema = JobSpec.model_json_schema()
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
             "$id": "https://dropfit.dev/schemas/job.schema.json", **schema}

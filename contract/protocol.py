@@ -8,7 +8,7 @@ The daemon starts a trainer with `run_argv`; the trainer parses the same options
 
 ``JOB_DIR`` holds the images (spec paths are relative to it); ``SPEC_JSON`` is the resolved spec the daemon
 validated at intake (``job.yaml`` with the config's ``job_defaults`` merged), and the trainer does not read
-``job.yaml`` again; a resolved prediction job (``"kind": "predict"``, `trainer.predict_spec.PredictRun`) runs the same
+``job.yaml`` again; a resolved prediction job (``"kind": "predict"``, `contract.predict_spec.PredictRun`) runs the same
 way. It answers with JSON-lines events (`Started`, `EpochEnd`, `Progress`, `Finished`, `Interrupted`, `Error`) on
 stdout and, with ``--events-file``, appended to that file too (for runners that cannot read the process' stdout);
 its exit status is an `ExitCode`; and just before it reports success it writes `FINISHED_FILE` into ``OUT``.
@@ -26,7 +26,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from trainer.atomic import clean_json, write_json
+from contract.atomic import clean_json, write_json
+from contract.files import FINISHED_FILE
 
 __all__ = ["ENV_JOB_ID", "ENV_PARENT_PID", "ENV_STATE_DIR", "FINISHED_FILE", "PROTOCOL_VERSION", "EpochEnd", "Error",
            "ErrorKind", "Event", "ExitCode", "Finished", "Interrupted", "Progress", "ProtocolError", "Started",
@@ -39,7 +40,6 @@ PROTOCOL_VERSION = 3  # 3: prediction jobs (Started.kind, the Progress event, Fi
 SUPPORTED_VERSIONS = (2, 3)
 # Written by the trainer into its output folder just before it reports success: the daemon's proof, after a crash,
 # that the job finished (so it is not run a second time).
-FINISHED_FILE = "finished.json"
 # Environment the daemon gives a trainer: its pid (the trainer stops if it dies), and who the trainer belongs to, so
 # a restarted daemon can prove that a process it finds is its own before it signals it.
 ENV_PARENT_PID = "DROPFIT_PARENT_PID"

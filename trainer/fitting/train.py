@@ -1,10 +1,10 @@
 """`train_cnn`: scan a class-per-folder dataset, build the input pipeline and the network, train, write the results.
 
-The steps, in order: `trainer.dataset.load` (scan, audit, split), `_resolve` (what is left on ``auto``: by the data,
-and under a ``time_budget`` by measurement, `trainer.budget`), `_pipelines` (tf.data, cached), `_build` (network and
-phases), `_fit` (phase by phase, resumable from ``work_dir``, on the budget's schedule), `_for_inference` (the model
-users get), `_evaluate` (held-out images; the temperature fitted and built in, `trainer.calibration`), `_summary`;
-then `trainer.results.write_all` writes the artifacts.
+The steps, in order: `trainer.data.dataset.load` (scan, audit, split), `_resolve` (what is left on ``auto``: by the
+data, and under a ``time_budget`` by measurement, `trainer.fitting.budget`), `_pipelines` (tf.data, cached), `_build`
+(network and phases), `_fit` (phase by phase, resumable from ``work_dir``, on the budget's schedule), `_for_inference`
+(the model users get), `_evaluate` (held-out images; the temperature fitted and built in,
+`trainer.fitting.calibration`), `_summary`; then `trainer.outputs.results.write_all` writes the artifacts.
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ from pathlib import Path
 
 import keras
 
-from trainer import artifacts, budget, calibration, dataset, results
-from trainer.backbones import has_backbone, set_backbone_trainable
-from trainer.callbacks import (
+from contract.options import TrainOptions, resolve_augmentation
+from trainer.data import dataset
+from trainer.data.dataset import Dataset
+from trainer.data.pipeline import DecodeFailures, make_dataset, plan_cache
+from trainer.data.scan import auto_target_size, shuffled
+from trainer.fitting import budget, calibration
+from trainer.fitting.callbacks import (
     AtomicBackupAndRestore,
     BestWeights,
     EpochRecorder,
@@ -32,14 +36,12 @@ from trainer.callbacks import (
     TrainingInterrupted,
     load_json,
 )
-from trainer.data import DecodeFailures, make_dataset, plan_cache
-from trainer.dataset import Dataset
-from trainer.hardware import Runtime, configure
-from trainer.model import CNN_FILTERS, RECIPE_FILTERS, build_model, compile_model
-from trainer.options import TrainOptions, resolve_augmentation
-from trainer.predict import labels_and_predictions
-from trainer.report import classification_report
-from trainer.scan import auto_target_size, shuffled
+from trainer.fitting.hardware import Runtime, configure
+from trainer.network.backbones import has_backbone, set_backbone_trainable
+from trainer.network.networks import CNN_FILTERS, RECIPE_FILTERS, build_model, compile_model
+from trainer.outputs import artifacts, results
+from trainer.outputs.report import classification_report
+from trainer.prediction.api import labels_and_predictions
 
 log = logging.getLogger(__name__)
 # A held-out image is a label suspect when the calibrated model gives another class at least this probability.
@@ -142,7 +144,7 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
         exports: formats to export beside ``model.keras`` (``"savedmodel"``, ``"tflite"``), each loaded back and
             checked to predict like the Keras model; needs ``output_dir``.
         callbacks: extra ``keras.callbacks.Callback`` objects for ``fit``.
-        output_dir: if given, every artifact is written there (see `trainer.results`).
+        output_dir: if given, every artifact is written there (see `trainer.outputs.results`).
         work_dir: if given, training state is backed up there after each epoch and a rerun resumes from it.
         precision: ``"auto"`` (mixed float16 on Tensor Core GPUs, else float32), ``"float32"``,
             ``"mixed_float16"`` or ``"mixed_bfloat16"``.
@@ -160,7 +162,7 @@ def train_cnn(train_directory, target_size=(200, 200), classes=None, batch_size=
         The trained ``keras.Model``. ``model.class_names`` lists the class of each output, in order.
 
     Raises:
-        ValueError: for invalid arguments, and `trainer.scan.DatasetError` (a ``ValueError``) for unusable data.
+        ValueError: for invalid arguments, and `trainer.data.scan.DatasetError` (a ``ValueError``) for unusable data.
         TrainingInterrupted: when ``stop_event`` was set.
     """
     options = _options(options, (target_size, classes, batch_size, num_epochs, num_classes), kwargs)
@@ -422,7 +424,7 @@ def _for_inference(model, data: Dataset, o: TrainOptions, runtime: Runtime, phas
 
 def _evaluate(model, data: Dataset, o: TrainOptions) -> tuple[dict, list[dict], keras.Model]:
     """The report on held-out images (test, else validation; training images when none are held out), with the
-    temperature fitted on the validation images and built into the returned model (`trainer.calibration`)."""
+    temperature fitted on the validation images and built into the returned model (`trainer.fitting.calibration`)."""
     def predictions(samples):
         ds = make_dataset(samples, num_classes=len(data.class_names), target_size=data.target_size,
                           batch_size=o.batch_size, channels=o.channels, cache=False, with_index=True)
@@ -518,7 +520,7 @@ def _export_data(data: Dataset, o: TrainOptions):
     """What the exports are checked on (held-out images) and INT8 is calibrated on (training images), decoded
     only when there are exports."""
     def load():
-        from trainer import exports
+        from trainer.outputs import exports
 
         # The validation images first: the held-out split nearly every job has, so exports.json means the same thing
         # from job to job.

@@ -21,8 +21,8 @@ import math
 import os
 from pathlib import Path
 
-# Re-exported: the trainer's modules write through `artifacts`; the daemon imports `trainer.atomic` itself.
-from trainer.atomic import atomic_path, clean_json, write_bytes, write_json, write_text  # noqa: F401
+# Re-exported: the trainer's modules write through `artifacts`; the daemon imports `contract.atomic` itself.
+from contract.atomic import atomic_path, clean_json, write_bytes, write_json, write_text  # noqa: F401
 
 THUMBNAIL = (256, 256)  # images in the plots are decoded at least this large (a large JPEG at reduced scale)
 METRIC_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds",
@@ -103,7 +103,7 @@ def plot_confusion(path: str | os.PathLike, matrix: list[list[int]], labels: lis
 
 def plot_errors(path: str | os.PathLike, errors: list[dict], color_mode: str = "rgb") -> Path:
     """A grid of misclassified images, each titled with its true and predicted class."""
-    from trainer.images import BadImage, load_rgb
+    from trainer.data.images import BadImage, load_rgb
 
     plt = _pyplot()
     if not errors:
@@ -207,7 +207,7 @@ def plot_calibration(path: str | os.PathLike, calibration: dict) -> Path:
 def plot_groups(path: str | os.PathLike, groups: list[dict], root: str, color_mode: str = "rgb",
                 per_row: int = 6) -> Path:
     """Duplicate groups of the audit, one per row: each image titled with its label and split."""
-    from trainer.images import BadImage, load_rgb
+    from trainer.data.images import BadImage, load_rgb
 
     plt = _pyplot()
     rows = max(1, len(groups))

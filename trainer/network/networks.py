@@ -6,7 +6,7 @@ training) are layers inside it, so the saved model needs no preprocessing by its
 - ``cnn``: dropfit's default for training from scratch — blocks of two 3x3 convolutions with batch normalisation,
   global average pooling and dropout (chosen by measurement: see bench/compare_models.py and the README).
 - ``mobilenet_v3_small``, ``mobilenet_v3_large``, ``efficientnet_b0``, ``resnet50``: `keras.applications` backbones
-  for transfer learning (see `trainer.backbones`).
+  for transfer learning (see `trainer.network.backbones`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import logging
 
 import keras
 
-from trainer.backbones import build_transfer
-from trainer.layers import augmentation_layers
-from trainer.spec import ARCHITECTURES, BACKBONES, OPTIMIZERS
+from contract.spec import ARCHITECTURES, BACKBONES, OPTIMIZERS
+from trainer.network.backbones import build_transfer
+from trainer.network.layers import augmentation_layers
 
 log = logging.getLogger(__name__)
 

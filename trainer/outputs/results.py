@@ -22,12 +22,12 @@ import logging
 import statistics
 from pathlib import Path
 
-from trainer import artifacts
-from trainer.scan import Sample, Scan, relative
+from contract.files import DATASET_FILE, EXPORTS_FILE, LABELS_FILE, METRICS_FILE, MODEL_FILE, REPORT_FILE, SUMMARY_FILE
+from trainer.data.scan import Sample, Scan, relative
+from trainer.outputs import artifacts
 
 log = logging.getLogger(__name__)
 
-EXPORTS_FILE = "exports.json"
 TINY_CLASS = 10
 IMBALANCE_RATIO = 3.0
 
@@ -82,7 +82,7 @@ def write_all(out: Path, model, class_names, target_size, color_mode, history_ro
     what the exports are made from and checked on: (held-out uint8 images, their labels, representative training
     images, the held-out split's name); ``stamp(summary)`` records the final durations just before summary.json and
     the report are written."""
-    from trainer.report_page import render_report
+    from trainer.outputs.report_page import render_report
 
     out.mkdir(parents=True, exist_ok=True)
     cm = report["confusion_matrix"]
@@ -95,9 +95,9 @@ def write_all(out: Path, model, class_names, target_size, color_mode, history_ro
                                  "target_accuracy": suggested["target_accuracy"],
                                  "coverage_at_min_confidence": suggested["coverage"], "measured_on": cal["split"]}
     paths = {
-        "model": artifacts.save_model(out / "model.keras", model),
-        "labels": artifacts.write_json(out / "labels.json", labels),
-        "metrics": artifacts.write_metrics_csv(out / "metrics.csv", history_rows),
+        "model": artifacts.save_model(out / MODEL_FILE, model),
+        "labels": artifacts.write_json(out / LABELS_FILE, labels),
+        "metrics": artifacts.write_metrics_csv(out / METRICS_FILE, history_rows),
         "history_plot": artifacts.plot_history(out / "history.png", history_rows),
         "confusion_matrix": artifacts.plot_confusion(out / "confusion_matrix.png", cm["matrix"], cm["labels"],
                                                      f"confusion matrix ({split} images)"),
@@ -115,19 +115,19 @@ def write_all(out: Path, model, class_names, target_size, color_mode, history_ro
         paths["duplicates_plot"] = artifacts.plot_groups(out / "duplicates.png", shown, dataset["root"], color_mode)
     if exports:
         paths.update(_exports(out, model, exports, export_data, paths["model"], report, summary))
-    paths["report"] = artifacts.write_json(out / "report.json", report)
-    paths["dataset"] = artifacts.write_json(out / "dataset.json", dataset)
+    paths["report"] = artifacts.write_json(out / REPORT_FILE, report)
+    paths["dataset"] = artifacts.write_json(out / DATASET_FILE, dataset)
     if stamp is not None:
         stamp(summary)  # the job's time now includes every artifact and export
     paths["report_html"] = artifacts.write_text(out / "report.html", render_report(out, report, dataset, summary,
                                                                                     history_rows))
-    paths["summary"] = artifacts.write_json(out / "summary.json", summary)  # last: the rest is there when it is
+    paths["summary"] = artifacts.write_json(out / SUMMARY_FILE, summary)  # last: the rest is there when it is
     return paths
 
 
 def _exports(out: Path, model, formats, export_data, keras_file: Path, report: dict, summary: dict) -> dict:
     """Write and check every export; the per-format table goes into exports.json, report.json (and the page)."""
-    from trainer.exports import FILES, export_all
+    from trainer.outputs.exports import FILES, export_all
 
     table = export_all(model, formats, out, keras_file, export_data)
     paths = {fmt: out / FILES[fmt] for fmt in formats}

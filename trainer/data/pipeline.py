@@ -1,8 +1,8 @@
 """The ``tf.data`` input pipeline: parallel decode, resize, cache as uint8, shuffle, batch, prefetch.
 
 JPEG and PNG go through TensorFlow's native decoders inside the graph; other formats through Pillow
-(`trainer.images.load_rgb`) in a ``numpy_function``. Images stay ``uint8`` until the model's own ``Rescaling`` layer,
-so the cache is 4x smaller than float32 and the saved model takes raw 0-255 pixels.
+(`trainer.data.images.load_rgb`) in a ``numpy_function``. Images stay ``uint8`` until the model's own ``Rescaling``
+layer, so the cache is 4x smaller than float32 and the saved model takes raw 0-255 pixels.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from trainer.images import BadImage, load_rgb
-from trainer.scan import Sample, Skipped
+from trainer.data.images import BadImage, load_rgb
+from trainer.data.scan import Sample, Skipped
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def resize(image: tf.Tensor, target_size: tuple[int, int]) -> tf.Tensor:
 
     Antialiasing (a proper low-pass filter) is applied only when shrinking by more than 2x, where plain bilinear
     sampling would alias; below that it costs half the throughput for no visible difference. Used by training and
-    by `trainer.predict`, so a model sees the same pixels at both times.
+    by `trainer.prediction.api`, so a model sees the same pixels at both times.
     """
     height, width = target_size
     shape = tf.shape(image)

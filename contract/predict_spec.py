@@ -7,9 +7,9 @@
         2026-11-27/IMG_0002.jpg
         ...
 
-TensorFlow-free, like `trainer.spec` (whose YAML rules and located errors it shares): the daemon validates the file
+TensorFlow-free, like `contract.spec` (whose YAML rules and located errors it shares): the daemon validates the file
 at intake and resolves ``model:`` to a trained job's outbox folder, writing a `PredictRun` as the job's resolved spec;
-the trainer runs that (`trainer.prediction`).
+the trainer runs that (`trainer.prediction.drop`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, Strict, WithJsonSchema
 
-from trainer.spec import RelativePath, check_spec_file, load_yaml_model
+from contract.spec import RelativePath, check_spec_file, load_yaml_model
 
-PREDICT_FILE = "predict.yaml"
 KINDS = ("train", "predict")  # what a job does: trains a model (job.yaml) or labels images with one (predict.yaml)
 LATEST = "latest"
 _JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
@@ -106,7 +105,7 @@ def read_run(path: str | os.PathLike) -> PredictRun | None:
 
     from pydantic import ValidationError
 
-    from trainer.spec import SpecError, explain
+    from contract.spec import SpecError, explain
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -130,6 +129,6 @@ def load_predict_spec(path: str | os.PathLike) -> PredictSpec:
 
 
 def json_schema() -> dict:
-    """The JSON Schema of ``predict.yaml`` (shipped as ``trainer/schemas/predict.schema.json``)."""
+    """The JSON Schema of ``predict.yaml`` (shipped as ``contract/schemas/predict.schema.json``)."""
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
             "$id": "https://dropfit.dev/schemas/predict.schema.json", **PredictSpec.model_json_schema()}

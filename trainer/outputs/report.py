@@ -1,6 +1,6 @@
 """Classification metrics from labels and predictions: confusion matrix, per-class precision/recall/F1.
 
-NumPy only, shared by training (report.json) and `trainer.predict.evaluate`.
+NumPy only, shared by training (report.json) and `trainer.prediction.api.evaluate`.
 """
 
 from __future__ import annotations

@@ -11,14 +11,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import trainer.layers  # noqa: F401 - registers dropfit's layers, so safe_mode loading knows them
-from trainer.data import decode_native, make_dataset, resize
-from trainer.images import BadImage, load_rgb, probe
-from trainer.report import classification_report
-from trainer.scan import DatasetError, scan_directory
-
-MODEL_FILE = "model.keras"
-LABELS_FILE = "labels.json"
+import trainer.network.layers  # noqa: F401 - registers dropfit's layers, so safe_mode loading knows them
+from contract.files import LABELS_FILE, MODEL_FILE
+from trainer.data.images import BadImage, load_rgb, probe
+from trainer.data.pipeline import decode_native, make_dataset, resize
+from trainer.data.scan import DatasetError, scan_directory
+from trainer.outputs.report import classification_report
 
 
 def load_model(model_dir: str | os.PathLike) -> keras.Model:

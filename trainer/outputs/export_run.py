@@ -1,6 +1,6 @@
 """Run an ONNX or OpenVINO export as a service without TensorFlow would: the export check's other process.
 
-    python -m trainer.export_run FORMAT MODEL IMAGES.npy PROBS.npy
+    python -m trainer.outputs.export_run FORMAT MODEL IMAGES.npy PROBS.npy
 
 ``FORMAT`` is ``onnx`` (``MODEL``: the .onnx file, run by onnxruntime) or ``openvino`` (``MODEL``: the IR's .xml,
 run by OpenVINO on the CPU in float32; where the CPU's default is another precision, e.g. bfloat16, it is run that

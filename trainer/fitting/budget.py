@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 MIN_EPOCHS = 12  # fewer and the schedule is too short to converge: shrink the network or the input instead
 RESERVE_FIXED = 8.0  # seconds after training: model copy, calibration, plots, report, saving (measured: 3-4 s)
 RESERVE_PER_EXPORT = 30.0  # one conversion (SavedModel first for TFLite) and its run on the check images (estimate)
-EXPORT_CHECK_IMAGES = 1200  # decoded once for the exports: trainer.exports.CHECK_IMAGES + REPRESENTATIVE_IMAGES
+EXPORT_CHECK_IMAGES = 1200  # decoded once for the exports: trainer.outputs.exports.CHECK_IMAGES + REPRESENTATIVE_IMAGES
 SAFETY = 0.04  # of the budget, kept for what no estimate sees
 PLANNING_SHARE = 0.06  # of the budget, at most, spent measuring candidates (at least 3 s)
 WIDTH_GAIN, INPUT_GAIN = 2.0, 1.5  # typical speed-ups of half the filters, 3/4 of the input side (2-core CPU, 96 px)
@@ -67,7 +67,7 @@ class Clock:
 
     def save(self, work: Path | None) -> None:
         if work is not None:
-            from trainer.atomic import write_json
+            from contract.atomic import write_json
 
             write_json(work / USED_FILE, {"used": self.used(), "budget": self.budget})
 

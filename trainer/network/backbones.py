@@ -1,8 +1,8 @@
 """Transfer learning: `keras.applications` backbones under a small classification head.
 
 The backbone is the layer named ``backbone``; training freezes it first (head only) and then fine-tunes it (see
-`trainer.train`). Each backbone gets its own expected preprocessing inside the model, so the model still takes raw
-0-255 pixels. Weights: ``None`` (random), ``"imagenet"`` (downloaded by Keras on first use) or a path to a
+`trainer.fitting.train`). Each backbone gets its own expected preprocessing inside the model, so the model still takes
+raw 0-255 pixels. Weights: ``None`` (random), ``"imagenet"`` (downloaded by Keras on first use) or a path to a
 ``.weights.h5``/``.h5`` file of the backbone without its top.
 """
 
@@ -13,8 +13,8 @@ import os
 import keras
 import numpy as np
 
-from trainer.layers import augmentation_layers
-from trainer.scan import DatasetError
+from trainer.data.scan import DatasetError
+from trainer.network.layers import augmentation_layers
 
 MIN_SIZE = 32
 

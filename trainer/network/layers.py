@@ -1,9 +1,9 @@
 """dropfit's own Keras layers, registered so that ``safe_mode`` loading (no code in model files) knows them:
 
 - `Augmentation`: training-time augmentation inside the *training* model, active only while training, on 0-255
-  pixels. The model users get (``model.keras``) is rebuilt without it (`trainer.train`).
+  pixels. The model users get (``model.keras``) is rebuilt without it (`trainer.fitting.train`).
 - `Calibration`: how dropfit 0.1 built the temperature into ``model.keras``. No longer used (the temperature is now
-  Keras' own layers, `trainer.calibration.calibrated`, so the file loads without dropfit); kept so that models
+  Keras' own layers, `trainer.fitting.calibration.calibrated`, so the file loads without dropfit); kept so that models
   written then still load through `trainer.load_model`.
 """
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import keras
 import tensorflow as tf
 
-from trainer.spec import PRECISIONS
+from contract.spec import PRECISIONS
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ drop with a trained model and write, into the job's output folder:
   table, confusion matrix), ``confusion_matrix.png``, ``errors.png`` and ``report.html`` — training's machinery;
 - with ``sort: true``: a copy of every image in ``sorted/<label>/`` (the drop's own sub-folders kept below it).
 
-Images stream through the model in batches from the training pipeline's parallel decoders (`trainer.data`): the
+Images stream through the model in batches from the training pipeline's parallel decoders (`trainer.data.pipeline`): the
 images in memory are bounded by ``batch_size``, not by the size of the drop (the predictions, about a kilobyte per
 image, are kept until they are written).
 """
@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer import artifacts
-from trainer.atomic import atomic_path, clean_json
-from trainer.predict_spec import PREDICT_FILE, PredictRun
-from trainer.scan import DatasetError, Scan, relative, scan_images, valid_class_name
+from contract.atomic import atomic_path, clean_json
+from contract.files import PREDICT_FILE
+from contract.predict_spec import PredictRun
+from trainer.data.scan import DatasetError, Scan, relative, scan_images, valid_class_name
+from trainer.outputs import artifacts
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ def run_prediction(root: str | os.PathLike, run: PredictRun, out: str | os.PathL
         ValueError: ``min_confidence: suggested`` for a model that records no threshold.
         PredictionStopped: ``stop_event`` was set.
     """
-    from trainer.data import DecodeFailures, make_dataset
-    from trainer.predict import UNKNOWN, load_model, threshold
+    from trainer.data.pipeline import DecodeFailures, make_dataset
+    from trainer.prediction.api import UNKNOWN, load_model, threshold
 
     started = time.monotonic()
     spec, out = run.spec, Path(out)
@@ -203,8 +204,8 @@ def _write_predictions_json(path: Path, head: dict, rows: list[dict], tail: dict
 def _evaluate(out: Path, scan: Scan, rows: dict[int, dict], probs_of: dict[int, np.ndarray], names: list[str],
               channels: int, paths: dict) -> dict:
     """A labelled drop: how the model does on it, with training's report machinery."""
-    from trainer.report import classification_report
-    from trainer.report_page import render_prediction_report
+    from trainer.outputs.report import classification_report
+    from trainer.outputs.report_page import render_prediction_report
 
     seen = sorted(rows)
     y_true = np.asarray([scan.samples[i].label for i in seen])

@@ -1,5 +1,5 @@
-"""A dataset as `train_cnn` uses it: scanned (class folders or a CSV), audited (`trainer.audit`: duplicates kept on one
-side of every split, conflicting labels left out), and split into training, validation and test images.
+"""A dataset as `train_cnn` uses it: scanned (class folders or a CSV), audited (`trainer.data.audit`: duplicates kept
+on one side of every split, conflicting labels left out), and split into training, validation and test images.
 
 TensorFlow-free.
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from trainer import results
-from trainer.audit import audit, describe
-from trainer.options import TrainOptions
-from trainer.scan import DatasetError, Sample, Scan, relative, scan_csv, scan_directory, split
+from contract.options import TrainOptions
+from trainer.data.audit import audit, describe
+from trainer.data.scan import DatasetError, Sample, Scan, relative, scan_csv, scan_directory, split
+from trainer.outputs import results
 
 log = logging.getLogger(__name__)
 

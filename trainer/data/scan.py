@@ -24,8 +24,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from trainer.atomic import display_path
-from trainer.images import MAX_PIXELS, BadImage, ImageInfo, probe
+from contract.atomic import display_path
+from trainer.data.images import MAX_PIXELS, BadImage, ImageInfo, probe
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def split(samples: list[Sample], fraction: float, seed: int, salt: str = "",
 
     Returns ``(kept, held_out)``. Each class keeps at least one image and, when it has two or more, gives at least
     one to the held-out part. ``salt`` makes independent splits (validation and test) from one seed. ``groups`` maps
-    paths to duplicate groups (`trainer.audit`): a group goes to one side whole, so no copy of a held-out image is
+    paths to duplicate groups (`trainer.data.audit`): a group goes to one side whole, so no copy of a held-out image is
     trained on (a group counts with the class of its first member).
     """
     if fraction <= 0:

@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Larger images are refused before decoding (a 50-megapixel photo is fine, a decompression bomb is not). JPEGs are
-# decoded at up to 1/8 scale straight from the DCT (`trainer.data.decode_native`, `load_rgb`'s draft), so they may be
-# `JPEG_ALLOWANCE` times larger: a 108-megapixel phone photo (12,000 x 9,000) decodes as 1.7 megapixels.
+# decoded at up to 1/8 scale straight from the DCT (`trainer.data.pipeline.decode_native`, `load_rgb`'s draft), so
+# they may be `JPEG_ALLOWANCE` times larger: a 108-megapixel phone photo (12,000 x 9,000) decodes as 1.7 megapixels.
 MAX_PIXELS = 64_000_000
 JPEG_ALLOWANCE = 5
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from trainer import artifacts
+from trainer.outputs import artifacts
 
 EventHook = Callable[[str, dict], None]
 
