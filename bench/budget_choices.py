@@ -1,6 +1,6 @@
 """What should a time budget spend its time on? Held-out accuracy within the same budget, for the choices the
-planner makes on its own (trainer/fitting/budget.py), against the alternatives, on 28x28 greyscale data like the datasets
-users bring (nothing downloaded):
+planner makes on its own (trainer/fitting/budget.py), against the alternatives, on 28x28 greyscale data like the
+datasets users bring (nothing downloaded):
 
 - ``digits28``: scikit-learn's real handwritten digits (1,797), blown up to 28x28 greyscale PNGs;
 - ``shapes28``: 10 generated shape classes, 500 each, 28x28 greyscale (noisy backgrounds, varied sizes).
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from PIL import Image
 
+from contract.options import TrainOptions
 from contract.spec import JobSpec
 from trainer.data.demo import make_shapes
 
@@ -63,7 +64,7 @@ def run(data: Path, overrides: dict, budget: float) -> dict:
                                    **overrides})
     with tempfile.TemporaryDirectory() as out:
         started = time.monotonic()
-        train_cnn(data, options=spec.train_options(), output_dir=out, verbose=0, started_at=started)
+        train_cnn(data, options=TrainOptions.from_spec(spec), output_dir=out, verbose=0, started_at=started)
         seconds = time.monotonic() - started
         summary = json.loads((Path(out) / "summary.json").read_text())
     plan = summary["budget"]["plan"]

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from PIL import Image
 
+from contract.options import TrainOptions
 from contract.spec import JobSpec
 from trainer.data.demo import make_shapes
 
@@ -66,7 +67,7 @@ def run(name: str, data: Path, overrides: dict, seed: int) -> dict:
     spec = JobSpec.model_validate(_merge(_merge(COMMON, overrides), {"seed": seed}))
     with tempfile.TemporaryDirectory() as out:
         started = time.monotonic()
-        train_cnn(data, options=spec.train_options(), output_dir=out, verbose=0, started_at=started)
+        train_cnn(data, options=TrainOptions.from_spec(spec), output_dir=out, verbose=0, started_at=started)
         seconds = time.monotonic() - started
         summary = json.loads((Path(out) / "summary.json").read_text())
     accuracy = summary["evaluations"].get("test", {}).get("accuracy")

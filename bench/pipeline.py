@@ -55,13 +55,12 @@ def limit_tensorflow(files: list[str]) -> float:
 
 def dropfit_pipeline(root: Path, epochs: int = 3) -> tuple[float, float, int]:
     """(first epoch images/s including the scan, cached epochs images/s, images)."""
-    from trainer.data.pipeline import make_dataset
+    from trainer.data.pipeline import Batches, make_dataset
     from trainer.data.scan import scan_directory, shuffled
 
     start = time.perf_counter()
     scan = scan_directory(root)
-    ds = make_dataset(shuffled(scan.samples, 1), num_classes=len(scan.class_names), target_size=TARGET,
-                      batch_size=BATCH, shuffle=True, seed=1)
+    ds = make_dataset(shuffled(scan.samples, 1), Batches(len(scan.class_names), TARGET, BATCH), shuffle_seed=1)
     n = sum(int(x.shape[0]) for x, _ in ds)
     first = n / (time.perf_counter() - start)
     start = time.perf_counter()

@@ -57,13 +57,12 @@ def bound(steps: int = 40, warmup: int = 8) -> float:
 
 
 def dropfit(root: Path, steps: int = 40) -> float:
-    from trainer.data.pipeline import make_dataset
+    from trainer.data.pipeline import Batches, make_dataset
     from trainer.data.scan import scan_directory, shuffled
 
     scan = scan_directory(root)
     samples = shuffled(scan.samples, 1)[: BATCH * 40]
-    ds = make_dataset(samples, num_classes=len(scan.class_names), target_size=TARGET, batch_size=BATCH,
-                      shuffle=True, seed=1)
+    ds = make_dataset(samples, Batches(len(scan.class_names), TARGET, BATCH), shuffle_seed=1)
     for _ in ds:  # fill the cache: the steady state is every epoch after the first
         pass
     timer = _StepTimer(5)

@@ -1,6 +1,6 @@
 """`TrainOptions`: everything that decides how `train_cnn` trains, in one frozen, self-validating record.
 
-Built by `train_cnn` from its keyword arguments, by `JobSpec.train_options` from a job.yaml, and by the command
+Built by `train_cnn` from its keyword arguments, by `TrainOptions.from_spec` from a job.yaml, and by the command
 line; recorded whole in ``summary.json`` (``config``), so what ran is exactly what is written down. TensorFlow-free:
 a Keras optimizer object is accepted but only checked for by name.
 """
@@ -20,6 +20,7 @@ from contract.spec import (
     OPTIMIZERS,
     PRECISIONS,
     AugmentationSpec,
+    JobSpec,
 )
 
 # `augmentation=True`: what job.yaml's `augmentation` section gives by default.
@@ -35,10 +36,67 @@ _PATHS = ("validation_directory", "test_directory", "labels_csv")
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """How to train. Defaults are the classic recipe's; an empty job.yaml gives dropfit's better ones.
+    """How to train. Defaults are the classic recipe's; an empty job.yaml gives dropfit's better ones
+    (``target_size="auto", architecture="cnn", optimizer="adam", augmentation=True, early_stopping_patience=10,
+    reduce_lr_patience=4, class_weight="balanced"``). Invalid values raise ``ValueError`` naming the field, the value
+    received and what was expected.
 
-    See `trainer.fitting.train.train_cnn` for what each field means. Invalid values raise ``ValueError`` naming the
-    field, the value received and what was expected.
+    Attributes:
+        target_size: ``(height, width)`` images are resized to, or ``"auto"`` to choose from the images' median
+            size (at most 224, at least 28 pixels a side).
+        classes: train on these classes only, in this order; default every subfolder, sorted by name.
+        batch_size: images per training step (``"auto"``: 32, or chosen for throughput under a time budget); the
+            last batch of an epoch may be smaller, none is dropped.
+        num_epochs: passes over the training images (for transfer learning: of the frozen-backbone phase); under a
+            ``time_budget``, the most the plan may use.
+        num_classes: optional check; derived from the data, and a different value raises ``ValueError``.
+        validation_split: fraction of each class held out for validation (stratified, by ``seed``); 0 for none.
+        validation_directory: a separate folder of validation images; takes precedence over ``validation_split``.
+        test_split: fraction of each class held out for the final test (never seen in training or model choice).
+        test_directory: a separate folder of test images; takes precedence over ``test_split``.
+        labels_csv: CSV with columns ``filename,label`` (paths relative to ``train_directory``) instead of folders.
+        color_mode: ``"rgb"`` (3 channels) or ``"grayscale"`` (1 channel).
+        seed: fixes the splits, the shuffling, the augmentation and the weight initialisation.
+        architecture: ``"recipe"``, ``"cnn"`` or a backbone (``"mobilenet_v3_small"``, ``"mobilenet_v3_large"``,
+            ``"efficientnet_b0"``, ``"resnet50"``).
+        optimizer: ``"rmsprop"`` (the recipe), ``"adam"`` or ``"sgd"``, or a ``keras.optimizers.Optimizer``.
+        learning_rate: the optimizer's learning rate (recipe: 1e-3).
+        momentum: momentum for ``sgd`` and ``rmsprop``.
+        filters: filters of each conv block (``recipe``, ``cnn``); blocks that do not fit a small input are dropped.
+        dense_units: units of the recipe's hidden Dense layer.
+        dropout: dropout before the output layer (default: 0 for ``recipe``, 0.3 for ``cnn``, 0.2 for backbones).
+        batch_norm: batch normalisation after each convolution (``recipe``; ``cnn`` always has it).
+        augmentation: ``True`` for the defaults, or a dict with ``flip`` (``none``/``horizontal``/``vertical``/
+            ``both``), ``rotation``, ``zoom``, ``translation``, ``contrast``; layers inside the model, active only
+            while training. ``rotation``/``zoom`` may be ``"auto"`` (the default): 0.05/0.1, or 0 for a
+            ``time_budget`` job with 1,000+ training images per class.
+        weights: backbone weights: ``None``, ``"imagenet"`` (downloaded by Keras) or a weights file path.
+        fine_tune_epochs: with pretrained ``weights``, epochs of a second phase that unfreezes the backbone.
+        fine_tune_learning_rate: learning rate of that phase.
+        fine_tune_layers: unfreeze only the backbone's last N layers (default all).
+        early_stopping_patience: stop after this many epochs without a lower validation loss (None: never).
+        reduce_lr_patience: multiply the learning rate by ``reduce_lr_factor`` after this many epochs without a
+            lower validation loss (None: never).
+        reduce_lr_factor: that factor (0.5: halve it).
+        min_learning_rate: the learning rate never goes below this (also the end of a time budget's schedule).
+        class_weight: ``"balanced"`` weighs classes by inverse frequency; ``None`` or a ``{index: weight}`` dict.
+        label_smoothing: label smoothing of the cross-entropy loss.
+        restore_best_weights: with validation data, return the weights of the epoch with the lowest validation
+            loss rather than those of the last epoch.
+        exports: formats to export beside ``model.keras`` (``"savedmodel"``, ``"tflite"``, ``"tflite_int8"``,
+            ``"onnx"``, ``"openvino"``), each loaded back and checked against it (exports.json); needs ``output_dir``.
+        precision: ``"auto"`` (mixed float16 on Tensor Core GPUs, else float32), ``"float32"``,
+            ``"mixed_float16"`` or ``"mixed_bfloat16"``.
+        jit_compile: XLA: ``"auto"`` (on GPUs; measured slower on CPU), True or False.
+        multi_gpu: train on all visible GPUs with ``MirroredStrategy`` (``batch_size`` is then the global batch).
+        cache: where decoded images are kept between epochs: ``"auto"`` (memory, or files in ``work_dir`` when
+            they would take more than half the available memory), ``"memory"``, ``"disk"`` or ``"none"``.
+        time_budget: seconds the whole run may take, start to end (`trainer.fitting.budget`): the planner fits
+            epochs, batch size, width and input size to it.
+        audit: look for exact and near duplicates and conflicting labels first (`trainer.data.audit`); job.yaml
+            turns it on by default.
+        near_threshold: bits two perceptual hashes may differ by and still be near duplicates (0: exact only).
+        audit_conflicts: what to do with images filed under two classes: ``"exclude"`` them or ``"keep"`` them.
     """
 
     target_size: tuple[int, int] | str = (200, 200)
@@ -107,6 +165,59 @@ class TrainOptions:
                 set_(name, os.fspath(value))
         _validate(self)
 
+    @classmethod
+    def from_spec(cls, spec: JobSpec, paths: dict[str, os.PathLike | str] | None = None) -> TrainOptions:
+        """The options a resolved ``job.yaml`` (`contract.spec.JobSpec`) stands for.
+
+        ``paths`` maps the fields of `paths` to where they resolve (`resolve_path`); without it, paths stay relative
+        to the job folder.
+        """
+        paths = {k: os.fspath(v) for k, v in (paths or {}).items()}
+        t = spec.training
+        return cls(
+            target_size=spec.target_size,
+            classes=spec.data.classes,
+            batch_size=spec.batch_size,
+            time_budget=spec.time_budget,
+            num_epochs=spec.epochs,
+            num_classes=spec.num_classes,
+            validation_split=spec.data.validation_split,
+            validation_directory=paths.get("data.validation", spec.data.validation),
+            test_split=spec.data.test_split,
+            test_directory=paths.get("data.test", spec.data.test),
+            labels_csv=paths.get("data.labels_csv", spec.data.labels_csv),
+            color_mode=spec.color_mode,
+            seed=spec.seed,
+            architecture=spec.model.architecture,
+            filters=spec.model.filters,
+            dense_units=spec.model.dense_units,
+            dropout=spec.model.dropout,
+            batch_norm=spec.model.batch_norm,
+            weights=paths.get("model.weights", spec.model.weights),
+            fine_tune_epochs=spec.model.fine_tune.epochs if spec.model.weights else 0,
+            fine_tune_learning_rate=spec.model.fine_tune.learning_rate,
+            fine_tune_layers=spec.model.fine_tune.layers,
+            optimizer=spec.optimizer.name,
+            learning_rate=spec.optimizer.learning_rate,
+            momentum=spec.optimizer.momentum,
+            augmentation=spec.augmentation.options(),
+            early_stopping_patience=t.early_stopping_patience,
+            reduce_lr_patience=t.reduce_lr_patience,
+            reduce_lr_factor=t.reduce_lr_factor,
+            min_learning_rate=t.min_learning_rate,
+            class_weight=t.class_weight,
+            label_smoothing=t.label_smoothing,
+            restore_best_weights=t.restore_best_weights,
+            exports=spec.exports,
+            precision=spec.hardware.precision,
+            jit_compile=spec.hardware.jit_compile,
+            multi_gpu=spec.hardware.multi_gpu,
+            cache=spec.data.cache,
+            audit=spec.data.audit.enabled,
+            near_threshold=spec.data.audit.near_threshold if spec.data.audit.near_threshold else 0,
+            audit_conflicts=spec.data.audit.conflicts,
+        )
+
     def replace(self, **changes) -> TrainOptions:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -140,50 +251,77 @@ def _is_int(value) -> bool:
     return isinstance(value, int) or getattr(getattr(value, "dtype", None), "kind", "") in ("i", "u")
 
 
-def _validate(o: TrainOptions) -> None:
-    def positive_int(name, zero_ok=False):
-        value = getattr(o, name)
+class _Check:
+    """Checks of one `TrainOptions` field each, raising ``ValueError`` with the field, the value and the expectation."""
+
+    def __init__(self, options: TrainOptions):
+        self.o = options
+
+    def positive_int(self, name, zero_ok=False):
+        value = getattr(self.o, name)
         if not _is_int(value) or value < (0 if zero_ok else 1):
             kind = "a non-negative" if zero_ok else "a positive"
             raise ValueError(f"{name} must be {kind} integer. Received: {name}={value!r}")
 
-    def fraction(name):
-        value = getattr(o, name)
+    def fraction(self, name):
+        value = getattr(self.o, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise ValueError(f"{name} must be a number in [0, 1). Received: {name}={value!r}")
 
-    def one_of(name, allowed):
-        value = getattr(o, name)
+    def one_of(self, name, allowed):
+        value = getattr(self.o, name)
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}. Received: {name}={value!r}")
 
-    def optional(name, check, *args):
-        if getattr(o, name) is not None:
+    def optional(self, name, check, *args):
+        if getattr(self.o, name) is not None:
             check(name, *args)
 
+
+def _validate(o: TrainOptions) -> None:
+    check = _Check(o)
+    _validate_data(o, check)
+    _validate_model(o, check)
+    _validate_run(o, check)
+
+
+def _validate_data(o: TrainOptions, check: _Check) -> None:
     if o.target_size != "auto" and (
             not isinstance(o.target_size, tuple) or len(o.target_size) != 2
             or not all(_is_int(v) and v >= 4 for v in o.target_size)):
         raise ValueError(f"target_size must be 'auto' or a (height, width) pair of integers >= 4. "
                          f"Received: target_size={o.target_size!r}")
     if o.batch_size != "auto":
-        positive_int("batch_size")
-    positive_int("num_epochs")
-    positive_int("fine_tune_epochs", zero_ok=True)
-    optional("num_classes", positive_int)
-    optional("fine_tune_layers", positive_int)
-    optional("early_stopping_patience", positive_int)
-    optional("reduce_lr_patience", positive_int)
-    fraction("validation_split")
-    fraction("test_split")
+        check.positive_int("batch_size")
+    check.optional("num_classes", check.positive_int)
+    check.fraction("validation_split")
+    check.fraction("test_split")
     if o.validation_split + o.test_split >= 1:
         raise ValueError(f"validation_split + test_split must be below 1. "
                          f"Received: {o.validation_split} + {o.test_split}")
-    one_of("color_mode", COLOR_MODES)
-    positive_int("seed", zero_ok=True)
-    one_of("architecture", ARCHITECTURES)
+    check.one_of("color_mode", COLOR_MODES)
+    check.positive_int("seed", zero_ok=True)
+    if o.classes is not None and (isinstance(o.classes, str) or len(o.classes) < 2
+                                  or len(set(o.classes)) != len(o.classes)):
+        raise ValueError(f"classes must be a list of at least 2 distinct class names. Received: classes={o.classes!r}")
+    check.one_of("cache", CACHE_MODES)
+    check.one_of("audit_conflicts", ("exclude", "keep"))
+    if not _is_int(o.near_threshold) or not 0 <= o.near_threshold <= 32:
+        raise ValueError(f"near_threshold must be an integer from 0 to 32. "
+                         f"Received: near_threshold={o.near_threshold!r}")
+    if o.augmentation is not None and not isinstance(o.augmentation, dict):
+        raise ValueError(f"augmentation must be True, None or a dict of options. "
+                         f"Received: augmentation={o.augmentation!r}")
+    for key, value in (o.augmentation or {}).items():
+        if value == "auto" and key not in AUTO_WARPS:
+            raise ValueError(f"augmentation {key} must be a number ('auto' only for {' and '.join(AUTO_WARPS)}). "
+                             f"Received: {key}={value!r}")
+
+
+def _validate_model(o: TrainOptions, check: _Check) -> None:
+    check.one_of("architecture", ARCHITECTURES)
     if isinstance(o.optimizer, str):
-        one_of("optimizer", OPTIMIZERS)
+        check.one_of("optimizer", OPTIMIZERS)
     elif not hasattr(o.optimizer, "apply_gradients"):
         raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a keras optimizer. Received: "
                          f"optimizer={o.optimizer!r}")
@@ -193,39 +331,32 @@ def _validate(o: TrainOptions) -> None:
             raise ValueError(f"{name} must be a positive number. Received: {name}={value!r}")
     if o.filters is not None and (not o.filters or not all(_is_int(f) and f > 0 for f in o.filters)):
         raise ValueError(f"filters must be a non-empty list of positive integers. Received: filters={o.filters!r}")
-    positive_int("dense_units")
-    optional("dropout", fraction)
-    fraction("momentum")
-    fraction("label_smoothing")
+    check.positive_int("dense_units")
+    check.optional("dropout", check.fraction)
+    check.fraction("momentum")
+    check.fraction("label_smoothing")
+    check.optional("fine_tune_layers", check.positive_int)
+
+
+def _validate_run(o: TrainOptions, check: _Check) -> None:
+    check.positive_int("num_epochs")
+    check.positive_int("fine_tune_epochs", zero_ok=True)
+    check.optional("early_stopping_patience", check.positive_int)
+    check.optional("reduce_lr_patience", check.positive_int)
     if not 0 < o.reduce_lr_factor < 1:
         raise ValueError(f"reduce_lr_factor must be in (0, 1). Received: reduce_lr_factor={o.reduce_lr_factor!r}")
-    if o.classes is not None and (isinstance(o.classes, str) or len(o.classes) < 2
-                                  or len(set(o.classes)) != len(o.classes)):
-        raise ValueError(f"classes must be a list of at least 2 distinct class names. Received: classes={o.classes!r}")
     if not (o.class_weight in (None, "balanced") or isinstance(o.class_weight, dict)):
         raise ValueError(f"class_weight must be 'balanced', None or a dict. Received: class_weight={o.class_weight!r}")
     if isinstance(o.exports, str) or any(e not in EXPORT_FORMATS for e in o.exports):
         raise ValueError(f"exports must be a list of formats from {', '.join(map(repr, EXPORT_FORMATS))}. "
                          f"Received: exports={o.exports!r}")
-    one_of("precision", PRECISIONS)
+    check.one_of("precision", PRECISIONS)
     if o.jit_compile not in ("auto", True, False):
         raise ValueError(f"jit_compile must be 'auto', True or False. Received: jit_compile={o.jit_compile!r}")
-    one_of("cache", CACHE_MODES)
-    one_of("audit_conflicts", ("exclude", "keep"))
-    if not _is_int(o.near_threshold) or not 0 <= o.near_threshold <= 32:
-        raise ValueError(f"near_threshold must be an integer from 0 to 32. "
-                         f"Received: near_threshold={o.near_threshold!r}")
     if o.time_budget is not None and (isinstance(o.time_budget, bool) or not isinstance(o.time_budget, (int, float))
                                       or not 10 <= o.time_budget <= 30 * 86400):
         raise ValueError(f"time_budget must be a number of seconds from 10 to 30 days (or None). "
                          f"Received: time_budget={o.time_budget!r}")
-    if o.augmentation is not None and not isinstance(o.augmentation, dict):
-        raise ValueError(f"augmentation must be True, None or a dict of options. "
-                         f"Received: augmentation={o.augmentation!r}")
-    for key, value in (o.augmentation or {}).items():
-        if value == "auto" and key not in AUTO_WARPS:
-            raise ValueError(f"augmentation {key} must be a number ('auto' only for {' and '.join(AUTO_WARPS)}). "
-                             f"Received: {key}={value!r}")
 
 
 def resolve_augmentation(augmentation: dict | None, *, budgeted: bool, train_images: int,

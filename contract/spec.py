@@ -314,60 +314,6 @@ class JobSpec(_Section):
                                           "checked against model.keras on held-out images (agreement, accuracy, "
                                           "size, load time, speed: exports.json and the report).")
 
-    def train_options(self, paths: dict[str, os.PathLike | str] | None = None):
-        """The `contract.options.TrainOptions` this spec stands for.
-
-        ``paths`` maps the fields of `paths` to where they resolve (`resolve_path`); without it, paths stay relative
-        to the job folder.
-        """
-        from contract.options import TrainOptions
-
-        paths = {k: os.fspath(v) for k, v in (paths or {}).items()}
-        t = self.training
-        return TrainOptions(
-            target_size=self.target_size,
-            classes=self.data.classes,
-            batch_size=self.batch_size,
-            time_budget=self.time_budget,
-            num_epochs=self.epochs,
-            num_classes=self.num_classes,
-            validation_split=self.data.validation_split,
-            validation_directory=paths.get("data.validation", self.data.validation),
-            test_split=self.data.test_split,
-            test_directory=paths.get("data.test", self.data.test),
-            labels_csv=paths.get("data.labels_csv", self.data.labels_csv),
-            color_mode=self.color_mode,
-            seed=self.seed,
-            architecture=self.model.architecture,
-            filters=self.model.filters,
-            dense_units=self.model.dense_units,
-            dropout=self.model.dropout,
-            batch_norm=self.model.batch_norm,
-            weights=paths.get("model.weights", self.model.weights),
-            fine_tune_epochs=self.model.fine_tune.epochs if self.model.weights else 0,
-            fine_tune_learning_rate=self.model.fine_tune.learning_rate,
-            fine_tune_layers=self.model.fine_tune.layers,
-            optimizer=self.optimizer.name,
-            learning_rate=self.optimizer.learning_rate,
-            momentum=self.optimizer.momentum,
-            augmentation=self.augmentation.options(),
-            early_stopping_patience=t.early_stopping_patience,
-            reduce_lr_patience=t.reduce_lr_patience,
-            reduce_lr_factor=t.reduce_lr_factor,
-            min_learning_rate=t.min_learning_rate,
-            class_weight=t.class_weight,
-            label_smoothing=t.label_smoothing,
-            restore_best_weights=t.restore_best_weights,
-            exports=self.exports,
-            precision=self.hardware.precision,
-            jit_compile=self.hardware.jit_compile,
-            multi_gpu=self.hardware.multi_gpu,
-            cache=self.data.cache,
-            audit=self.data.audit.enabled,
-            near_threshold=self.data.audit.near_threshold if self.data.audit.near_threshold else 0,
-            audit_conflicts=self.data.audit.conflicts,
-        )
-
     def paths(self) -> dict[str, str]:
         """Spec fields that name files or folders in the job folder, by field name (for `resolve_path`)."""
         fields = {"data.train": self.data.train, "data.validation": self.data.validation,

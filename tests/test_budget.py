@@ -11,6 +11,7 @@ import time
 import pytest
 import yaml
 
+from contract.options import TrainOptions
 from tests.conftest import ROOT, env_for_subprocess, events
 from trainer.data.demo import make_shapes
 from trainer.fitting import budget
@@ -64,7 +65,7 @@ def test_a_budgeted_job_with_many_images_per_class_trains_without_geometric_warp
 
     data = make_shapes(tmp_path / "many", classes=2, per_class=1300, size_range=(16, 16), formats=("png",),
                        modes=("L",), seed=3)
-    options = JobSpec.model_validate({"time_budget": 20, "epochs": 2}).train_options()
+    options = TrainOptions.from_spec(JobSpec.model_validate({"time_budget": 20, "epochs": 2}))
     train_cnn(data, options=options, output_dir=tmp_path / "out", verbose=0, started_at=time.monotonic())
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     augmentation = summary["config"]["augmentation"]
@@ -94,41 +95,42 @@ def test_the_planner_shrinks_the_network_when_too_few_epochs_fit():
         return model
 
     clock = budget.Clock(budget=12.0, started=time.monotonic())
-    plan = budget.choose(clock, train_images=200_000, held_out=100, exports=0, num_classes=3, target_size=(64, 64),
-                         channels=1, batch_size="auto", filters=(8, 16), can_shrink_width=True, can_shrink_input=True,
-                         max_epochs=50, build=build)
+    request = budget.Request(train_images=200_000, held_out=100, exports=0, num_classes=3, target_size=(64, 64),
+                             channels=1, batch_size="auto", filters=(8, 16), can_shrink_width=True,
+                             can_shrink_input=True, max_epochs=50)
+    plan = budget.choose(clock, request, build)
     assert len(plan.candidates) > 1 and built[1] != built[0]
     assert plan.batch_size == 128 and plan.epochs >= 1
     assert plan.epochs <= 50 and plan.target_size[0] <= 64
 
 
 def test_the_schedule_warms_up_decays_to_the_plans_end_and_stops_in_time():
-    """The budget's Keras callback on its own: the cosine learning rate, and the hard stop, which comes early enough
-    for the validation pass a stopped epoch still runs."""
-    from types import SimpleNamespace
-
+    """The budget's schedule on its own (no Keras): the cosine learning rate, the plan made again after an epoch, and
+    the hard stop, which comes early enough for the validation pass a stopped epoch still runs."""
     plan = budget.Plan(budget=100.0, used_before_training=0.0, reserve=10.0, training_seconds=60.0, batch_size=32,
                        target_size=(32, 32), channels=1, filters=None, images_per_second=100.0, epoch_seconds=5.0,
                        epochs=10)
     clock = budget.Clock(budget=100.0, started=time.monotonic())
     steps = 20
 
-    def callback(training_ends=60.0, held_out=0):
-        return budget.schedule_callback(clock, plan, base_lr=1e-3, min_lr=1e-5, steps_per_epoch=steps,
-                                        phase_start=0, first_epoch=0, planned_end=10, max_end=50,
-                                        training_ends=training_ends, recorder=SimpleNamespace(epochs=10), work=None,
-                                        held_out=held_out)
+    def schedule(training_ends=60.0, held_out=0):
+        return budget.Schedule(clock, plan, budget.Span(base_lr=1e-3, min_lr=1e-5, steps_per_epoch=steps,
+                                                        phase_start=0, first_epoch=0, planned_end=10, max_end=50,
+                                                        training_ends=training_ends, held_out=held_out))
 
-    rates = [callback()._lr(step) for step in range(10 * steps + 1)]
+    rates = [schedule().learning_rate(step) for step in range(10 * steps + 1)]
     warmup = int(0.05 * 10 * steps)
     assert rates[:warmup] == sorted(rates[:warmup]) and rates[warmup - 1] == pytest.approx(1e-3)
     assert rates[warmup:] == sorted(rates[warmup:], reverse=True)  # then only down ...
     assert rates[-1] == pytest.approx(1e-5) and min(rates) >= 1e-5  # ... to the floor, on the plan's last step
 
+    # Epochs twice as slow as planned: the plan is cut to what still fits, and recorded.
+    s = schedule(training_ends=clock.used() + 30.0)
+    assert s.epoch_ended(0, 10.0) is False and s.planned_end < 10 and plan.replans[-1]["was"] == 10
+    # Faster: the plan grows, never past max_end.
+    assert schedule(training_ends=clock.used() + 1000.0).epoch_ended(0, 0.5) is False
     # 600 held-out images at 3 x 100 images/s: the hard stop comes 2 s before the training time is up.
     used = clock.used()
     for held_out, stops in ((0, False), (600, True)):
-        schedule = callback(training_ends=used + 1.5, held_out=held_out)
-        schedule.set_model(SimpleNamespace(stop_training=False))
-        schedule.on_train_batch_end(0)
-        assert schedule.model.stop_training is stops and schedule.stopped_by == ("time" if stops else None)
+        s = schedule(training_ends=used + 1.5, held_out=held_out)
+        assert s.time_is_up() is stops and s.stopped_by == ("time" if stops else None)

@@ -68,7 +68,7 @@ def test_hardware_on_a_cpu_machine_resolves_to_float32_without_xla():
 
 
 def test_a_dataset_larger_than_the_memory_budget_is_cached_on_disk_once(tmp_path):
-    from trainer.data.pipeline import make_dataset, plan_cache
+    from trainer.data.pipeline import Batches, make_dataset, plan_cache
     from trainer.data.scan import scan_directory
 
     data = make_shapes(tmp_path / "data", classes=2, per_class=6, size_range=(20, 40))
@@ -77,7 +77,7 @@ def test_a_dataset_larger_than_the_memory_budget_is_cached_on_disk_once(tmp_path
     assert plan_cache("auto", len(samples), (32, 32), 3, cache) == ("memory", None)
     mode, folder = plan_cache("auto", len(samples), (32, 32), 3, cache, memory_fraction=1e-12)
     assert (mode, folder) == ("disk", str(cache))
-    ds = make_dataset(samples, num_classes=2, target_size=(32, 32), batch_size=4, cache=str(cache / "train"))
+    ds = make_dataset(samples, Batches(2, (32, 32), 4), cache=str(cache / "train"))
     first = np.concatenate([x.numpy() for x, _ in ds])
     assert first.dtype == np.uint8 and first.shape == (12, 32, 32, 3)  # cached as uint8, scaled in the model
     written = sorted(p.name for p in cache.iterdir())
@@ -90,14 +90,14 @@ def test_a_dataset_larger_than_the_memory_budget_is_cached_on_disk_once(tmp_path
 
 
 def test_an_incomplete_disk_cache_from_a_killed_run_is_removed(tmp_path):
-    from trainer.data.pipeline import make_dataset, plan_cache
+    from trainer.data.pipeline import Batches, make_dataset, plan_cache
     from trainer.data.scan import scan_directory
 
     data = make_shapes(tmp_path / "data", classes=2, per_class=8, size_range=(20, 40))
     samples = scan_directory(data).samples
     cache = tmp_path / "cache"
     plan_cache("disk", len(samples), (32, 32), 3, cache)
-    ds = make_dataset(samples, num_classes=2, target_size=(32, 32), batch_size=2, cache=str(cache / "train"))
+    ds = make_dataset(samples, Batches(2, (32, 32), 2), cache=str(cache / "train"))
     it = iter(ds)
     next(it)  # the first epoch stops part way, as when a job is killed
     del it
@@ -105,7 +105,7 @@ def test_an_incomplete_disk_cache_from_a_killed_run_is_removed(tmp_path):
     assert not (cache / "train.index").exists()
     plan_cache("disk", len(samples), (32, 32), 3, cache)
     assert sorted(p.name for p in cache.iterdir()) == []
-    again = make_dataset(samples, num_classes=2, target_size=(32, 32), batch_size=2, cache=str(cache / "train"))
+    again = make_dataset(samples, Batches(2, (32, 32), 2), cache=str(cache / "train"))
     assert sum(int(x.shape[0]) for x, _ in again) == 16
     assert (cache / "train.index").exists()
 

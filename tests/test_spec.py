@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from contract.options import TrainOptions
 from contract.spec import JobSpec, SpecError, json_schema, load_spec, parse_spec, resolve_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +30,7 @@ def test_empty_spec_means_dropfit_defaults():
     assert spec.optimizer.learning_rate == pytest.approx(1e-3) and spec.data.validation_split == pytest.approx(0.2)
     assert spec.augmentation.enabled and spec.augmentation.flip == "none"
     assert spec.training.early_stopping_patience == 10 and spec.training.class_weight == "balanced"
-    options = spec.train_options()
+    options = TrainOptions.from_spec(spec)
     assert options.augmentation["rotation"] == "auto" and options.class_weight == "balanced"
     assert options.fine_tune_epochs == 0  # no pretrained weights, no fine-tuning phase
 
@@ -40,23 +41,26 @@ def test_example_lists_exactly_the_defaults_and_every_option_is_one_train_cnn_ta
     import dataclasses
     import inspect
 
-    from contract.options import TrainOptions
     from trainer.fitting import train
 
-    options = spec.train_options()
+    options = TrainOptions.from_spec(spec)
     recipe = {"target_size", "classes", "batch_size", "num_epochs", "num_classes"}
     params = set(inspect.signature(train.train_cnn).parameters)
     assert recipe <= params  # the recipe's signature is kept
     # Every option is recorded whole in summary.json (one list, not six that disagree).
     assert set(options.to_json()) == {f.name for f in dataclasses.fields(TrainOptions)}
     assert options.to_json()["fine_tune_layers"] is None
+    # Every option is documented in one place, TrainOptions (train_cnn's docstring points there): none drifts away.
+    documented = {line.strip().split(":")[0] for line in TrainOptions.__doc__.splitlines()
+                  if line.startswith("        ") and not line.startswith("         ") and ":" in line}
+    assert {f.name for f in dataclasses.fields(TrainOptions)} <= documented
 
 
 def test_recipe_job_and_paths():
     spec = parse_spec("model: {architecture: recipe, weights: w/backbone.weights.h5}\n"
                       "data: {test: held_out, validation: val}\naugmentation: {enabled: false}\n"
                       "training: {class_weight: none, early_stopping_patience: null}\nexports: [tflite]")
-    options = spec.train_options()
+    options = TrainOptions.from_spec(spec)
     assert options.architecture == "recipe" and options.augmentation is None
     assert options.class_weight is None and options.early_stopping_patience is None
     assert options.exports == ("tflite",)
@@ -150,12 +154,12 @@ def test_file_level_errors(tmp_path):
 def test_time_budgets_as_people_write_them():
     for text, seconds in (("90s", 90), ("15m", 900), ("1h30m", 5400), ("2h", 7200), ("600", 600), ("1.5h", 5400)):
         assert parse_spec(f"time_budget: {text}").time_budget == seconds
-    assert parse_spec("time_budget: 900").train_options().time_budget == 900
+    assert TrainOptions.from_spec(parse_spec("time_budget: 900")).time_budget == 900
 
 
 def test_square_target_size_and_defaults_merge():
     assert parse_spec("target_size: 64").target_size == (64, 64)
-    assert parse_spec("target_size: [64, 48]").train_options().target_size == (64, 48)
+    assert TrainOptions.from_spec(parse_spec("target_size: [64, 48]")).target_size == (64, 48)
     spec = parse_spec("model: {dropout: 0.5}", defaults={"epochs": 3, "model": {"dense_units": 64}})
     assert (spec.epochs, spec.model.dense_units, spec.model.dropout) == (3, 64, 0.5)
 
@@ -221,14 +225,14 @@ def test_predict_yaml_example_schema_and_errors(tmp_path):
 def test_auto_warps_are_off_only_for_budgeted_jobs_with_many_images_per_class():
     from contract.options import TrainOptions, resolve_augmentation
 
-    auto = JobSpec().train_options().augmentation
+    auto = TrainOptions.from_spec(JobSpec()).augmentation
     small = resolve_augmentation(auto, budgeted=True, train_images=999 * 10, num_classes=10)
     large = resolve_augmentation(auto, budgeted=True, train_images=1000 * 10, num_classes=10)
     unbudgeted = resolve_augmentation(auto, budgeted=False, train_images=48_000, num_classes=10)
     assert (small["rotation"], small["zoom"]) == (unbudgeted["rotation"], unbudgeted["zoom"]) == (0.05, 0.1)
     assert (large["rotation"], large["zoom"]) == (0.0, 0.0)
     assert large["translation"] == auto["translation"] == 0.1  # only the warps are automatic
-    explicit = parse_spec("time_budget: 15m\naugmentation: {rotation: 0.2}\n").train_options().augmentation
+    explicit = TrainOptions.from_spec(parse_spec("time_budget: 15m\naugmentation: {rotation: 0.2}\n")).augmentation
     assert resolve_augmentation(explicit, budgeted=True, train_images=48_000, num_classes=10)["rotation"] == 0.2
     with pytest.raises(ValueError, match=r"augmentation translation must be a number .*Received: translation='auto'"):
         TrainOptions(augmentation={"translation": "auto"})

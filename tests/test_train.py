@@ -14,7 +14,7 @@ from PIL import Image
 
 from trainer import TrainingInterrupted, train_cnn
 from trainer.data.demo import draw_shape, make_shapes
-from trainer.data.pipeline import make_dataset
+from trainer.data.pipeline import Batches, make_dataset
 from trainer.data.scan import DatasetError, Sample
 from trainer.prediction.api import evaluate, load_model, predict
 
@@ -120,7 +120,7 @@ def test_pipeline_keeps_every_image_and_the_last_partial_batch(tmp_path):
     samples = [Sample(str(p), i, p.suffix == ".png") for i, c in enumerate(["circle", "square"])
                for p in sorted((root / c).iterdir())]
     assert len(samples) == 38
-    ds = make_dataset(samples, num_classes=2, target_size=(16, 16), batch_size=8, shuffle=True, seed=1)
+    ds = make_dataset(samples, Batches(2, (16, 16), 8), shuffle_seed=1)
     for _ in range(2):  # the cached second epoch too
         sizes = [int(images.shape[0]) for images, _ in ds]
         assert sizes == [8, 8, 8, 8, 6]

@@ -19,6 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
+from contract.options import TrainOptions
 from contract.protocol import ExitCode
 
 log = logging.getLogger("trainer.cli")
@@ -137,7 +138,7 @@ def cmd_run(args) -> int:
         from trainer.fitting.train import TrainingInterrupted, train_cnn
         from trainer.outputs.exports import ExportError
 
-        options = spec.train_options(paths)
+        options = TrainOptions.from_spec(spec, paths)
         train_cnn(paths["data.train"], options=options, verbose=0, output_dir=args.out, work_dir=args.work,
                   on_event=on_event, stop_event=stop, started_at=started_at,
                   metadata={"job_id": job_id, "job_dir": str(job_dir.resolve()),
@@ -261,7 +262,7 @@ def cmd_train(args) -> int:
     _install_stop_handlers(stop)
     try:
         # Paths come from the command line (relative to the current folder), never from a --spec file.
-        options = spec.train_options().replace(validation_directory=args.validation_dir,
+        options = TrainOptions.from_spec(spec).replace(validation_directory=args.validation_dir,
                                                test_directory=args.test_dir, labels_csv=args.labels_csv)
         model = train_cnn(args.data_dir, options=options, verbose=1, output_dir=out, work_dir=args.work,
                           stop_event=stop, metadata={"spec": spec.model_dump(mode="json")})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -76,19 +77,33 @@ def decode_native(data: tf.Tensor, channels: int, target_size: tuple[int, int]) 
     return image
 
 
-def make_dataset(samples: list[Sample], *, num_classes: int, target_size: tuple[int, int], batch_size: int,
-                 channels: int = 3, shuffle: bool = False, seed: int | None = None, cache: bool | str = True,
-                 failures: DecodeFailures | None = None, with_index: bool = False) -> tf.data.Dataset:
+@dataclass(frozen=True)
+class Batches:
+    """What the batches look like: one-hot labels over ``num_classes``, images resized to ``target_size`` with
+    ``channels`` channels, ``batch_size`` at a time."""
+
+    num_classes: int
+    target_size: tuple[int, int]
+    batch_size: int
+    channels: int = 3
+
+
+def make_dataset(samples: list[Sample], batches: Batches, *, shuffle_seed: int | None = None,
+                 cache: bool | str = True, failures: DecodeFailures | None = None,
+                 with_index: bool = False) -> tf.data.Dataset:
     """Build a batched dataset of ``(uint8 images, one-hot labels)`` from scanned samples.
 
     Every sample is used each epoch; the last batch may be smaller than ``batch_size`` (and a dataset smaller than
     one batch still gives one batch).
 
     Args:
+        shuffle_seed: shuffle every epoch, seeded (None: keep the order).
         cache: True caches decoded images in memory, a string caches to that file prefix, False decodes every epoch.
         failures: collects files that fail to decode; they are dropped instead of stopping training.
         with_index: add a third element, each image's position in ``samples`` (to name misclassified files).
     """
+    num_classes, target_size, batch_size, channels = (batches.num_classes, batches.target_size, batches.batch_size,
+                                                      batches.channels)
     if not samples:
         raise ValueError("make_dataset needs at least one sample")
     height, width = target_size
@@ -131,8 +146,8 @@ def make_dataset(samples: list[Sample], *, num_classes: int, target_size: tuple[
     ds = ds.map(lambda image, label, index: (tf.ensure_shape(image, [height, width, channels]), label, index))
     if cache:
         ds = ds.cache(cache if isinstance(cache, str) else "")
-    if shuffle:
-        ds = ds.shuffle(min(len(samples), SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True)
+    if shuffle_seed is not None:
+        ds = ds.shuffle(min(len(samples), SHUFFLE_BUFFER), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if with_index:
         ds = ds.map(lambda images, labels, index: (images, tf.one_hot(labels, num_classes), index),

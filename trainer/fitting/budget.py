@@ -130,53 +130,73 @@ def measure(model, input_shape: tuple[int, int, int], num_classes: int, batch_si
     return steps * batch_size / (time.perf_counter() - started)
 
 
-def choose(clock: Clock, *, train_images: int, held_out: int, exports: int, num_classes: int, target_size,
-           channels: int, batch_size: int | str, filters, can_shrink_width: bool, can_shrink_input: bool,
-           max_epochs: int, build) -> Plan:
+@dataclass(frozen=True)
+class Request:
+    """What the planner plans for: the data, the starting point, and what it may change."""
+
+    train_images: int
+    held_out: int
+    exports: int
+    num_classes: int
+    target_size: tuple[int, int]
+    channels: int
+    batch_size: int | str  # "auto": chosen by the number of training images
+    filters: tuple[int, ...] | None
+    can_shrink_width: bool
+    can_shrink_input: bool
+    max_epochs: int
+
+
+def choose(clock: Clock, request: Request, build) -> Plan:
     """Measure candidates and pick the first that fits `MIN_EPOCHS` (or the cheapest measured): ``build(target_size,
     channels, filters)`` returns a compiled model. Cheaper candidates halve the width and shrink the input by a
     quarter, in turn; from the speed measured, the planner skips straight to the first one predicted to fit, and
     spends at most `PLANNING_SHARE` of the budget measuring."""
-    batch = batch_size if batch_size != "auto" else _auto_batch(train_images)
-    size, width = tuple(target_size), filters
+    r = request
+    batch = r.batch_size if r.batch_size != "auto" else _auto_batch(r.train_images)
+    size, width = tuple(r.target_size), r.filters
     seconds = min(1.5, max(0.3, clock.budget * 0.004))
     planning_ends = clock.used() + max(3.0, PLANNING_SHARE * clock.budget)
+    wanted = min(MIN_EPOCHS, r.max_epochs)
     candidates, step = [], 0
     while True:
-        model = build(size, channels, width)
-        ips = measure(model, (*size, channels), num_classes, batch, seconds)
-        epoch = train_images / ips * 1.08  # the shuffle, the last partial batch and the validation pass
-        spare = reserve(held_out, exports, ips, clock.budget)
+        ips = measure(build(size, r.channels, width), (*size, r.channels), r.num_classes, batch, seconds)
+        epoch = r.train_images / ips * 1.08  # the shuffle, the last partial batch and the validation pass
+        spare = reserve(r.held_out, r.exports, ips, clock.budget)
         training = clock.left() - spare
         fits = max(0, math.floor(training / epoch)) if training > 0 else 0
-        candidates.append({"target_size": list(size), "channels": channels, "filters": list(width) if width else None,
-                           "batch_size": batch, "images_per_second": round(ips, 1), "epochs_that_fit": fits,
-                           "epoch_seconds": round(epoch, 2)})
-        log.info("budget: %dx%dx%d, filters %s, batch %d: %.0f images/s, %d epoch(s) fit in %.0f s", *size, channels,
-                 width or "default", batch, ips, fits, training)
-        if fits >= min(MIN_EPOCHS, max_epochs) or clock.used() >= planning_ends:
+        candidates.append({"target_size": list(size), "channels": r.channels, "batch_size": batch,
+                           "filters": list(width) if width else None, "images_per_second": round(ips, 1),
+                           "epochs_that_fit": fits, "epoch_seconds": round(epoch, 2)})
+        log.info("budget: %dx%dx%d, filters %s, batch %d: %.0f images/s, %d epoch(s) fit in %.0f s", *size,
+                 r.channels, width or "default", batch, ips, fits, training)
+        if fits >= wanted or clock.used() >= planning_ends:
             break
-        # How much faster the next candidate must be, and the first shrink predicted to get there.
-        needed = min(MIN_EPOCHS, max_epochs) * epoch / max(training, 1e-3)
-        gain, nxt = 1.0, None
-        while gain < needed:
-            smaller = _shrink(size if nxt is None else nxt[0], width if nxt is None else nxt[1], can_shrink_width,
-                              can_shrink_input, step)
-            if smaller is None:
-                break
-            step += 1
-            gain *= WIDTH_GAIN if smaller[1] != (width if nxt is None else nxt[1]) else INPUT_GAIN
-            nxt = smaller
+        nxt, step = _cheaper(size, width, r, needed=wanted * epoch / max(training, 1e-3), step=step)
         if nxt is None:
             break
         size, width = nxt
     best = candidates[-1]
     return Plan(budget=clock.budget, used_before_training=clock.used(), reserve=spare, training_seconds=training,
-                batch_size=best["batch_size"], target_size=tuple(best["target_size"]), channels=channels,
+                batch_size=best["batch_size"], target_size=tuple(best["target_size"]), channels=r.channels,
                 filters=tuple(best["filters"]) if best["filters"] else None,
                 images_per_second=best["images_per_second"], epoch_seconds=epoch,
-                epochs=max(1, min(max_epochs, best["epochs_that_fit"])), train_images=train_images,
+                epochs=max(1, min(r.max_epochs, best["epochs_that_fit"])), train_images=r.train_images,
                 candidates=candidates)
+
+
+def _cheaper(size, width, r: Request, needed: float, step: int):
+    """The first shrink predicted to be ``needed`` times faster (or the cheapest there is), and the next step."""
+    gain, nxt = 1.0, None
+    while gain < needed:
+        smaller = _shrink(size if nxt is None else nxt[0], width if nxt is None else nxt[1], r.can_shrink_width,
+                          r.can_shrink_input, step)
+        if smaller is None:
+            break
+        step += 1
+        gain *= WIDTH_GAIN if smaller[1] != (width if nxt is None else nxt[1]) else INPUT_GAIN
+        nxt = smaller
+    return nxt, step
 
 
 def _auto_batch(train_images: int) -> int:
@@ -201,78 +221,76 @@ def _shrink(size, width, can_shrink_width: bool, can_shrink_input: bool, step: i
     return options[step % len(options)] if len(options) > 1 else options[0]
 
 
-def schedule_callback(clock: Clock, plan: Plan, *, base_lr: float, min_lr: float, steps_per_epoch: int,
-                      phase_start: int, first_epoch: int, planned_end: int, max_end: int, training_ends: float,
-                      recorder, work: Path | None, held_out: int = 0):
-    """The Keras callback that runs the plan for one phase (epochs ``phase_start`` to at most ``max_end``, planned to
-    end at ``planned_end``, resuming at ``first_epoch``), until ``training_ends`` seconds of the budget are used.
+@dataclass(frozen=True)
+class Span:
+    """One phase of training on the plan: epochs ``phase_start`` to at most ``max_end``, planned to end at
+    ``planned_end``, resuming at ``first_epoch``, until ``training_ends`` seconds of the budget are used; ``held_out``
+    images are validated after each epoch."""
 
-    An epoch stopped part way still runs its validation pass (``held_out`` images) after the stop, which the
-    reserve does not hold (it holds the evaluation's pass): the hard stop comes that much sooner (2 s of a 40 s job
-    on 480 images, on a 2-core CPU)."""
-    import keras
+    base_lr: float
+    min_lr: float
+    steps_per_epoch: int
+    phase_start: int
+    first_epoch: int
+    planned_end: int
+    max_end: int
+    training_ends: float
+    held_out: int = 0
 
-    hard_stop = training_ends - validation_seconds(held_out, plan.images_per_second)
 
-    class BudgetSchedule(keras.callbacks.Callback):
-        """Cosine learning rate over the planned epochs, re-planned after each; stops when the plan is done or the
-        training time is up."""
+class Schedule:
+    """The plan, run: a cosine learning rate over the planned epochs (after a short warm-up), the plan made again
+    after every epoch from the measured epoch time, and the hard stop. No Keras here: `trainer.fitting.callbacks`'
+    `BudgetCallback` drives it from training."""
 
-        def __init__(self):
-            super().__init__()
-            self.planned_end = max(planned_end, first_epoch + 1)
-            self.epoch = first_epoch
-            self.epoch_started = 0.0
-            self.seconds: list[float] = []  # this run's epoch times, after its first
-            self.stopped_by: str | None = None
-            self.warmup = max(1, min(steps_per_epoch, int(0.05 * (planned_end - phase_start) * steps_per_epoch)))
+    def __init__(self, clock: Clock, plan: Plan, span: Span):
+        self.clock, self.plan, self.span = clock, plan, span
+        self.planned_end = max(span.planned_end, span.first_epoch + 1)
+        self.seconds: list[float] = []  # this run's epoch times, after its first
+        self.stopped_by: str | None = None
+        self.warmup = max(1, min(span.steps_per_epoch,
+                                 int(0.05 * (span.planned_end - span.phase_start) * span.steps_per_epoch)))
+        # An epoch stopped part way still runs its validation pass, which the reserve does not hold (it holds the
+        # evaluation's): the hard stop comes that much sooner (2 s of a 40 s job on 480 images, on a 2-core CPU).
+        self.hard_stop = span.training_ends - validation_seconds(span.held_out, plan.images_per_second)
 
-        def _lr(self, step: int) -> float:
-            total = max(1, (self.planned_end - phase_start) * steps_per_epoch)
-            if step < self.warmup and first_epoch == phase_start:
-                return base_lr * (step + 1) / self.warmup
-            progress = min(1.0, step / total)
-            return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of ``step`` (counted from the phase's start)."""
+        s = self.span
+        total = max(1, (self.planned_end - s.phase_start) * s.steps_per_epoch)
+        if step < self.warmup and s.first_epoch == s.phase_start:
+            return s.base_lr * (step + 1) / self.warmup
+        progress = min(1.0, step / total)
+        return s.min_lr + (s.base_lr - s.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
-            self.epoch_started = time.monotonic()
+    def time_is_up(self) -> bool:
+        """Whether the training time is up (checked after every batch); says so once."""
+        if self.clock.used() < self.hard_stop:
+            return False
+        self.stopped_by = self.stopped_by or "time"
+        return True
 
-        def on_train_batch_begin(self, batch, logs=None):
-            step = (self.epoch - phase_start) * steps_per_epoch + batch
-            self.model.optimizer.learning_rate.assign(self._lr(step))
-
-        def on_train_batch_end(self, batch, logs=None):
-            if clock.used() >= hard_stop and not self.model.stop_training:
-                log.warning("budget: training time is up in epoch %d; stopping after it", self.epoch + 1)
-                self.model.stop_training = True
-                self.stopped_by = "time"
-
-        def on_epoch_end(self, epoch, logs=None):
-            seconds = time.monotonic() - self.epoch_started
-            clock.save(work)
-            done = epoch + 1
-            left = training_ends - clock.used()
-            # A run's first epoch also fills the cache and traces the graph: trust it only half against the plan.
-            # Later, the median of the last three: one slow epoch (a noisy neighbour, a collection) must not cut
-            # the plan, while a lasting slow-down moves the median within two epochs (the hard stop covers those).
-            if epoch == first_epoch:
-                estimate = (seconds + plan.epoch_seconds) / 2
-            else:
-                self.seconds.append(seconds)
-                estimate = statistics.median(self.seconds[-3:])
-            fits = max(0, math.floor(left / (estimate * 1.03))) if estimate > 0 else 0
-            planned = max(done, min(max_end, done + fits))
-            if planned != self.planned_end:
-                plan.replans.append({"after_epoch": done, "epoch_seconds": round(seconds, 2),
-                                     "estimate": round(estimate, 2),
-                                     "planned_epochs": planned, "was": self.planned_end})
-                log.info("budget: epoch %d took %.1f s; plan %d -> %d epochs", done, seconds, self.planned_end,
-                         planned)
-                recorder.epochs += planned - self.planned_end
-                self.planned_end = planned
-            if done >= self.planned_end and not self.model.stop_training:
-                self.model.stop_training = True
-                self.stopped_by = self.stopped_by or "plan"
-
-    return BudgetSchedule()
+    def epoch_ended(self, epoch: int, seconds: float) -> bool:
+        """Make the plan again after epoch ``epoch`` (0-based) took ``seconds``; True when training should stop."""
+        done, s = epoch + 1, self.span
+        left = s.training_ends - self.clock.used()
+        # A run's first epoch also fills the cache and traces the graph: trust it only half against the plan. Later,
+        # the median of the last three: one slow epoch (a noisy neighbour, a collection) must not cut the plan,
+        # while a lasting slow-down moves the median within two epochs (the hard stop covers those).
+        if epoch == s.first_epoch:
+            estimate = (seconds + self.plan.epoch_seconds) / 2
+        else:
+            self.seconds.append(seconds)
+            estimate = statistics.median(self.seconds[-3:])
+        fits = max(0, math.floor(left / (estimate * 1.03))) if estimate > 0 else 0
+        planned = max(done, min(s.max_end, done + fits))
+        if planned != self.planned_end:
+            self.plan.replans.append({"after_epoch": done, "epoch_seconds": round(seconds, 2),
+                                      "estimate": round(estimate, 2), "planned_epochs": planned,
+                                      "was": self.planned_end})
+            log.info("budget: epoch %d took %.1f s; plan %d -> %d epochs", done, seconds, self.planned_end, planned)
+            self.planned_end = planned
+        if done >= self.planned_end:
+            self.stopped_by = self.stopped_by or "plan"
+            return True
+        return False

@@ -1,8 +1,10 @@
-"""Keras callbacks of a dropfit run: per-epoch records, atomic backups, best-weights restore, stop on request."""
+"""Keras callbacks of a dropfit run: per-epoch records, atomic backups, best-weights restore, stop on request, and the
+time budget's schedule."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -13,6 +15,8 @@ import keras
 import numpy as np
 
 from trainer.outputs import artifacts
+
+log = logging.getLogger(__name__)
 
 EventHook = Callable[[str, dict], None]
 
@@ -166,3 +170,39 @@ class BestWeights(keras.callbacks.Callback):
         else:
             self.model.load_weights(self.dir / "best.weights.h5")
         self.restored = True
+
+
+class BudgetCallback(keras.callbacks.Callback):
+    """Runs a time budget's `trainer.fitting.budget.Schedule` in training: sets the learning rate before each batch,
+    stops at the hard stop and when the plan is done, and keeps the recorder's planned epoch count (what the events
+    announce) in step with the plan."""
+
+    def __init__(self, schedule, recorder: EpochRecorder, work_dir=None):
+        super().__init__()
+        self.schedule, self.recorder = schedule, recorder
+        self.work = None if work_dir is None else Path(work_dir)
+        self.epoch, self.epoch_started = schedule.span.first_epoch, 0.0
+
+    @property
+    def stopped_by(self) -> str | None:
+        return self.schedule.stopped_by
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch, self.epoch_started = epoch, time.monotonic()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        span = self.schedule.span
+        step = (self.epoch - span.phase_start) * span.steps_per_epoch + batch
+        self.model.optimizer.learning_rate.assign(self.schedule.learning_rate(step))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.model.stop_training and self.schedule.time_is_up():
+            log.warning("budget: training time is up in epoch %d; stopping after it", self.epoch + 1)
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.schedule.clock.save(self.work)
+        before = self.schedule.planned_end
+        if self.schedule.epoch_ended(epoch, time.monotonic() - self.epoch_started):
+            self.model.stop_training = True
+        self.recorder.epochs += self.schedule.planned_end - before

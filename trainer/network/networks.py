@@ -12,6 +12,7 @@ training) are layers inside it, so the saved model needs no preprocessing by its
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import keras
 
@@ -97,25 +98,47 @@ def build_cnn(input_shape, num_classes, *, filters=CNN_FILTERS, dropout=0.3, aug
     return keras.Model(inputs, outputs, name="dropfit_cnn")
 
 
-def build_model(input_shape: tuple[int, int, int], num_classes: int, *, architecture: str = "recipe",
-                filters=None, dense_units: int = 512, dropout: float | None = None, batch_norm: bool = False,
-                augmentation: dict | None = None, weights=None, seed: int | None = None) -> keras.Model:
-    """Build ``architecture`` for raw pixels of ``input_shape`` (height, width, channels).
+@dataclass(frozen=True)
+class Network:
+    """Which network, and how: every setting `build_model` takes besides the input shape and the classes."""
+
+    architecture: str = "recipe"
+    filters: tuple[int, ...] | list[int] | None = None
+    dense_units: int = 512
+    dropout: float | None = None
+    batch_norm: bool = False
+    augmentation: dict | None = None
+    weights: str | None = None
+    seed: int | None = None
+
+    @classmethod
+    def of(cls, options, augmentation=None) -> Network:
+        """The network a `contract.options.TrainOptions` asks for (``augmentation`` in the model, or None)."""
+        return cls(options.architecture, options.filters, options.dense_units, options.dropout, options.batch_norm,
+                   augmentation, options.weights, options.seed)
+
+
+def build_model(input_shape: tuple[int, int, int], num_classes: int, network: Network | None = None,
+                **settings) -> keras.Model:
+    """Build a network for raw pixels of ``input_shape`` (height, width, channels): ``network``, or the `Network`
+    fields as keywords (``architecture="cnn", seed=1``).
 
     Raises:
         ValueError: for an unknown architecture or an input too small for it.
     """
-    if architecture == "recipe":
-        return build_recipe(input_shape, num_classes, filters=tuple(filters or RECIPE_FILTERS),
-                            dense_units=dense_units, dropout=dropout or 0.0, batch_norm=batch_norm,
-                            augmentation=augmentation, seed=seed)
-    if architecture == "cnn":
-        return build_cnn(input_shape, num_classes, filters=tuple(filters or CNN_FILTERS),
-                         dropout=0.3 if dropout is None else dropout, augmentation=augmentation, seed=seed)
-    if architecture in BACKBONES:
-        return build_transfer(architecture, input_shape, num_classes, weights=weights,
-                              dropout=0.2 if dropout is None else dropout, augmentation=augmentation, seed=seed)
-    raise ValueError(f"architecture must be one of {ARCHITECTURES}. Received: architecture={architecture!r}")
+    n = network or Network(**settings)
+    if n.architecture == "recipe":
+        return build_recipe(input_shape, num_classes, filters=tuple(n.filters or RECIPE_FILTERS),
+                            dense_units=n.dense_units, dropout=n.dropout or 0.0, batch_norm=n.batch_norm,
+                            augmentation=n.augmentation, seed=n.seed)
+    if n.architecture == "cnn":
+        return build_cnn(input_shape, num_classes, filters=tuple(n.filters or CNN_FILTERS),
+                         dropout=0.3 if n.dropout is None else n.dropout, augmentation=n.augmentation, seed=n.seed)
+    if n.architecture in BACKBONES:
+        return build_transfer(n.architecture, input_shape, num_classes, weights=n.weights,
+                              dropout=0.2 if n.dropout is None else n.dropout, augmentation=n.augmentation,
+                              seed=n.seed)
+    raise ValueError(f"architecture must be one of {ARCHITECTURES}. Received: architecture={n.architecture!r}")
 
 
 def make_optimizer(name: str = "rmsprop", learning_rate: float = 1e-3, momentum: float = 0.0):

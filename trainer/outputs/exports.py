@@ -179,7 +179,7 @@ def int8_warning(rows: list[dict]) -> str | None:
 
 def load_arrays(samples, target_size, channels: int, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``limit`` of ``samples`` (a seeded sample), decoded as the model sees them: (uint8 images, labels)."""
-    from trainer.data.pipeline import make_dataset
+    from trainer.data.pipeline import Batches, make_dataset
 
     if not samples:
         return np.zeros((0, *target_size, channels), np.uint8), np.zeros(0, np.int64)
@@ -187,8 +187,7 @@ def load_arrays(samples, target_size, channels: int, limit: int, seed: int) -> t
     chosen = [samples[i] for i in sorted(rng.choice(len(samples), min(limit, len(samples)), replace=False))]
     num_classes = max(s.label for s in chosen) + 1
     images, labels = [], []
-    for x, y in make_dataset(chosen, num_classes=num_classes, target_size=target_size, batch_size=64,
-                             channels=channels, cache=False):
+    for x, y in make_dataset(chosen, Batches(num_classes, target_size, 64, channels), cache=False):
         images.append(x.numpy())
         labels.append(np.argmax(y.numpy(), axis=-1))
     return np.concatenate(images).astype(np.uint8), np.concatenate(labels)

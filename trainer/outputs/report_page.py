@@ -53,9 +53,32 @@ def _table(headers: list[str], rows: list[list], numeric: set[int] = frozenset()
 
 def render_report(out: Path, report: dict, dataset: dict, summary: dict, history: list[dict]) -> str:
     """The page's HTML; images are read from ``out`` (history.png, confusion_matrix.png, errors.png)."""
+    split_name = {"test": "test", "validation": "validation",
+                  "train": "training (not held out)"}[summary["evaluation"]["split"]]
+    parts = _head(summary, dataset, split_name)
+    warnings = list(dict.fromkeys([*dataset.get("warnings", []), *summary.get("warnings", [])]))
+    if warnings:
+        parts.append("<section><h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{_e(w)}</li>" for w in warnings)
+                     + "</ul></section>")
+    parts += _learning_curves(out, summary, history)
+    parts += _results(out, report, dataset, split_name)
+    parts += _calibration(out, report.get("calibration"))
+    parts += _suspects(out, report.get("suspects") or [], dataset.get("root"))
+    parts += _exports(report.get("exports"))
+    parts += _audit(out, dataset.get("audit"))
+    parts += _budget(summary.get("budget"))
+    parts += _dataset(dataset)
+    spec = summary.get("spec") or summary.get("config")
+    parts.append("<section><h2>Resolved job spec</h2><pre>" + _e(json.dumps(spec, indent=2)) + "</pre>"
+                 "<h2>Versions</h2><pre>" + _e(json.dumps(summary.get("versions", {}), indent=2)) + "</pre>"
+                 + "</section>")
+    parts.append("</main></body></html>\n")
+    return "\n".join(parts)
+
+
+def _head(summary: dict, dataset: dict, split_name: str) -> list[str]:
     ev = summary["evaluation"]
     title = summary.get("job_id") or Path(dataset.get("root", "")).name or "dropfit run"
-    split_name = {"test": "test", "validation": "validation", "train": "training (not held out)"}[ev["split"]]
     cards = [
         (_pct(ev["accuracy"]), f"{split_name} accuracy ({ev['images']} images)"),
         (f"{ev['macro_f1']:.3f}", "macro F1"),
@@ -65,21 +88,19 @@ def render_report(out: Path, report: dict, dataset: dict, summary: dict, history
         (f"{summary['durations']['total_seconds']:.0f} s", "training time"),
         (str(summary["architecture"]), f"{summary.get('parameters', 0):,} parameters"),
     ]
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>dropfit report: {_e(title)}</title>"
-             f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{_CSS}</style></head>"
-             f"<body><main><h1>dropfit report: {_e(title)}</h1>"
-             f"<div class='sub'>{len(summary['classes'])} classes · target size "
-             f"{'×'.join(map(str, summary['config']['target_size']))} · seed {_e(summary['seed'])} · "
-             f"TensorFlow {_e(summary['versions'].get('tensorflow', '?'))}, "
-             f"Keras {_e(summary['versions'].get('keras', '?'))}</div>",
-             "<div class='cards'>" + "".join(f"<div class='card'><b>{_e(v)}</b><span>{_e(k)}</span></div>"
-                                             for v, k in cards) + "</div>"]
-    warnings = list(dict.fromkeys([*dataset.get("warnings", []), *summary.get("warnings", [])]))
-    if warnings:
-        parts.append("<section><h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{_e(w)}</li>" for w in warnings)
-                     + "</ul></section>")
+    return [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>dropfit report: {_e(title)}</title>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{_CSS}</style></head>"
+            f"<body><main><h1>dropfit report: {_e(title)}</h1>"
+            f"<div class='sub'>{len(summary['classes'])} classes · target size "
+            f"{'×'.join(map(str, summary['config']['target_size']))} · seed {_e(summary['seed'])} · "
+            f"TensorFlow {_e(summary['versions'].get('tensorflow', '?'))}, "
+            f"Keras {_e(summary['versions'].get('keras', '?'))}</div>",
+            "<div class='cards'>" + "".join(f"<div class='card'><b>{_e(v)}</b><span>{_e(k)}</span></div>"
+                                            for v, k in cards) + "</div>"]
 
-    parts.append(f"<section><h2>Learning curves</h2>{_img(out / 'history.png', 'learning curves')}")
+
+def _learning_curves(out: Path, summary: dict, history: list[dict]) -> list[str]:
+    parts = [f"<section><h2>Learning curves</h2>{_img(out / 'history.png', 'learning curves')}"]
     if history:
         best = summary.get("best_epoch")
         parts.append(_table(["epoch", "loss", "accuracy", "val loss", "val accuracy", "learning rate", "seconds"],
@@ -90,24 +111,26 @@ def render_report(out: Path, report: dict, dataset: dict, summary: dict, history
         if summary.get("restored_best_weights"):
             parts.append(f"<p>The model keeps the weights of epoch {best} (★), the lowest validation loss.</p>")
     parts.append("</section>")
+    return parts
 
+
+def _results(out: Path, report: dict, dataset: dict, split_name: str) -> list[str]:
+    """Per class, the confusion matrix and the misclassified images."""
     per_class = report["per_class"]
-    parts.append(f"<section><h2>Per class ({_e(split_name)} images)</h2>" + _table(
+    parts = [f"<section><h2>Per class ({_e(split_name)} images)</h2>" + _table(
         ["class", "precision", "recall", "F1", "images"],
         [[name, _f(m["precision"]), _f(m["recall"]), _f(m["f1"]), m["support"]] for name, m in per_class.items()],
-        numeric={1, 2, 3, 4}))
+        numeric={1, 2, 3, 4})]
     if report.get("splits"):
         parts.append("<p>" + " · ".join(f"{_e(name)}: accuracy {_pct(s['accuracy'])} on {s['images']} images"
                                         for name, s in report["splits"].items()) + "</p>")
     parts.append("</section>")
-
     parts.append(f"<section><h2>Confusion matrix</h2>{_img(out / 'confusion_matrix.png', 'confusion matrix')}")
     if report.get("most_confused"):
         parts.append("<h2>Most confused pairs</h2>" + _table(
             ["true class", "predicted as", "images"],
             [[c["true"], c["predicted"], c["count"]] for c in report["most_confused"]], numeric={2}))
     parts.append("</section>")
-
     errors = report.get("misclassified", [])
     parts.append(f"<section><h2>Misclassified images ({len(errors)}{'+' if len(errors) >= 100 else ''})</h2>"
                  f"{_img(out / 'errors.png', 'misclassified images')}")
@@ -116,24 +139,26 @@ def render_report(out: Path, report: dict, dataset: dict, summary: dict, history
                             [[_short(e["file"], dataset.get("root")), e["true"], e["predicted"],
                               _f(e["probability"])] for e in errors[:50]], numeric={3}))
     parts.append("</section>")
+    return parts
 
-    parts += _calibration(out, report.get("calibration"))
-    suspects = report.get("suspects") or []
-    if suspects:
-        parts.append(f"<section><h2>Label suspects ({len(suspects)})</h2><p>Held-out images whose given label the "
-                     "calibrated model contradicts with 90% confidence or more: check their folders (the full list "
-                     "is suspects.csv).</p>" + _img(out / "suspects.png", "label suspects") + _table(
-                         ["file", "given label", "predicted", "confidence"],
-                         [[_short(e["file"], dataset.get("root")), e["true"], e["predicted"], _f(e["probability"])]
-                          for e in suspects[:50]], numeric={3}) + "</section>")
-    parts += _exports(report.get("exports"))
-    parts += _audit(out, dataset.get("audit"))
-    parts += _budget(summary.get("budget"))
+
+def _suspects(out: Path, suspects: list[dict], root) -> list[str]:
+    if not suspects:
+        return []
+    return [f"<section><h2>Label suspects ({len(suspects)})</h2><p>Held-out images whose given label the "
+            "calibrated model contradicts with 90% confidence or more: check their folders (the full list "
+            "is suspects.csv).</p>" + _img(out / "suspects.png", "label suspects") + _table(
+                ["file", "given label", "predicted", "confidence"],
+                [[_short(e["file"], root), e["true"], e["predicted"], _f(e["probability"])]
+                 for e in suspects[:50]], numeric={3}) + "</section>"]
+
+
+def _dataset(dataset: dict) -> list[str]:
     counts = dataset.get("counts", {})
-    parts.append("<section><h2>Dataset</h2>" + _table(
+    parts = ["<section><h2>Dataset</h2>" + _table(
         ["class", "train", "validation", "test", "total"],
         [[name, c["train"], c["validation"], c.get("test", 0), c["total"]] for name, c in counts.items()],
-        numeric={1, 2, 3, 4}))
+        numeric={1, 2, 3, 4})]
     sizes = dataset.get("image_sizes")
     if sizes:
         parts.append(f"<p>Image sizes (height × width): median {_size(sizes['median'])}, smallest "
@@ -143,13 +168,7 @@ def render_report(out: Path, report: dict, dataset: dict, summary: dict, history
     parts.append(_table(["file", "reason"], [[s["file"], s["reason"]] for s in skipped[:200]]) if skipped
                  else "<p>None: every file was a usable image.</p>")
     parts.append("</section>")
-
-    spec = summary.get("spec") or summary.get("config")
-    parts.append("<section><h2>Resolved job spec</h2><pre>" + _e(json.dumps(spec, indent=2)) + "</pre>"
-                 "<h2>Versions</h2><pre>" + _e(json.dumps(summary.get("versions", {}), indent=2)) + "</pre>"
-                 + "</section>")
-    parts.append("</main></body></html>\n")
-    return "\n".join(parts)
+    return parts
 
 
 def render_prediction_report(out: Path, report: dict, title: str = "dropped images") -> str:

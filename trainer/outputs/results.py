@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from contract.files import DATASET_FILE, EXPORTS_FILE, LABELS_FILE, METRICS_FILE, MODEL_FILE, REPORT_FILE, SUMMARY_FILE
@@ -76,14 +77,31 @@ def misclassified(samples: list[Sample], y_true, y_pred, probs, index, class_nam
     return out
 
 
-def write_all(out: Path, model, class_names, target_size, color_mode, history_rows, report, errors, dataset,
-              summary, exports=(), export_data=None, stamp=None) -> dict[str, Path]:
+@dataclass
+class Outcome:
+    """What a finished run has to show: its classes and input, the per-epoch rows, the report on held-out images and
+    the misclassified ones, dataset.json's content and summary.json's."""
+
+    class_names: list[str]
+    target_size: tuple[int, int]
+    color_mode: str
+    history_rows: list[dict]
+    report: dict
+    errors: list[dict]
+    dataset: dict
+    summary: dict
+
+
+def write_all(out: Path, model, outcome: Outcome, exports=(), export_data=None, stamp=None) -> dict[str, Path]:
     """Write every artifact of a finished run into ``out``; returns their paths by name. ``export_data()`` gives
     what the exports are made from and checked on: (held-out uint8 images, their labels, representative training
     images, the held-out split's name); ``stamp(summary)`` records the final durations just before summary.json and
     the report are written."""
     from trainer.outputs.report_page import render_report
 
+    class_names, target_size, color_mode = outcome.class_names, outcome.target_size, outcome.color_mode
+    history_rows, report, errors = outcome.history_rows, outcome.report, outcome.errors
+    dataset, summary = outcome.dataset, outcome.summary
     out.mkdir(parents=True, exist_ok=True)
     cm = report["confusion_matrix"]
     split = report["split"] if report["held_out"] else "training, not held out"

@@ -14,7 +14,7 @@ import tensorflow as tf
 import trainer.network.layers  # noqa: F401 - registers dropfit's layers, so safe_mode loading knows them
 from contract.files import LABELS_FILE, MODEL_FILE
 from trainer.data.images import BadImage, load_rgb, probe
-from trainer.data.pipeline import decode_native, make_dataset, resize
+from trainer.data.pipeline import Batches, decode_native, make_dataset, resize
 from trainer.data.scan import DatasetError, scan_directory
 from trainer.outputs.report import classification_report
 
@@ -163,8 +163,8 @@ def evaluate(model, data_dir: str | os.PathLike, *, batch_size: int = 32) -> dic
     index = {c: names.index(c) for c in scan.class_names}
     samples = [replace(s, label=index[scan.class_names[s.label]]) for s in scan.samples]
     height, width, channels = model.input_shape[1:]
-    ds = make_dataset(samples, num_classes=len(names), target_size=(height, width), batch_size=batch_size,
-                      channels=channels, cache=False)
+    ds = make_dataset(samples, Batches(len(names), (height, width), batch_size, channels),
+                      cache=False)
     report = classification_report(*labels_and_predictions(model, ds), names)
     report["skipped"] = [{"file": s.path, "reason": s.reason} for s in scan.skipped]
     return report

@@ -24,6 +24,7 @@ import os
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,69 @@ class PredictionRejected(Exception):
     """The job asks for something this model cannot do (e.g. a threshold it does not record): not retried."""
 
 
+@dataclass(frozen=True)
+class Labelling:
+    """How each image is labelled: the model's classes, the files by position, how many guesses, the threshold
+    below which the answer is unknown, whether the drop is labelled (its probabilities kept for the evaluation)."""
+
+    names: list[str]
+    files: list[str]
+    top_k: int
+    cut: float | None
+    labelled: bool
+    started: float
+
+
+def _model(run: PredictRun):
+    """The model a prediction job names, and its threshold; a clear rejection if either cannot be used."""
+    from trainer.prediction.api import UNKNOWN, load_model, threshold
+
+    try:
+        model = load_model(run.model_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise DatasetError(f"model: the model of job {run.model_job!r} cannot be loaded from {run.model_dir} "
+                           f"({exc}); was its outbox folder removed?") from None
+    try:
+        cut = threshold(model, run.spec.min_confidence)
+    except ValueError as exc:
+        raise PredictionRejected(f"min_confidence: {exc}") from None
+    if cut is not None and UNKNOWN in model.class_names:
+        raise PredictionRejected(f"min_confidence: this model has a class named {UNKNOWN!r}, which the answer "
+                                 "below the threshold would be confused with; leave min_confidence out")
+    return model, cut
+
+
+def _stream(ds, model, how: Labelling, rows: dict, probs_of: dict, emit, stop_event) -> float:
+    """Label every batch of ``ds`` into ``rows`` (by position), reporting progress; the seconds spent in the model."""
+    from trainer.prediction.api import UNKNOWN
+
+    names, k, cut = how.names, how.top_k, how.cut
+    done, reported, predicting = 0, how.started, 0.0
+    for images, _, index in ds:
+        if stop_event is not None and stop_event.is_set():
+            raise PredictionStopped(f"stopped on request after {done} of {len(how.files)} image(s)")
+        t = time.perf_counter()
+        probs = np.asarray(model.predict_on_batch(images))
+        predicting += time.perf_counter() - t
+        # One vectorised top-k per batch: per-image Python is what a tiny fast model waits on.
+        order = np.argsort(-probs, axis=1)[:, :k]
+        top = np.round(np.take_along_axis(probs, order, axis=1), 6).tolist()
+        for i, o, t_k, p in zip(index.numpy().tolist(), order.tolist(), top, probs, strict=True):
+            best = t_k[0]
+            rows[i] = {"file": how.files[i], "label": UNKNOWN if cut is not None and best < cut else names[o[0]],
+                       "probability": best,
+                       "top_k": [{"label": names[j], "probability": q} for j, q in zip(o, t_k, strict=True)]}
+            if how.labelled:
+                probs_of[i] = p
+        done += len(probs)
+        now = time.monotonic()
+        if now - reported >= PROGRESS_SECONDS:
+            reported = now
+            emit("progress", {"done": done, "total": len(how.files),
+                              "images_per_second": round(done / max(now - how.started, 1e-9), 1)})
+    return predicting
+
+
 def run_prediction(root: str | os.PathLike, run: PredictRun, out: str | os.PathLike, *, emit, stop_event=None,
                    job_id: str | None = None) -> dict:
     """Run one prediction job on the images below ``root``; ``emit(event, payload)`` reports progress.
@@ -60,24 +124,13 @@ def run_prediction(root: str | os.PathLike, run: PredictRun, out: str | os.PathL
         ValueError: ``min_confidence: suggested`` for a model that records no threshold.
         PredictionStopped: ``stop_event`` was set.
     """
-    from trainer.data.pipeline import DecodeFailures, make_dataset
-    from trainer.prediction.api import UNKNOWN, load_model, threshold
+    from trainer.data.pipeline import Batches, DecodeFailures, make_dataset
+    from trainer.prediction.api import UNKNOWN
 
     started = time.monotonic()
     spec, out = run.spec, Path(out)
-    try:
-        model = load_model(run.model_dir)
-    except (FileNotFoundError, ValueError) as exc:
-        raise DatasetError(f"model: the model of job {run.model_job!r} cannot be loaded from {run.model_dir} "
-                           f"({exc}); was its outbox folder removed?") from None
+    model, cut = _model(run)
     names = list(model.class_names)
-    try:
-        cut = threshold(model, spec.min_confidence)
-    except ValueError as exc:
-        raise PredictionRejected(f"min_confidence: {exc}") from None
-    if cut is not None and UNKNOWN in names:
-        raise PredictionRejected(f"min_confidence: this model has a class named {UNKNOWN!r}, which the answer "
-                                 "below the threshold would be confused with; leave min_confidence out")
     height, width, channels = model.input_shape[1:]
     scan = scan_images(root, names, exclude=(PREDICT_FILE,), what="images")
     if not scan.samples:
@@ -91,39 +144,18 @@ def run_prediction(root: str | os.PathLike, run: PredictRun, out: str | os.PathL
     log.info("predicting %d image(s) with the model of %s%s", len(scan.samples), run.model_job,
              " (a labelled drop: evaluating too)" if labelled else "")
     failures = DecodeFailures(scan.root)
-    ds = make_dataset(scan.samples, num_classes=len(names), target_size=(height, width), batch_size=spec.batch_size,
-                      channels=channels, cache=False, failures=failures, with_index=True)
+    ds = make_dataset(scan.samples, Batches(len(names), (height, width), spec.batch_size, channels),
+                      cache=False, failures=failures, with_index=True)
     k = min(spec.top_k, len(names))
     files = [relative(scan.root, sample.path) for sample in scan.samples]
     rows: dict[int, dict] = {}
     probs_of: dict[int, np.ndarray] = {}
-    done, reported, predicting = 0, started, 0.0
     streaming = time.monotonic()
-    for images, _, index in ds:
-        if stop_event is not None and stop_event.is_set():
-            raise PredictionStopped(f"stopped on request after {done} of {len(scan.samples)} image(s)")
-        t = time.perf_counter()
-        probs = np.asarray(model.predict_on_batch(images))
-        predicting += time.perf_counter() - t
-        # One vectorised top-k per batch: per-image Python is what a tiny fast model waits on.
-        order = np.argsort(-probs, axis=1)[:, :k]
-        top = np.round(np.take_along_axis(probs, order, axis=1), 6).tolist()
-        for i, o, t_k, p in zip(index.numpy().tolist(), order.tolist(), top, probs, strict=True):
-            best = t_k[0]
-            rows[i] = {"file": files[i], "label": UNKNOWN if cut is not None and best < cut else names[o[0]],
-                       "probability": best,
-                       "top_k": [{"label": names[j], "probability": q} for j, q in zip(o, t_k, strict=True)]}
-            if labelled:
-                probs_of[i] = p
-        done += len(probs)
-        now = time.monotonic()
-        if now - reported >= PROGRESS_SECONDS:
-            reported = now
-            emit("progress", {"done": done, "total": len(scan.samples),
-                              "images_per_second": round(done / max(now - started, 1e-9), 1)})
+    predicting = _stream(ds, model, Labelling(names, files, k, cut, labelled, started), rows, probs_of, emit,
+                         stop_event)
     streaming = time.monotonic() - streaming
-    emit("progress", {"done": done, "total": len(scan.samples),
-                      "images_per_second": round(done / max(streaming, 1e-9), 1)})
+    emit("progress", {"done": len(rows), "total": len(scan.samples),
+                      "images_per_second": round(len(rows) / max(streaming, 1e-9), 1)})
     unreadable = [{"file": s.path, "reason": s.reason} for s in scan.skipped]
     unreadable += [{"file": files[i], "reason": _reason(failures, files[i])}
                    for i in range(len(scan.samples)) if i not in rows]

@@ -1,0 +1,134 @@
+"""Every setting left on ``auto``, settled in one place before training, each decision recorded once (``resolved`` in
+summary.json: what was asked for, what was chosen, and why):
+
+- ``target_size``: from the images' median size (under a time budget small images train at their own size);
+- ``color_mode`` (channels): one channel for greyscale data under a time budget;
+- ``augmentation``: ``rotation``/``zoom: auto`` by the data and the budget (`contract.options.resolve_augmentation`);
+- ``batch_size``, and under a budget the network's width and the input size, by measuring this machine
+  (`trainer.fitting.budget.choose`);
+- ``cache``: memory, or files in the work folder when the decoded images would not fit in half the free memory;
+- ``precision`` and ``jit_compile``: by the devices TensorFlow sees (`trainer.fitting.hardware.configure`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+
+from contract.options import TrainOptions, resolve_augmentation
+from trainer.data.dataset import Dataset
+from trainer.data.pipeline import plan_cache
+from trainer.data.scan import auto_target_size
+from trainer.fitting import budget
+from trainer.fitting.hardware import Runtime
+from trainer.network.networks import CNN_FILTERS, RECIPE_FILTERS, Network, build_model, compile_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resolved:
+    """The run's settings with nothing left on ``auto`` (``options``), the budget's plan, the cache, and the record of
+    every decision."""
+
+    options: TrainOptions
+    plan: budget.Plan | None = None
+    cache_mode: str = "none"
+    cache_dir: str | None = None
+    decisions: dict[str, dict] = field(default_factory=dict)
+
+    def decide(self, setting: str, requested, value, why: str) -> None:
+        self.decisions[setting] = {"requested": _plain(requested), "value": _plain(value), "why": why}
+
+
+def resolve(o: TrainOptions, data: Dataset, runtime: Runtime, clock: budget.Clock | None,
+            cache_folder: Path | None) -> Resolved:
+    """Settle what ``o`` leaves on ``auto`` for ``data`` on this machine (see the module's doc); sets
+    ``data.target_size``."""
+    r = Resolved(o)
+    _runtime(r, o, runtime)
+    target, channels = _input(r, o, data, clock)
+    augmentation = resolve_augmentation(o.augmentation, budgeted=clock is not None, train_images=len(data.train),
+                                        num_classes=len(data.class_names))
+    r.decide("augmentation", o.augmentation, augmentation,
+             "rotation/zoom off: a time budget with 1,000+ training images per class" if augmentation != o.augmentation
+             and clock is not None else "as asked" if augmentation == o.augmentation else "rotation/zoom by the data")
+    o = o.replace(augmentation=augmentation)
+    if clock is None:
+        batch = 32 if o.batch_size == "auto" else o.batch_size
+        r.decide("batch_size", o.batch_size, batch, "the recipe's 32" if o.batch_size == "auto" else "as asked")
+        o = o.replace(color_mode="grayscale" if channels == 1 else "rgb", target_size=target, batch_size=batch)
+    else:
+        o = _plan(r, o, data, runtime, clock, (target, channels))
+    data.target_size = o.target_size
+    r.options = o
+    r.cache_mode, r.cache_dir = plan_cache(o.cache, len(data.train) + len(data.val), data.target_size, o.channels,
+                                           cache_folder)
+    r.decide("cache", o.cache, r.cache_mode, "decoded images kept between epochs (files when memory is short)")
+    return r
+
+
+def _runtime(r: Resolved, o: TrainOptions, runtime: Runtime) -> None:
+    r.decide("precision", o.precision, runtime.precision, "mixed float16 on Tensor Core GPUs, else float32"
+             if o.precision == "auto" else "as asked")
+    r.decide("jit_compile", o.jit_compile, runtime.jit_compile, "XLA on GPUs (slower on CPUs, measured)"
+             if o.jit_compile == "auto" else "as asked")
+
+
+def _input(r: Resolved, o: TrainOptions, data: Dataset, clock) -> tuple[tuple[int, int], int]:
+    grey = data.grey_fraction is not None and data.grey_fraction >= 0.95
+    color_mode = o.color_mode if o.color_mode != "auto" else ("grayscale" if clock is not None and grey else "rgb")
+    r.decide("color_mode", o.color_mode, color_mode, "greyscale data under a time budget: one channel"
+             if o.color_mode == "auto" and color_mode == "grayscale" else "as asked" if o.color_mode != "auto"
+             else "three channels")
+    target = o.target_size
+    if target == "auto":
+        # Under a budget small images train at their own size: blowing 28-pixel images up to 32 costs time, not
+        # accuracy (measured: bench/budget_choices.py).
+        target = auto_target_size(data.train, floor=16, multiple=4, upscale=False) if clock is not None \
+            else auto_target_size(data.train)
+        log.info("target_size auto: %dx%d from the images' median size", *target)
+    target = (int(target[0]), int(target[1]))
+    r.decide("target_size", o.target_size, target, "from the images' median size" if o.target_size == "auto"
+             else "as asked")
+    return target, 1 if color_mode == "grayscale" else 3
+
+
+def _plan(r: Resolved, o: TrainOptions, data: Dataset, runtime: Runtime, clock, shape) -> TrainOptions:
+    """Under a time budget: batch size, width and input size by measuring this machine (`budget.choose`)."""
+    (target, channels), defaults = shape, {"cnn": CNN_FILTERS, "recipe": RECIPE_FILTERS}.get(o.architecture)
+
+    def build(size, ch, filters):
+        with runtime.building():
+            model = build_model((*size, ch), len(data.class_names),
+                                dataclasses.replace(Network.of(o, o.augmentation), filters=filters))
+            compile_model(model, o.optimizer, o.learning_rate, o.momentum, o.label_smoothing, runtime.jit_compile)
+        return model
+
+    request = budget.Request(
+        train_images=len(data.train), held_out=len(data.val) + len(data.test), exports=len(o.exports),
+        num_classes=len(data.class_names), target_size=target, channels=channels, batch_size=o.batch_size,
+        filters=o.filters or defaults, can_shrink_width=o.filters is None and defaults is not None,
+        can_shrink_input=o.target_size == "auto", max_epochs=o.num_epochs)
+    plan = r.plan = budget.choose(clock, request, build)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(o.seed)
+    why = f"measured: {plan.images_per_second:.0f} images/s, {plan.epochs} epoch(s) fit the budget"
+    r.decide("batch_size", o.batch_size, plan.batch_size, why if o.batch_size == "auto" else "as asked")
+    r.decide("filters", o.filters, plan.filters, why if plan.filters != (o.filters or defaults) else "as asked")
+    if plan.target_size != target:
+        r.decide("target_size", o.target_size, plan.target_size, why + " at this smaller input")
+    return o.replace(color_mode="grayscale" if channels == 1 else "rgb", target_size=plan.target_size,
+                     batch_size=plan.batch_size,
+                     filters=plan.filters if plan.filters != (o.filters or defaults) else o.filters)
+
+
+def _plain(value):
+    """JSON-ready: tuples as lists, dicts as they are."""
+    if isinstance(value, tuple):
+        return list(value)
+    return value
