@@ -5,7 +5,8 @@ for two jobs trained by ``python -m trainer run`` as a dropped job would be:
 - ``digits28``: scikit-learn's real handwritten digits (1,797), blown up to 28x28 greyscale PNGs; 20 epochs;
 - ``photos96``: generated photo-like JPEGs (5 classes x 200, ~320x240), trained at 96x96 RGB; 12 epochs.
 
-    python bench/exports_bench.py [--json bench/results/exports.json]   (also writes exports.md, quoted in the README)
+    python bench/exports_bench.py [--json bench/results/exports.json]   (also writes exports.md, quoted in
+    docs/using-models.md)
 
 The timings are this machine's (the CPU count is recorded); agreement and accuracy are on each job's validation images.
 """
@@ -88,17 +89,18 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")
         args.json.with_suffix(".md").write_text(table + "\n")
-        quote_in_readme(table + "\n")
+        quote_in_docs(table + "\n")
     return 0
 
 
-def quote_in_readme(table: str) -> None:
-    """Put the table between the README's exports markers (a test keeps them equal to the .md beside the JSON)."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+def quote_in_docs(table: str) -> None:
+    """Put the table between the exports markers of docs/using-models.md (tests/test_exports.py keeps them equal to
+    the .md beside the JSON)."""
+    page = ROOT / "docs" / "using-models.md"
+    text = page.read_text()
     begin, end = "<!-- exports:begin -->\n", "<!-- exports:end -->"
     head, rest = text.split(begin, 1)
-    readme.write_text(head + begin + table + end + rest.split(end, 1)[1])
+    page.write_text(head + begin + table + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ this measures on the GPU, recipe model at 200x200, batch 32, as in bench/trainin
 - the input side on this machine's CPUs: the recipe's generator alone and the decode+resize limit on all cores;
 - dropfit's default network (``cnn``) at batch 32 and 128, float32 and mixed float16.
 
-dropfit's own tf.data pipeline needs TensorFlow, which cannot travel to that machine (README: Benchmarks).
+dropfit's own tf.data pipeline needs TensorFlow, which cannot travel to that machine (docs/benchmarks.md: GPU).
 
     KERAS_BACKEND=jax python bench/gpu_jax.py --out results.json
 """

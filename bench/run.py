@@ -139,7 +139,7 @@ def main() -> int:
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(table + "\n")
     if name == "latest":
-        quote_in_readme(table)
+        quote_in_docs(table)
     return 0
 
 
@@ -161,14 +161,15 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def quote_in_readme(table: str) -> None:
-    """Put the table between the README's bench markers, so the README always shows the latest full run."""
-    readme = HERE.parent / "README.md"
-    text = readme.read_text()
+def quote_in_docs(table: str) -> None:
+    """Put the table between the bench markers of docs/benchmarks.md, so that page always shows the latest full run
+    (tests/test_performance.py keeps the two equal)."""
+    page = HERE.parent / "docs" / "benchmarks.md"
+    text = page.read_text()
     begin, end = "<!-- bench:begin -->\n", "<!-- bench:end -->"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
-        readme.write_text(head + begin + table + "\n" + end + rest.split(end, 1)[1])
+        page.write_text(head + begin + table + "\n" + end + rest.split(end, 1)[1])
 
 
 def _r(v) -> str:

@@ -4,7 +4,7 @@ training) are layers inside it, so the saved model needs no preprocessing by its
 - ``recipe``: the classic network kept exactly — five blocks of 3x3 Conv2D + ReLU and 2x2 MaxPool (16, 32, 64, 64,
   64 filters), Flatten, Dense 512 ReLU, Dense softmax; RMSprop at 1e-3.
 - ``cnn``: dropfit's default for training from scratch — blocks of two 3x3 convolutions with batch normalisation,
-  global average pooling and dropout (chosen by measurement: see bench/compare_models.py and the README).
+  global average pooling and dropout (chosen by measurement: see bench/compare_models.py and docs/training.md).
 - ``mobilenet_v3_small``, ``mobilenet_v3_large``, ``efficientnet_b0``, ``resnet50``: `keras.applications` backbones
   for transfer learning (see `trainer.network.backbones`).
 """
