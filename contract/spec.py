@@ -294,7 +294,8 @@ class JobSpec(_Section):
     batch_size: BatchSize = Field(
         "auto", description="auto: 32, or what trains fastest per image under a time_budget (64 to 256).")
     time_budget: TimeBudget = Field(
-        None, description="The whole job (scan, training, evaluation, artifacts) ends within 5% of this: 90s, 15m, 1h30m "
+        None, description="The whole job (scan, training, evaluation, artifacts) ends within 5% of this: "
+                          "90s, 15m, 1h30m "
                           "or seconds. Training is planned to fit, and the input size, channels, network width and "
                           "batch size left on auto are chosen to fit it. null: no limit.")
     epochs: Annotated[int, Strict(), Field(gt=0, le=100_000)] = Field(
