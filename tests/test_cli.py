@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,64 @@ def test_the_daemon_reads_the_previous_protocol_version_and_refuses_older_ones()
     assert isinstance(parse_event('{"event": "epoch_end", "v": 2, "epoch": 3}'), EpochEnd)
     with pytest.raises(ProtocolError, match="protocol version 1"):
         parse_event('{"event": "epoch_end", "v": 1, "epoch": 3}')
+
+
+# A stand-in for the trainer's main loop: the real stop handlers and parent-death setup, a "batch" of 0.3 s after the
+# stop, then exit 75 as an interrupted job does. It prints its pid once the handlers are in place.
+_ORPHAN = """
+import logging, os, sys, threading, time
+logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+from trainer.cli import _die_with_parent, _install_stop_handlers
+stop = threading.Event()
+_install_stop_handlers(stop)
+_die_with_parent()
+print(os.getpid(), flush=True)
+while not stop.is_set():  # not stop.wait(): Event.set() from a handler deadlocks against it, as in any thread
+    time.sleep(0.05)
+time.sleep(0.3)
+print("checkpointed", file=sys.stderr, flush=True)
+sys.exit(75)
+"""
+# A daemon-like parent: the trainer is started from a worker thread and other threads are alive, so a kill -9 hands
+# the child from thread to thread of the dying process, and the kernel sends the parent-death signal at each step.
+_PARENT = """
+import os, subprocess, sys, threading, time
+env = dict(os.environ, DROPFIT_PARENT_PID=str(os.getpid()))
+def spawn():
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env=env, stdout=subprocess.PIPE,
+                             stderr=open(sys.argv[2], "w"), start_new_session=True)
+    print(child.stdout.readline().decode().strip(), flush=True)
+    time.sleep(3600)
+for _ in range(6):
+    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+threading.Thread(target=spawn, daemon=True).start()
+time.sleep(3600)
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_killed_daemon_makes_its_trainer_checkpoint_and_stop_not_exit_at_once(tmp_path, attempt):
+    # CI saw "second SIGTERM: exiting now" after a kill -9 of the daemon: the parent-death SIGTERMs of one dying
+    # multi-threaded daemon were taken for an operator's second signal, and the checkpoint was skipped.
+    log = tmp_path / "child.log"
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, _ORPHAN, str(log)], stdout=subprocess.PIPE,
+                              env=env_for_subprocess(), cwd=ROOT)
+    child_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    end = time.monotonic() + 30
+    while time.monotonic() < end and "checkpointed" not in log.read_text() and _alive(child_pid):
+        time.sleep(0.05)
+    text = log.read_text()
+    if _alive(child_pid):
+        os.kill(child_pid, signal.SIGKILL)
+    assert "checkpointed" in text and "exiting now" not in text, text
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"

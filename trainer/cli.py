@@ -222,18 +222,39 @@ def _die_with_parent() -> None:
 def _install_stop_handlers(stop: threading.Event) -> None:
     """First SIGTERM/SIGINT: stop at the next safe point; a second one: exit at once.
 
-    Only signals count: a stop asked for otherwise (the event pipe closing when the daemon dies, which races with the
-    parent-death SIGTERM) must not turn that SIGTERM into a "second" one that skips the checkpoint.
+    Only signals from someone count: a stop asked for otherwise (the event pipe closing when the daemon dies) and the
+    parent-death SIGTERMs, one per exiting daemon thread, must not turn into a "second" one that skips the checkpoint.
     """
-    received = []
+    received: list[float] = []
+    busy: list[bool] = []
+    parent = os.environ.get("DROPFIT_PARENT_PID")
 
     def handler(signum, frame):
+        # A signal can run this handler again inside itself; the inner one returning at once keeps it out of
+        # Event.set(), whose lock is not re-entrant (a nested set() would hang the trainer for good).
+        if busy:
+            return
+        busy.append(True)
+        try:
+            _on_signal(signum)
+        finally:
+            busy.clear()
+
+    def _on_signal(signum):
+        name = signal.Signals(signum).name
+        # The parent-death signal comes once each time the trainer is handed to another thread of the dying daemon:
+        # several within microseconds. They are one request to checkpoint and stop, never a "second" one.
+        if (parent and str(os.getppid()) != parent) or (received and time.monotonic() - received[0] < 1.0):
+            if not stop.is_set():
+                stop.set()
+                log.warning("%s: the daemon is gone, stopping after the current batch", name)
+            return
         if received:
-            log.error("second %s: exiting now", signal.Signals(signum).name)
+            log.error("second %s: exiting now", name)
             os._exit(128 + signum)
-        received.append(signum)
-        log.warning("%s received: stopping after the current batch", signal.Signals(signum).name)
+        received.append(time.monotonic())
         stop.set()
+        log.warning("%s received: stopping after the current batch", name)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
