@@ -19,18 +19,43 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 from contract.files import CANCEL_FILE
 from contract.protocol import ErrorKind, read_finished
-from daemon.ledger import Job, JobState
+from daemon.config import Config
+from daemon.ledger import Job, JobState, Ledger
 from daemon.repair import status_is_readable
 from daemon.retention import unfinished
-from daemon.runners.base import EngineError
+from daemon.runners.base import Attempt, EngineError, Runner
 from daemon.runners.local import stop_left_over
 
-if TYPE_CHECKING:
-    from daemon.service import Daemon
+
+class Daemon(Protocol):
+    """What recovery needs of `daemon.service.Daemon` (declared here, not imported: the daemon imports recovery)."""
+
+    config: Config
+    ledger: Ledger
+    runner: Runner
+    outbox: Path
+    state: Path
+    jobs_dir: Path
+    running: dict
+    unresolved: dict[str, float]
+    unfinished_claims: set[str]
+
+    def finish_claim(self, job: Job) -> None: ...
+    def resolve_spec(self, job: Job) -> bool: ...
+    def adopt(self, job: Job, attempt: Attempt) -> None: ...
+    def cancel(self, job_id: str) -> None: ...
+    def succeed(self, job: Job, seconds: float | None) -> None: ...
+    def after_success(self, job: Job, policy: str | None = None) -> None: ...
+    def fail(self, job_id: str, kind: ErrorKind, message: str, seconds: float | None = None) -> None: ...
+    def fail_with_traceback(self, job: Job, doing: str) -> None: ...
+    def _publish(self, job: Job) -> None: ...
+    def _update(self, job_id: str, **changes) -> Job: ...
+    def _set(self, job_id: str, state: JobState, **changes) -> Job: ...
 
 log = logging.getLogger(__name__)
 UNRESOLVED_RETRY_SECONDS = 10.0  # an attempt the engine could not be asked about at start-up: asked again after this

@@ -14,7 +14,7 @@ from contract.atomic import write_json
 from contract.files import CANCEL_FILE, EVENTS_FILE, SPEC_FILE, TRAIN_LOG
 from contract.predict_spec import PredictRun
 from contract.protocol import EpochEnd, Error, ErrorKind, Finished, Progress, Started, run_argv
-from daemon.decision import Action, decide
+from daemon.decision import Action, Ending, decide
 from daemon.intake import validate
 from daemon.ledger import Job, JobState
 from daemon.retention import put_away
@@ -252,9 +252,9 @@ class Scheduling:
             return
         jl = jlog(job_id)
         seconds = time.time() - job.started_at if job.started_at else None
-        decision = decide(r.exited, r.error, job.failures + 1, self.policy, finished=r.finished is not None,
-                          cancelled=r.cancel, timed_out=r.timed_out or r.engine_timed_out, stopping=self.stopping,
-                          timeout_seconds=self.config.job_timeout_seconds, detail=r.detail)
+        how = Ending(finished=r.finished is not None, cancelled=r.cancel, timed_out=r.timed_out or r.engine_timed_out,
+                     stopping=self.stopping, timeout_seconds=self.config.job_timeout_seconds, detail=r.detail)
+        decision = decide(r.exited, r.error, job.failures + 1, self.policy, how)
         ended = {"pid": None, "engine_state": None}
         if decision.action == Action.SUCCEED:
             self.succeed(job, seconds)
