@@ -1,5 +1,6 @@
 """The daemon's main loop: intake, queue, outbox, metrics and shutdown. Running jobs through the configured runner is
-in `daemon.scheduling` (a mixin of `Daemon`), recovery after a restart in `daemon.recovery`.
+`daemon.scheduling.Scheduler`, recovery after a restart `daemon.recovery`; both record every job change through the
+`daemon.store.JobStore` the daemon gives them.
 
 One thread (the loop) makes every decision and every ledger change. Watchdog's thread, the trainers' reader threads
 and signal handlers only put `daemon.messages` on a `queue.SimpleQueue` (safe even from a signal handler). When idle,
@@ -17,16 +18,14 @@ import socket
 import sqlite3
 import threading
 import time
-import traceback
 from pathlib import Path
 
 from contract.atomic import display_path, write_json
 from contract.files import JOB_FILE, PREDICT_FILE
 from contract.predict_spec import PredictRun
 from contract.protocol import ErrorKind
-from daemon import models, outbox, recovery
+from daemon import models, recovery
 from daemon.config import Config
-from daemon.decision import RetryPolicy
 from daemon.intake import claim_hidden_path, has_spec, may_be_a_job, new_job_id, take_in
 from daemon.ledger import Job, JobState, Ledger
 from daemon.lock import StateLock, StateLocked
@@ -45,7 +44,8 @@ from daemon.metrics import Metrics, MetricsServer
 from daemon.notify import Notifier
 from daemon.repair import LedgerLocationError, open_ledger
 from daemon.runners import make_runner
-from daemon.scheduling import Running, Scheduling, jlog
+from daemon.scheduling import Scheduler
+from daemon.store import JobStore, jlog
 from daemon.watch import Settler, Watcher, inbox_entries
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class StartupError(RuntimeError):
     """The daemon cannot start (unusable folders, a locked state folder, a busy port); the message says what to do."""
 
 
-class Daemon(Scheduling):
+class Daemon:
     """Run with `run` (blocks until SIGTERM/SIGINT or `request_stop`)."""
 
     def __init__(self, config: Config, registry=None):
@@ -79,24 +79,32 @@ class Daemon(Scheduling):
         self.waiting: dict[str, float] = {}  # settled folders without a job.yaml -> when to look again
         self.left_in_inbox: set[str] = set()  # drops an intake could not move (they failed): not taken in again
         self.next_rescan = 0.0  # when the inbox's top level is looked at in full again (`_look_at_inbox`)
-        self.running: dict[str, Running] = {}
         self.runner = make_runner(config, self.messages.put)
-        self.submit_blocked_until: float | None = None  # set while the engine refuses submissions for now
-        self.policy = RetryPolicy(config.retries)
         self.host = socket.gethostname()
-        self.stopping = False
         self.next_cancel_poll = 0.0
         self.ledger_blocked_until: float | None = None  # set while the ledger cannot be written
         self.ledger_complained = False  # the error was logged (once, until the ledger works again)
         self.unfinished_claims: set[str] = set()  # claims cut short by a ledger that could not be written
         self.recovery_pending = False  # start-up recovery was cut short (the ledger could not be written)
-        self.unresolved: dict[str, float] = {}  # jobs whose engine could not be asked at start-up -> when to ask again
         self.lock = StateLock(self.state)
         self.ledger: Ledger | None = None
         self.server: MetricsServer | None = None
         self.watcher: Watcher | None = None
         self.ready = threading.Event()
         self.notifier: Notifier | None = None
+        # Made once the ledger is open (`run`): every job change goes through the store.
+        self.store: JobStore | None = None
+        self.scheduler: Scheduler | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was asked for (the loop ends once the running jobs have stopped or been let go)."""
+        return self.scheduler is not None and self.scheduler.stopping
+
+    @property
+    def running(self) -> dict:
+        """The jobs whose attempt is in the runner's hands (see `Scheduler.running`)."""
+        return self.scheduler.running if self.scheduler is not None else {}
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -114,6 +122,9 @@ class Daemon(Scheduling):
                 raise StartupError(str(exc)) from None
             self.server = self._metrics_server()
             self.notifier = Notifier(self.config.notify, self.outbox, self.metrics) if self.config.notify else None
+            self.store = JobStore(self.ledger, self.outbox, self.metrics, self.config.metrics_retention_seconds,
+                                  self.notifier)
+            self.scheduler = Scheduler(self.config, self.store, self.runner, self.metrics)
             try:
                 self.recover()
             except sqlite3.OperationalError as exc:  # retried from the loop once the ledger can be written
@@ -130,7 +141,7 @@ class Daemon(Scheduling):
             log.info("dropfit daemon ready: inbox %s, outbox %s, %s runner: %s", self.inbox, self.outbox,
                      self.runner.kind, self.runner.describe())
             self.ready.set()
-            self.schedule()
+            self.scheduler.schedule()
             self._loop()
         finally:
             self._close()
@@ -180,7 +191,7 @@ class Daemon(Scheduling):
     def recover(self) -> None:
         """Finish what a crash or stop left half done (see `daemon.recovery`); safe to call again."""
         self.recovery_pending = True
-        recovery.recover(self)
+        recovery.recover(self.store, self.scheduler, self.finish_claim, self.unfinished_claims)
         self.recovery_pending = False
 
     def _close(self) -> None:
@@ -268,7 +279,8 @@ class Daemon(Scheduling):
 
     def _timeout(self) -> float | None:
         deadlines = [self.settler.next_deadline(), self.metrics.next_expiry(), self.ledger_blocked_until,
-                     self.submit_blocked_until, *self.waiting.values(), *self.unresolved.values(),
+                     self.scheduler.submit_blocked_until, *self.waiting.values(),
+                     *self.scheduler.unresolved.values(),
                      self.next_rescan if self.watcher is not None and not self.stopping else None]
         for r in self.running.values():
             deadlines += [r.deadline, r.kill_at]
@@ -288,11 +300,11 @@ class Daemon(Scheduling):
             if not self.stopping:
                 self._rescan("the watcher lost events (its queue overflowed)")
         elif isinstance(message, TrainerEvent):
-            self._on_event(message.job_id, message.event, message.offset)
+            self.scheduler.on_event(message.job_id, message.event, message.offset)
         elif isinstance(message, EngineUpdate):
-            self._on_engine_update(message.job_id, message.state, message.detail, message.started_at)
+            self.scheduler.on_engine_update(message.job_id, message.state, message.detail, message.started_at)
         elif isinstance(message, TrainerProtocolMismatch):
-            self._on_protocol_mismatch(message.job_id, message.message)
+            self.scheduler.on_protocol_mismatch(message.job_id, message.message)
         elif isinstance(message, TrainerExit):
             r = self.running.get(message.job_id)
             if r is not None:
@@ -300,9 +312,9 @@ class Daemon(Scheduling):
                 # Cancelled in the engine by someone else (an admin's scancel) is a cancel; when the daemon stopped it
                 # (a timeout, a protocol error), the engine calls that "cancelled" too, and it is not.
                 r.cancel = r.cancel or (message.cancelled and not r.stopped_by_daemon)
-                self._on_exit(message.job_id)
+                self.scheduler.on_exit(message.job_id)
         elif isinstance(message, CancelRequest):
-            self.cancel(message.job_id)
+            self.scheduler.cancel(message.job_id)
         elif isinstance(message, StopSignal):
             self._shutdown(message.signum)
 
@@ -313,12 +325,12 @@ class Daemon(Scheduling):
             self.ledger_blocked_until = None
         if not blocked and self.recovery_pending:
             self.recover()
-        if not blocked and self.unresolved:
-            recovery.retry_unresolved(self, now)
+        if not blocked and self.scheduler.unresolved:
+            recovery.retry_unresolved(self.store, self.scheduler, now)
         if not blocked:
             for job_id, r in list(self.running.items()):
                 if r.exited is not None:  # its end could not be recorded before
-                    self._on_exit(job_id)
+                    self.scheduler.on_exit(job_id)
             for job_id in list(self.unfinished_claims):
                 self.unfinished_claims.discard(job_id)
                 job = self.ledger.get(job_id)
@@ -343,11 +355,11 @@ class Daemon(Scheduling):
             self._look_at_inbox(now)
         if now >= self.next_cancel_poll and not blocked:
             self.next_cancel_poll = now + CANCEL_POLL_SECONDS
-            self._poll_cancels()
-        self._check_running(now)
+            self.scheduler.poll_cancels()
+        self.scheduler.check_running(now)
         self.metrics.expire()
         if not blocked:
-            self.schedule()
+            self.scheduler.schedule()
 
     def _refresh_gauges(self) -> None:
         self.metrics.queued.set(self.ledger.count(JobState.QUEUED))
@@ -362,10 +374,10 @@ class Daemon(Scheduling):
             log.warning("second %s: killing %d trainer(s) now", name, len(self.running))
             for job_id, r in list(self.running.items()):
                 r.attempt.kill()
-                self._forget(job_id)
-                self._set(job_id, JobState.INTERRUPTED, pid=None, engine_state=None)
+                self.scheduler.forget(job_id)
+                self.store.set(job_id, JobState.INTERRUPTED, pid=None, engine_state=None)
             return
-        self.stopping = True
+        self.scheduler.stopping = True
         self.settler.clear()
         self.waiting.clear()
         if self.watcher:
@@ -378,33 +390,7 @@ class Daemon(Scheduling):
             return
         log.info("%s: no new jobs; asking %d trainer(s) to checkpoint and stop", name, len(self.running))
         for r in self.running.values():
-            self._stop_trainer(r)
-
-    # --- state changes ---------------------------------------------------------------------------------------
-
-    def _set(self, job_id: str, state: JobState, **changes) -> Job:
-        before = self.ledger.get(job_id) if self.notifier is not None and state is JobState.QUEUED else None
-        job = self.ledger.transition(job_id, state, **changes)
-        self._publish(job)
-        # Webhooks: "queued" once, when taken in (not for a retry or a submission the engine refused for now);
-        # "started" when the trainer says so (`_on_event`); and how the job ended.
-        if self.notifier is not None and (state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED) or
-                                          (before is not None and before.state is JobState.CLAIMING)):
-            self.notifier.job_changed(job)
-        return job
-
-    def _update(self, job_id: str, **changes) -> Job:
-        job = self.ledger.update(job_id, **changes)
-        self._publish(job)
-        return job
-
-    def _publish(self, job: Job) -> None:
-        # The ledger is the truth and is already written; a full or broken outbox must not stop the state change
-        # that follows (failing the job, freeing its GPU): status.json is rewritten at the next change.
-        try:
-            outbox.write_status(self.outbox, job)
-        except OSError as exc:
-            jlog(job.id).error("could not write outbox/%s/status.json: %s", job.id, exc.strerror or exc)
+            self.scheduler.stop_trainer(r)
 
     # --- intake ----------------------------------------------------------------------------------------------
 
@@ -430,7 +416,7 @@ class Daemon(Scheduling):
             self.unfinished_claims.add(job.id)
             raise
         except Exception:
-            self.fail_with_traceback(job, "taking this drop in")
+            self.store.fail_with_traceback(job, "taking this drop in")
 
     def _look_for_spec(self, name: str) -> None:
         folder = self.inbox / name
@@ -451,49 +437,22 @@ class Daemon(Scheduling):
             jl.info("inbox/%s disappeared before it could be claimed", job.name)
             self.ledger.delete(job.id)
         elif result.outcome == "queued" and isinstance(result.spec, PredictRun):
-            self._write_resolved(job.id, result.spec)
-            self._set(job.id, JobState.QUEUED, kind="predict", model_job=result.spec.model_job, epochs=None)
+            self.store.write_resolved(job.id, result.spec)
+            self.store.set(job.id, JobState.QUEUED, kind="predict", model_job=result.spec.model_job, epochs=None)
             jl.info("queued inbox/%s: labelling its images with the model of %s", job.name, result.spec.model_job)
         elif result.outcome == "queued":
-            self._write_resolved(job.id, result.spec)
-            self._set(job.id, JobState.QUEUED, kind="train", epochs=result.spec.epochs,
-                      multi_gpu=result.spec.hardware.multi_gpu)
+            self.store.write_resolved(job.id, result.spec)
+            self.store.set(job.id, JobState.QUEUED, kind="train", epochs=result.spec.epochs,
+                           multi_gpu=result.spec.hardware.multi_gpu)
             jl.info("queued inbox/%s (%d epochs)", job.name, result.spec.epochs)
         else:
             jl.warning("inbox/%s %s (%s):\n%s", job.name, result.outcome, result.kind, result.message)
             if result.kept is not None and job.source and Path(result.kept) == Path(job.source):
                 self.left_in_inbox.add(Path(job.source).name)  # not taken in again until it changes
             kind = "predict" if (Path(job.path) / PREDICT_FILE).exists() else "train"
-            self._update(job.id, kind=kind, **({"path": str(result.kept)} if result.kept is not None else {}))
-            self.fail(job.id, ErrorKind(result.kind), result.message)
+            self.store.update(job.id, kind=kind, **({"path": str(result.kept)} if result.kept is not None else {}))
+            self.store.fail(job.id, ErrorKind(result.kind), result.message)
 
     def find_model(self, ref: str):
         """A predict.yaml's ``model:`` as (training job id, its outbox folder); LookupError says what there is."""
         return models.resolve(ref, self.ledger, self.outbox)
-
-    def _write_resolved(self, job_id: str, spec) -> None:
-        try:
-            outbox.write_resolved_spec(self.outbox, job_id, spec)
-        except OSError as exc:
-            jlog(job_id).error("could not write outbox/%s/%s: %s", job_id, outbox.RESOLVED_FILE, exc.strerror or exc)
-
-    def fail_with_traceback(self, job: Job, doing: str) -> None:
-        """A bug (ours) while ``doing`` something for one job: that job fails with the traceback, the rest go on.
-        (Not for a ledger that cannot be written: that is no bug, and failing the job could not be recorded either.)"""
-        text = traceback.format_exc()
-        jlog(job.id).error("%s failed; failing the job and carrying on:\n%s", doing, text)
-        try:
-            self.fail(job.id, ErrorKind.INTERNAL, f"{doing} failed (a bug in dropfit; please report it):\n{text}")
-        except Exception:
-            jlog(job.id).exception("could not record the failure either; it stays %s", job.state.value)
-
-    def fail(self, job_id: str, kind: ErrorKind, message: str, seconds: float | None = None) -> None:
-        """End a job ``failed`` (outcome ``rejected`` when the drop itself is unusable), with ``error.txt``."""
-        outcome = "rejected" if kind.rejects_input else "failed"
-        job = self._set(job_id, JobState.FAILED, outcome=outcome, error_kind=kind.value, error=message,
-                        finished_at=time.time(), pid=None)
-        try:
-            outbox.write_error(self.outbox, job)
-        except OSError as exc:
-            jlog(job_id).error("could not write outbox/%s/error.txt: %s", job_id, exc.strerror or exc)
-        self.metrics.job_ended(job.id, job.name, outcome, seconds, self.config.metrics_retention_seconds, job.kind)
