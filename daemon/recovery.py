@@ -72,13 +72,13 @@ def _resume(store: JobStore, scheduler: Scheduler, job: Job) -> None:
     runner, engine, grace = scheduler.runner, job.engine or "local", scheduler.config.stop_grace_seconds
     if engine == "local":
         stop_left_over(job, scheduler.state, grace)
-    elif engine != runner.kind:
+    elif not runner.ran(job):
         store.fail(job.id, ErrorKind.ENGINE,
                    f"attempt {job.attempt} was handed to {engine} as {job.engine_ref}, but this daemon now runs "
                    f"jobs on {runner.kind}; cancel it in {engine} if it still runs, then drop the dataset again "
                    f"(it is kept in {job.path}), or set runner.kind back to {engine}")
         return
-    elif job.state == JobState.RUNNING:
+    elif job.state == JobState.RUNNING and runner.attempts_outlive_daemon:
         try:
             attempt = runner.reattach(job, grace)
         except EngineError as exc:

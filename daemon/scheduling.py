@@ -87,7 +87,7 @@ class Scheduler:
             return True
         if not job.path:
             self.store.fail(job.id, ErrorKind.SPEC, "the job's dataset is not recorded (a ledger rebuilt without it); "
-                                              "drop the dataset again")
+                                                    "drop the dataset again")
             return False
         spec, error = validate(Path(job.path), self.config.job_defaults, display=job.name,
                                max_classes=self.config.limits.max_classes, models=self.find_model)
@@ -105,7 +105,7 @@ class Scheduler:
         spec_file = self.jobs_dir / job.id / SPEC_FILE
         if not spec_file.is_file():
             self.store.fail(job.id, ErrorKind.INTERNAL, f"its resolved spec {spec_file} is missing (removed by hand?); "
-                                                  "drop the dataset again")
+                                                        "drop the dataset again")
             return True
         attempt_no = job.attempt + 1
         work = self.jobs_dir / job.id / "work"
@@ -133,17 +133,17 @@ class Scheduler:
             jlog(job.id).warning("%s did not take the job (%s); trying again in %.0f s", self.runner.kind, exc,
                                  SUBMIT_RETRY_SECONDS)
             self.store.set(job.id, JobState.QUEUED, attempt=job.attempt - 1, engine_state=None,
-                      error_kind=ErrorKind.RETRY.value, error=f"not submitted to {self.runner.kind}: {exc}")
+                           error_kind=ErrorKind.RETRY.value, error=f"not submitted to {self.runner.kind}: {exc}")
             self.submit_blocked_until = time.monotonic() + SUBMIT_RETRY_SECONDS
             return False
         except OSError as exc:
             self.store.fail(job.id, ErrorKind.INTERNAL, f"could not start the trainer ({argv[0]}): {exc}")
             return True
         self.running[job.id] = r = Running(attempt, job, first_attempt=attempt_no == 1)
-        local = self.runner.kind == "local"
-        r.job = self.store.update(job.id, engine_ref=attempt.ref, engine_state="running" if local else "pending",
-                             running_since=None, ran_seconds=0.0, **attempt.recorded)
-        if local:  # running from now; an engine says when it starts the attempt (`_on_engine_update`)
+        at_once = self.runner.runs_when_submitted
+        r.job = self.store.update(job.id, engine_ref=attempt.ref, engine_state="running" if at_once else "pending",
+                                  running_since=None, ran_seconds=0.0, **attempt.recorded)
+        if at_once:  # running from now; an engine says when it starts the attempt (`on_engine_update`)
             self._clock(r, "running", time.time())
         else:
             jlog(job.id).info("submitted to %s as %s", self.runner.kind, attempt.ref)
@@ -208,8 +208,8 @@ class Scheduler:
             done, total = (0, event.images) if event.kind == "predict" else (event.resumed_from, event.epochs)
             self._clock(r, "running")
             job = r.job = self.store.update(job_id, epochs=total, epoch=done,
-                                       engine_state="running", time_budget=event.time_budget,
-                                       deadline=event.deadline, warnings=event.warnings or None, **moved)
+                                            engine_state="running", time_budget=event.time_budget,
+                                            deadline=event.deadline, warnings=event.warnings or None, **moved)
             if r.deadline is None:  # it runs, though the engine has not said so yet
                 self._clock(r, "running")
             self.metrics.budget(job_id, job.name, event.time_budget, event.deadline)
@@ -223,7 +223,7 @@ class Scheduler:
             if event.val_accuracy is not None:
                 best = max(best or 0.0, event.val_accuracy)
             r.job = self.store.update(job_id, epoch=event.epoch, epochs=event.epochs or r.job.epochs, metrics=row,
-                                 best_val_accuracy=best, **moved)
+                                      best_val_accuracy=best, **moved)
             self.metrics.epoch(job_id, r.job.name, row)
         elif isinstance(event, Progress):
             r.job = self.store.update(job_id, epoch=event.done, epochs=event.total, **moved)
@@ -281,7 +281,7 @@ class Scheduler:
         elif decision.action == Action.RETRY:
             jl.warning("attempt %d failed (%s); retrying from the last checkpoint", job.attempt, decision.reason)
             self.store.set(job_id, JobState.QUEUED, error_kind=ErrorKind.RETRY.value, failures=job.failures + 1,
-                      error=f"attempt {job.attempt}: {decision.reason}", **ended)
+                           error=f"attempt {job.attempt}: {decision.reason}", **ended)
         else:
             if decision.kind == ErrorKind.IO:
                 # Whatever the failed write left (checkpoints, disk cache) only takes space the next job needs.

@@ -338,7 +338,7 @@ class Daemon:
         if self.watcher:
             self.watcher.stop()
             self.watcher = None
-        if self.runner.kind != "local":
+        if self.runner.attempts_outlive_daemon:
             # The engine runs them, not this process: they carry on, and the next start re-attaches to them.
             log.info("%s: no new jobs; %d job(s) carry on in %s", name, len(self.running), self.runner.kind)
             self.running.clear()

@@ -148,7 +148,10 @@ class LocalRunner(Runner):
 
     def reattach(self, job: Job, grace: float) -> None:
         """A local trainer never carries on under a new daemon: one left running is stopped (if provably ours) and
-        the job runs again from its checkpoint."""
+        the job runs again from its checkpoint.
+
+        Recovery does not call this: a trainer a previous daemon ran here is stopped whichever runner is configured
+        now, so `daemon.recovery` calls `stop_left_over` itself for every job whose engine was local."""
         stop_left_over(job, self.state_dir, grace)
         return None
 

@@ -88,6 +88,8 @@ class RemoteRunner(Runner):
     """A runner whose trainers run in a cluster engine; subclasses say how to submit, query and cancel."""
 
     follows_events_file = True
+    runs_when_submitted = False
+    attempts_outlive_daemon = True
     # After this many polls in which the engine does not know an attempt at all, it is taken as lost.
     LOST_AFTER_POLLS = 3
 
