@@ -13,7 +13,7 @@ from pathlib import Path
 from contract.atomic import display_path
 from contract.files import JOB_FILE, PREDICT_FILE
 from contract.predict_spec import PredictRun
-from contract.protocol import ErrorKind
+from contract.protocol import ErrorKind, JobKind
 from daemon import models
 from daemon.config import Config
 from daemon.intake import claim_hidden_path, has_spec, may_be_a_job, new_job_id, take_in
@@ -83,18 +83,18 @@ class Claims:
             self.ledger.delete(job.id)
         elif result.outcome == "queued" and isinstance(result.spec, PredictRun):
             self.store.write_resolved(job.id, result.spec)
-            self.store.set(job.id, JobState.QUEUED, kind="predict", model_job=result.spec.model_job, epochs=None)
+            self.store.set(job.id, JobState.QUEUED, kind=JobKind.PREDICT, model_job=result.spec.model_job, epochs=None)
             jl.info("queued inbox/%s: labelling its images with the model of %s", job.name, result.spec.model_job)
         elif result.outcome == "queued":
             self.store.write_resolved(job.id, result.spec)
-            self.store.set(job.id, JobState.QUEUED, kind="train", epochs=result.spec.epochs,
+            self.store.set(job.id, JobState.QUEUED, kind=JobKind.TRAIN, epochs=result.spec.epochs,
                            multi_gpu=result.spec.hardware.multi_gpu)
             jl.info("queued inbox/%s (%d epochs)", job.name, result.spec.epochs)
         else:
             jl.warning("inbox/%s %s (%s):\n%s", job.name, result.outcome, result.kind, result.message)
             if result.kept is not None and job.source and Path(result.kept) == Path(job.source):
                 self.left_in_inbox.add(Path(job.source).name)  # not taken in again until it changes
-            kind = "predict" if (Path(job.path) / PREDICT_FILE).exists() else "train"
+            kind = JobKind.PREDICT if (Path(job.path) / PREDICT_FILE).exists() else JobKind.TRAIN
             self.store.update(job.id, kind=kind, **({"path": str(result.kept)} if result.kept is not None else {}))
             self.store.fail(job.id, ErrorKind(result.kind), result.message)
 

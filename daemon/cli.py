@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from contract.protocol import JobKind
 from contract.spec import SpecError
 from daemon.config import load_config
 
@@ -123,7 +124,7 @@ def cmd_status(args) -> int:
         progress = f"{j.epoch}/{j.epochs}" if j.epochs else "-"
         best = f"{j.best_val_accuracy:.4f}" if j.best_val_accuracy is not None else "-"
         detail = (j.error or "").splitlines()[0][:80] if j.error else ""
-        if j.kind == "predict":
+        if j.kind == JobKind.PREDICT:
             progress = f"{j.epoch}/{j.epochs}img" if j.epochs else "-"
             detail = f"predict with {j.model_job}" + (f"; {detail}" if detail else "")
         if j.state.value == "running" and j.engine not in (None, "local"):

@@ -133,8 +133,9 @@ class Job:
     time_budget: float | None = None  # seconds (job.yaml's time_budget), once the trainer has started
     deadline: float | None = None  # Unix time the trainer will have ended by, under a time budget
     warnings: list | None = None  # the trainer's warnings about the data
-    # train (job.yaml) or predict (predict.yaml); None until intake has read the spec. For a prediction job epoch and
-    # epochs count images labelled and to label, and model_job is the training job whose model it uses.
+    # A `contract.protocol.JobKind` value: train (job.yaml) or predict (predict.yaml); None until intake has read the
+    # spec. For a prediction job epoch and epochs count images labelled and to label, and model_job is the training
+    # job whose model it uses.
     kind: str | None = None
     model_job: str | None = None
 

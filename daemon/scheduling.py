@@ -14,7 +14,7 @@ from pathlib import Path
 from contract.atomic import write_json
 from contract.files import CANCEL_FILE, EVENTS_FILE, SPEC_FILE, TRAIN_LOG
 from contract.predict_spec import PredictRun
-from contract.protocol import EpochEnd, Error, ErrorKind, Finished, Progress, Started, run_argv
+from contract.protocol import EpochEnd, Error, ErrorKind, Finished, JobKind, Progress, Started, run_argv
 from daemon import models
 from daemon.config import Config
 from daemon.decision import Action, Ending, RetryPolicy, decide
@@ -97,7 +97,7 @@ class Scheduler:
         write_json(spec_file, spec.model_dump(mode="json"))
         self.store.write_resolved(job.id, spec)
         if isinstance(spec, PredictRun):
-            self.store.update(job.id, kind="predict", model_job=spec.model_job, epochs=None)
+            self.store.update(job.id, kind=JobKind.PREDICT, model_job=spec.model_job, epochs=None)
         return True
 
     def _start(self, job: Job) -> bool:
@@ -205,7 +205,7 @@ class Scheduler:
         moved = {"events_offset": offset} if offset is not None else {}
         if isinstance(event, Started):
             # A prediction job counts images where a training job counts epochs.
-            done, total = (0, event.images) if event.kind == "predict" else (event.resumed_from, event.epochs)
+            done, total = (0, event.images) if event.kind == JobKind.PREDICT else (event.resumed_from, event.epochs)
             self._clock(r, "running")
             job = r.job = self.store.update(job_id, epochs=total, epoch=done,
                                             engine_state="running", time_budget=event.time_budget,
