@@ -64,7 +64,8 @@ def payload(event: str, job: Job, outbox: Path) -> dict:
     return {"event": event, "time": time.time(), "job": {
         "id": job.id, "dataset": job.name, "kind": str(job.kind or JobKind.TRAIN), "state": job.state.value,
         "attempt": job.attempt, "outcome": job.outcome, "error_kind": job.error_kind, "error": job.error,
-        "epoch": job.epoch, "epochs": job.epochs, "best_val_accuracy": job.best_val_accuracy,
+        "epoch": job.epoch, "epochs": job.epochs, "images_done": job.images_done, "images_total": job.images_total,
+        "best_val_accuracy": job.best_val_accuracy,
         "model_job": job.model_job, "warnings": job.warnings or [], "outbox": str(outbox / job.id)}}
 
 

@@ -27,7 +27,8 @@ def write_status(outbox: Path, job: Job) -> None:
     data["dataset"] = data.pop("name")
     data["dataset_path"] = data.pop("path")
     data["kind"] = str(job.kind or JobKind.TRAIN)
-    data["progress"] = f"{job.epoch}/{job.epochs}" if job.epochs else None
+    done, total = job.progress
+    data["progress"] = f"{done}/{total}" if total else None
     data["progress_unit"] = "images" if job.kind == JobKind.PREDICT else "epochs"
     if job.deadline is not None:
         data["time_left_seconds"] = round(max(0.0, job.deadline - time.time()), 1) if not job.state.terminal \

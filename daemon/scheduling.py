@@ -147,7 +147,7 @@ class Scheduler:
             self._clock(r, "running", time.time())
         else:
             jlog(job.id).info("submitted to %s as %s", self.runner.kind, attempt.ref)
-        self.metrics.job_started(job.id, job.name, job.epoch, job.epochs)
+        self.metrics.job_started(job.id, job.name, *job.progress)
         return True
 
     def adopt(self, job: Job, attempt: Attempt) -> None:
@@ -156,7 +156,7 @@ class Scheduler:
         r = self.running[job.id] = Running(attempt, job, first_attempt=job.attempt == 1)
         if job.running_since is not None and job.engine_state == "running":
             self._clock(r, "running", job.running_since)
-        self.metrics.job_started(job.id, job.name, job.epoch, job.epochs)
+        self.metrics.job_started(job.id, job.name, *job.progress)
 
     def _clock(self, r: Running, state: str, since: float | None = None) -> None:
         """``job_timeout_seconds`` counts the time an attempt runs: waiting in the engine (for a node, held by Kueue,
@@ -205,9 +205,10 @@ class Scheduler:
         moved = {"events_offset": offset} if offset is not None else {}
         if isinstance(event, Started):
             # A prediction job counts images where a training job counts epochs.
-            done, total = (0, event.images) if event.kind == JobKind.PREDICT else (event.resumed_from, event.epochs)
+            progress = ({"images_done": 0, "images_total": event.images} if event.kind == JobKind.PREDICT
+                        else {"epoch": event.resumed_from, "epochs": event.epochs})
             self._clock(r, "running")
-            job = r.job = self.store.update(job_id, epochs=total, epoch=done,
+            job = r.job = self.store.update(job_id, **progress,
                                             engine_state="running", time_budget=event.time_budget,
                                             deadline=event.deadline, warnings=event.warnings or None, **moved)
             if r.deadline is None:  # it runs, though the engine has not said so yet
@@ -216,7 +217,7 @@ class Scheduler:
             self.store.started(job)
             if event.skipped and r.first_attempt and not event.resumed_from:
                 self.metrics.invalid_images.inc(event.skipped)
-            self.metrics.job_started(job_id, job.name, job.epoch, job.epochs)
+            self.metrics.job_started(job_id, job.name, *job.progress)
         elif isinstance(event, EpochEnd):
             row = event.metrics()
             best = r.job.best_val_accuracy
@@ -226,7 +227,7 @@ class Scheduler:
                                       best_val_accuracy=best, **moved)
             self.metrics.epoch(job_id, r.job.name, row)
         elif isinstance(event, Progress):
-            r.job = self.store.update(job_id, epoch=event.done, epochs=event.total, **moved)
+            r.job = self.store.update(job_id, images_done=event.done, images_total=event.total, **moved)
             self.metrics.predicted(job_id, r.job.name, event.done, event.images_per_second)
         elif isinstance(event, Finished):
             r.finished = event
