@@ -21,9 +21,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, Strict, WithJsonSchema
 
+from contract.protocol import JobKind
 from contract.spec import RelativePath, check_spec_file, load_yaml_model
 
-KINDS = ("train", "predict")  # what a job does: trains a model (job.yaml) or labels images with one (predict.yaml)
 LATEST = "latest"
 _JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
@@ -89,7 +89,7 @@ class PredictRun(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["predict"] = "predict"
+    kind: Literal["predict"] = "predict"  # JobKind.PREDICT; a literal, so the resolved spec's schema says which
     spec: PredictSpec
     model_job: str = Field(description="The training job whose model labels the images.")
     model_dir: str = Field(description="Its outbox folder (model.keras, labels.json), absolute.")
@@ -111,7 +111,7 @@ def read_run(path: str | os.PathLike) -> PredictRun | None:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # not ours to judge: loading it as a training spec reports the problem
-    if not isinstance(data, dict) or data.get("kind") != "predict":
+    if not isinstance(data, dict) or data.get("kind") != JobKind.PREDICT:
         return None
     try:
         return PredictRun.model_validate(data)

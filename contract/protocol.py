@@ -47,6 +47,18 @@ ENV_JOB_ID = "DROPFIT_JOB_ID"
 ENV_STATE_DIR = "DROPFIT_STATE_DIR"
 
 
+class JobKind(str, Enum):
+    """What a job does: trains a model (job.yaml) or labels images with one (predict.yaml). The values are what the
+    ledger, status.json, the webhooks and the events carry."""
+
+    TRAIN = "train"
+    PREDICT = "predict"
+
+    def __str__(self) -> str:
+        # As StrEnum (Python 3.11+) does: text made of it (metric labels, f-strings) is the value, not "JobKind.TRAIN".
+        return self.value
+
+
 class ExitCode(IntEnum):
     """How ``trainer run`` ends."""
 
@@ -90,7 +102,7 @@ class _Event(BaseModel):
 
 class Started(_Event):
     event: Literal["started"] = "started"
-    kind: Literal["train", "predict"] = "train"
+    kind: JobKind = JobKind.TRAIN
     classes: list[str]
     counts: dict[str, int] = Field(default_factory=dict)
     train_images: int

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from contract.protocol import JobKind
 from contract.spec import SpecError
 from daemon.config import load_config
 
@@ -120,11 +121,12 @@ def cmd_status(args) -> int:
     now = time.time()
     print(f"{'JOB ID':<48} {'STATE':<20} {'PROGRESS':>9} {'BEST VAL ACC':>13} {'AGE':>6}  DETAIL")
     for j in jobs:
-        progress = f"{j.epoch}/{j.epochs}" if j.epochs else "-"
+        done, total = j.progress
+        progress = f"{done}/{total}" if total else "-"
         best = f"{j.best_val_accuracy:.4f}" if j.best_val_accuracy is not None else "-"
         detail = (j.error or "").splitlines()[0][:80] if j.error else ""
-        if j.kind == "predict":
-            progress = f"{j.epoch}/{j.epochs}img" if j.epochs else "-"
+        if j.kind == JobKind.PREDICT:
+            progress = f"{done}/{total}img" if total else "-"
             detail = f"predict with {j.model_job}" + (f"; {detail}" if detail else "")
         if j.state.value == "running" and j.engine not in (None, "local"):
             detail = f"{j.engine} job {j.engine_ref}" + (f"; {detail}" if detail else "")

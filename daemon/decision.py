@@ -48,33 +48,48 @@ def describe_exit(status: int) -> str:
     return f"the trainer exited with code {status}"
 
 
-def decide(status: int, error: Error | None, attempt: int, policy: RetryPolicy, *, finished: bool = False,
-           cancelled: bool = False, timed_out: bool = False, stopping: bool = False,
-           timeout_seconds: float | None = None, detail: str | None = None) -> Decision:
+@dataclass(frozen=True)
+class Ending:
+    """How an attempt ended, as the daemon saw it, besides its exit status and last error (see `decide`).
+
+    Attributes:
+        finished: whether the trainer sent its `Finished` event.
+        cancelled, timed_out, stopping: whether the daemon stopped it because of a cancel, the job timeout or its
+            own shutdown (in that order of precedence, after success).
+        timeout_seconds: the job timeout, for the reason of a timed-out job.
+        detail: a cluster engine's own words on how the attempt ended (e.g. ``NODE_FAIL``), added to the reason.
+    """
+
+    finished: bool = False
+    cancelled: bool = False
+    timed_out: bool = False
+    stopping: bool = False
+    timeout_seconds: float | None = None
+    detail: str | None = None
+
+
+def decide(status: int, error: Error | None, attempt: int, policy: RetryPolicy, how: Ending = Ending()) -> Decision:
     """Decide what becomes of a job whose trainer ended with exit ``status``.
 
     Args:
         error: the trainer's last `Error` event, if it sent one (or one the daemon recorded, e.g. a protocol error).
         attempt: which failure this would be (1 for the first): the policy allows ``retries`` of them. Attempts
             that a daemon restart cut short do not count.
-        finished: whether the trainer sent its `Finished` event.
-        cancelled, timed_out, stopping: whether the daemon stopped it because of a cancel, the job timeout or its
-            own shutdown (in that order of precedence, after success).
-        detail: a cluster engine's own words on how the attempt ended (e.g. ``NODE_FAIL``), added to the reason.
+        how: what else the daemon knows of the attempt's end (see `Ending`).
     """
-    ended = describe_exit(status) + (f" ({detail})" if detail else "")
-    if cancelled:
+    ended = describe_exit(status) + (f" ({how.detail})" if how.detail else "")
+    if how.cancelled:
         return Decision(Action.CANCEL, ErrorKind.CANCELLED, "cancelled by request")
-    if status == ExitCode.OK and finished:
+    if status == ExitCode.OK and how.finished:
         return Decision(Action.SUCCEED)
-    if timed_out:
-        return Decision(Action.FAIL, ErrorKind.TIMEOUT, f"timed out after {timeout_seconds or 0:.0f} seconds "
+    if how.timed_out:
+        return Decision(Action.FAIL, ErrorKind.TIMEOUT, f"timed out after {how.timeout_seconds or 0:.0f} seconds "
                                                         f"(job_timeout_seconds); {ended}")
     if error is not None and error.kind in (ErrorKind.PROTOCOL, ErrorKind.ENGINE):
         # The trainer never sends ENGINE: a runner does, when the engine could not run it at all (a container
         # that never started). Its message is the whole story; the exit status is the engine's, not the trainer's.
         return Decision(Action.FAIL, error.kind, error.message)
-    if stopping:
+    if how.stopping:
         return Decision(Action.INTERRUPT)
     if status == ExitCode.INVALID:
         kind = error.kind if error is not None else ErrorKind.DATA

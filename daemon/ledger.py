@@ -21,6 +21,8 @@ from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 
+from contract.protocol import JobKind
+
 log = logging.getLogger(__name__)
 
 
@@ -88,7 +90,9 @@ CREATE TABLE IF NOT EXISTS {name} (
     deadline REAL,
     warnings TEXT,
     kind TEXT,
-    model_job TEXT
+    model_job TEXT,
+    images_done INTEGER,
+    images_total INTEGER
 );
 """
 _SCHEMA = _TABLE.format(name="jobs") + "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);\n"
@@ -133,10 +137,20 @@ class Job:
     time_budget: float | None = None  # seconds (job.yaml's time_budget), once the trainer has started
     deadline: float | None = None  # Unix time the trainer will have ended by, under a time budget
     warnings: list | None = None  # the trainer's warnings about the data
-    # train (job.yaml) or predict (predict.yaml); None until intake has read the spec. For a prediction job epoch and
-    # epochs count images labelled and to label, and model_job is the training job whose model it uses.
+    # A `contract.protocol.JobKind` value: train (job.yaml) or predict (predict.yaml); None until intake has read the
+    # spec. A prediction job has no epochs: it counts images labelled and to label (images_done, images_total), and
+    # model_job is the training job whose model it uses.
     kind: str | None = None
     model_job: str | None = None
+    images_done: int | None = None
+    images_total: int | None = None
+
+    @property
+    def progress(self) -> tuple[int, int | None]:
+        """(done, planned): images for a prediction job, epochs for a training job."""
+        if self.kind == JobKind.PREDICT:
+            return self.images_done or 0, self.images_total
+        return self.epoch, self.epochs
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -208,6 +222,10 @@ class Ledger:
         try:
             self.db.execute(_TABLE.format(name="jobs_migrated"))
             self.db.execute(f"INSERT INTO jobs_migrated ({', '.join(common)}) SELECT {select} FROM jobs")
+            if "images_total" not in info:
+                # A ledger from before these columns counted a prediction job's images in the epoch columns.
+                self.db.execute("UPDATE jobs_migrated SET images_done = epoch, images_total = epochs, epoch = 0, "
+                                "epochs = NULL WHERE kind = ?", (JobKind.PREDICT.value,))
             self.db.execute("DROP TABLE jobs")
             self.db.execute("ALTER TABLE jobs_migrated RENAME TO jobs")
             self.db.execute("CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq)")
@@ -286,6 +304,8 @@ class Ledger:
     def restore(self, record: dict) -> Job:
         """Insert a job as recorded elsewhere (its outbox status.json), when rebuilding a lost ledger."""
         row = {k: v for k, v in record.items() if k in _COLUMNS | {"id", "created_at"}}
+        if row.get("kind") == JobKind.PREDICT and "images_total" not in row:  # from when images were counted as epochs
+            row.update(images_done=row.pop("epoch", 0), images_total=row.pop("epochs", None))
         for key in ("metrics", "warnings"):
             if row.get(key) is not None:
                 row[key] = json.dumps(row[key])

@@ -17,7 +17,7 @@ from http.server import ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import MetricsHandler
 
-from contract.predict_spec import KINDS
+from contract.protocol import JobKind
 from daemon.config import NOTIFY_EVENTS
 from daemon.ledger import OUTCOMES
 
@@ -38,7 +38,7 @@ class Metrics:
         self.jobs = Counter("dropfit_jobs", "Jobs that ended, by outcome and kind (train or predict).",
                             ["outcome", "kind"], registry=r)
         for outcome in OUTCOMES:
-            for kind in KINDS:
+            for kind in (k.value for k in JobKind):
                 self.jobs.labels(outcome, kind)
         self.notifications = Counter("dropfit_notifications", "Webhook deliveries, by job event and result "
                                      "(delivered, or failed after every retry).", ["event", "result"], registry=r)
@@ -135,7 +135,7 @@ class Metrics:
     def job_ended(self, job_id: str, dataset: str, outcome: str, seconds: float | None, retention: float,
                   kind: str | None = None) -> None:
         """Count an outcome and schedule the job's own series for removal after ``retention`` seconds."""
-        self.jobs.labels(outcome, kind or "train").inc()
+        self.jobs.labels(outcome, str(kind or JobKind.TRAIN)).inc()
         if outcome == "succeeded":
             self.last_success.set(time.time())
         if seconds is not None:

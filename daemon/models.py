@@ -13,6 +13,7 @@ from pathlib import Path
 
 from contract.files import EXPORT_FILES, LABELS_FILE, MODEL_FILE, SUMMARY_FILE
 from contract.predict_spec import LATEST
+from contract.protocol import JobKind
 from daemon.ledger import JobState, Ledger
 
 
@@ -20,7 +21,7 @@ def entries(ledger: Ledger, outbox: Path) -> list[dict]:
     """Every succeeded training job with its model still present, the last to finish first."""
     out = []
     for job in reversed(ledger.jobs(JobState.SUCCEEDED)):
-        if job.kind not in (None, "train"):
+        if job.kind not in (None, JobKind.TRAIN):
             continue
         folder = outbox / job.id
         if not (folder / MODEL_FILE).is_file():
@@ -53,7 +54,7 @@ def resolve(ref: str, ledger: Ledger, outbox: Path) -> tuple[str, Path]:
             return chosen[0]["id"], Path(chosen[0]["path"])
         if not models:
             coming = sum(1 for j in ledger.jobs(JobState.QUEUED, JobState.RUNNING, JobState.INTERRUPTED)
-                         if j.kind != "predict")
+                         if j.kind != JobKind.PREDICT)
             if coming:
                 raise LookupError(f"no trained model yet (got {ref!r}); {coming} training job"
                                   f"{' is' if coming == 1 else 's are'} queued or running: drop this again once one "
@@ -69,7 +70,7 @@ def resolve(ref: str, ledger: Ledger, outbox: Path) -> tuple[str, Path]:
     if job is None:
         newest = ", ".join(m["id"] for m in models[:3]) or "none yet"
         raise LookupError(f"no job with the id {ref!r}; `dropfit models` lists the trained ones (newest: {newest})")
-    if job.kind == "predict":
+    if job.kind == JobKind.PREDICT:
         raise LookupError(f"job {ref!r} is a prediction job, not a training job")
     if job.state is not JobState.SUCCEEDED:
         raise LookupError(f"job {ref!r} has not succeeded (it is {job.state.value}); expected a trained model")

@@ -33,6 +33,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from contract.files import NOTIFICATIONS_FILE as RECORD_FILE
+from contract.protocol import JobKind
 from daemon.ledger import Job, JobState
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,10 @@ def signature(key: bytes, body: bytes) -> str:
 def payload(event: str, job: Job, outbox: Path) -> dict:
     """What a receiver gets: the event, and the job as ``status.json`` describes it (less the noise)."""
     return {"event": event, "time": time.time(), "job": {
-        "id": job.id, "dataset": job.name, "kind": job.kind or "train", "state": job.state.value,
+        "id": job.id, "dataset": job.name, "kind": str(job.kind or JobKind.TRAIN), "state": job.state.value,
         "attempt": job.attempt, "outcome": job.outcome, "error_kind": job.error_kind, "error": job.error,
-        "epoch": job.epoch, "epochs": job.epochs, "best_val_accuracy": job.best_val_accuracy,
+        "epoch": job.epoch, "epochs": job.epochs, "images_done": job.images_done, "images_total": job.images_total,
+        "best_val_accuracy": job.best_val_accuracy,
         "model_job": job.model_job, "warnings": job.warnings or [], "outbox": str(outbox / job.id)}}
 
 

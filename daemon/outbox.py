@@ -14,6 +14,7 @@ import yaml
 from contract.atomic import write_json, write_text
 from contract.files import ERROR_FILE, RESOLVED_FILE, RESOLVED_PREDICT_FILE, STATUS_FILE
 from contract.predict_spec import PredictRun
+from contract.protocol import JobKind
 from contract.spec import JobSpec, resolved_yaml
 from daemon.ledger import Job
 
@@ -25,9 +26,10 @@ def write_status(outbox: Path, job: Job) -> None:
     data.pop("source", None)
     data["dataset"] = data.pop("name")
     data["dataset_path"] = data.pop("path")
-    data["kind"] = job.kind or "train"
-    data["progress"] = f"{job.epoch}/{job.epochs}" if job.epochs else None
-    data["progress_unit"] = "images" if job.kind == "predict" else "epochs"
+    data["kind"] = str(job.kind or JobKind.TRAIN)
+    done, total = job.progress
+    data["progress"] = f"{done}/{total}" if total else None
+    data["progress_unit"] = "images" if job.kind == JobKind.PREDICT else "epochs"
     if job.deadline is not None:
         data["time_left_seconds"] = round(max(0.0, job.deadline - time.time()), 1) if not job.state.terminal \
             else None

@@ -1,5 +1,8 @@
 """The daemon's main loop: intake, queue, outbox, metrics and shutdown. Running jobs through the configured runner is
-in `daemon.scheduling` (a mixin of `Daemon`), recovery after a restart in `daemon.recovery`.
+`daemon.scheduling.Scheduler`, recovery after a restart `daemon.recovery`; both record every job change through the
+`daemon.store.JobStore` the daemon gives them.
+
+Intake of settled drops is `daemon.claims.Claims`, and the checks made at start-up are in `daemon.startup`.
 
 One thread (the loop) makes every decision and every ledger change. Watchdog's thread, the trainers' reader threads
 and signal handlers only put `daemon.messages` on a `queue.SimpleQueue` (safe even from a signal handler). When idle,
@@ -8,27 +11,19 @@ the loop sleeps in ``get()`` until a message or its next deadline: no polling.
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import queue
 import signal
 import socket
 import sqlite3
 import threading
 import time
-import traceback
-from pathlib import Path
 
-from contract.atomic import display_path, write_json
-from contract.files import JOB_FILE, PREDICT_FILE
-from contract.predict_spec import PredictRun
-from contract.protocol import ErrorKind
-from daemon import models, outbox, recovery
+from daemon import recovery
+from daemon.claims import Claims
 from daemon.config import Config
-from daemon.decision import RetryPolicy
-from daemon.intake import claim_hidden_path, has_spec, may_be_a_job, new_job_id, take_in
-from daemon.ledger import Job, JobState, Ledger
+from daemon.intake import may_be_a_job
+from daemon.ledger import JobState, Ledger
 from daemon.lock import StateLock, StateLocked
 from daemon.messages import (
     CancelRequest,
@@ -45,21 +40,18 @@ from daemon.metrics import Metrics, MetricsServer
 from daemon.notify import Notifier
 from daemon.repair import LedgerLocationError, open_ledger
 from daemon.runners import make_runner
-from daemon.scheduling import Running, Scheduling, jlog
+from daemon.scheduling import Scheduler
+from daemon.startup import DAEMON_FILE, StartupError, check_folders, metrics_server, write_daemon_file
+from daemon.store import JobStore
 from daemon.watch import Settler, Watcher, inbox_entries
 
 log = logging.getLogger(__name__)
-DAEMON_FILE = "daemon.json"  # pid and metrics URL of the running daemon
+__all__ = ["DAEMON_FILE", "Daemon", "StartupError"]  # `dropfit` (daemon.cli) imports them from here
 CANCEL_POLL_SECONDS = 1.0  # how often outbox/<id>/CANCEL is looked for, for queued and running jobs only
 LEDGER_RETRY_SECONDS = 5.0  # after the ledger could not be written (a full disk), when to try again
-WAITING_POLL_SECONDS = 2.0  # how often a settled folder without a job.yaml is looked at again
 
 
-class StartupError(RuntimeError):
-    """The daemon cannot start (unusable folders, a locked state folder, a busy port); the message says what to do."""
-
-
-class Daemon(Scheduling):
+class Daemon:
     """Run with `run` (blocks until SIGTERM/SIGINT or `request_stop`)."""
 
     def __init__(self, config: Config, registry=None):
@@ -76,33 +68,40 @@ class Daemon(Scheduling):
         self.metrics = Metrics(registry, version)
         self.messages: queue.SimpleQueue = queue.SimpleQueue()
         self.settler = Settler(self.inbox, config.settle_seconds)
-        self.waiting: dict[str, float] = {}  # settled folders without a job.yaml -> when to look again
-        self.left_in_inbox: set[str] = set()  # drops an intake could not move (they failed): not taken in again
         self.next_rescan = 0.0  # when the inbox's top level is looked at in full again (`_look_at_inbox`)
-        self.running: dict[str, Running] = {}
         self.runner = make_runner(config, self.messages.put)
-        self.submit_blocked_until: float | None = None  # set while the engine refuses submissions for now
-        self.policy = RetryPolicy(config.retries)
         self.host = socket.gethostname()
-        self.stopping = False
         self.next_cancel_poll = 0.0
         self.ledger_blocked_until: float | None = None  # set while the ledger cannot be written
         self.ledger_complained = False  # the error was logged (once, until the ledger works again)
-        self.unfinished_claims: set[str] = set()  # claims cut short by a ledger that could not be written
         self.recovery_pending = False  # start-up recovery was cut short (the ledger could not be written)
-        self.unresolved: dict[str, float] = {}  # jobs whose engine could not be asked at start-up -> when to ask again
         self.lock = StateLock(self.state)
         self.ledger: Ledger | None = None
         self.server: MetricsServer | None = None
         self.watcher: Watcher | None = None
         self.ready = threading.Event()
         self.notifier: Notifier | None = None
+        # Made once the ledger is open (`run`): every job change goes through the store.
+        self.store: JobStore | None = None
+        self.scheduler: Scheduler | None = None
+        self.claims: Claims | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was asked for (the loop ends once the running jobs have stopped or been let go)."""
+        return self.scheduler is not None and self.scheduler.stopping
+
+    @property
+    def running(self) -> dict:
+        """The jobs whose attempt is in the runner's hands (see `Scheduler.running`)."""
+        return self.scheduler.running if self.scheduler is not None else {}
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
     def run(self, install_signals: bool = True) -> int:
         """Start, serve until stopped, and clean up. Raises `StartupError` if it cannot start."""
-        self._check_folders()
+        check_folders([("inbox", self.inbox), ("outbox", self.outbox), ("state_dir", self.state),
+                       ("archive_dir", self.archive), ("state_dir", self.jobs_dir)])
         try:
             self.lock.acquire()
         except StateLocked as exc:
@@ -112,8 +111,12 @@ class Daemon(Scheduling):
                 self.ledger = open_ledger(self.config.ledger_path(), self.outbox, self.jobs_dir)
             except LedgerLocationError as exc:
                 raise StartupError(str(exc)) from None
-            self.server = self._metrics_server()
+            self.server = metrics_server(self.config, self.metrics, self.health)
             self.notifier = Notifier(self.config.notify, self.outbox, self.metrics) if self.config.notify else None
+            self.store = JobStore(self.ledger, self.outbox, self.metrics, self.config.metrics_retention_seconds,
+                                  self.notifier)
+            self.scheduler = Scheduler(self.config, self.store, self.runner, self.metrics)
+            self.claims = Claims(self.config, self.store, self.settler)
             try:
                 self.recover()
             except sqlite3.OperationalError as exc:  # retried from the loop once the ledger can be written
@@ -126,11 +129,11 @@ class Daemon(Scheduling):
             if install_signals:
                 signal.signal(signal.SIGTERM, self._on_signal)
                 signal.signal(signal.SIGINT, self._on_signal)
-            self._write_daemon_file()
+            write_daemon_file(self.config, self.server, self.host)
             log.info("dropfit daemon ready: inbox %s, outbox %s, %s runner: %s", self.inbox, self.outbox,
                      self.runner.kind, self.runner.describe())
             self.ready.set()
-            self.schedule()
+            self.scheduler.schedule()
             self._loop()
         finally:
             self._close()
@@ -148,7 +151,8 @@ class Daemon(Scheduling):
         """Look at the inbox's whole top level: every entry that may be a job and is not already waiting (to settle,
         for its job.yaml, or left there by an intake that could not move it) settles like a new drop."""
         found = [name for name in inbox_entries(self.inbox)
-                 if name not in self.settler.pending and name not in self.waiting and name not in self.left_in_inbox
+                 if name not in self.settler.pending and name not in self.claims.waiting
+                 and name not in self.claims.left_in_inbox
                  and may_be_a_job(self.inbox, name)]
         for name in found:
             self.settler.touch(name)
@@ -166,21 +170,10 @@ class Daemon(Scheduling):
             self._start_watcher()
         self._rescan(trouble or "periodic look at the inbox")
 
-    def _write_daemon_file(self) -> None:
-        """state/daemon.json: who runs and where its metrics are (for `dropfit health`, `dropfit demo`, tests).
-        Only informative: a full state disk must not stop the daemon from starting."""
-        try:
-            write_json(self.state / DAEMON_FILE, {"pid": os.getpid(), "host": self.host, "started_at": time.time(),
-                                                  "metrics_url": f"http://{self.server.host}:{self.server.port}/metrics",
-                                                  "inbox": str(self.inbox), "outbox": str(self.outbox)})
-        except OSError as exc:
-            log.error("could not write %s (%s); the daemon runs without it", self.state / DAEMON_FILE,
-                      exc.strerror or exc)
-
     def recover(self) -> None:
         """Finish what a crash or stop left half done (see `daemon.recovery`); safe to call again."""
         self.recovery_pending = True
-        recovery.recover(self)
+        recovery.recover(self.store, self.scheduler, self.claims.finish_claim, self.claims.unfinished)
         self.recovery_pending = False
 
     def _close(self) -> None:
@@ -193,33 +186,6 @@ class Daemon(Scheduling):
                 step()
             except Exception:
                 log.exception("while stopping")
-
-    def _check_folders(self) -> None:
-        """Create the folders and make sure we can write to them, with a message that says how to fix it."""
-        for name, folder in (("inbox", self.inbox), ("outbox", self.outbox), ("state_dir", self.state),
-                             ("archive_dir", self.archive), ("state_dir", self.jobs_dir)):
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StartupError(f"{name}: cannot create {folder}: {exc.strerror}") from None
-            if os.statvfs(folder).f_flag & os.ST_RDONLY:
-                raise StartupError(f"{name}: {folder} is on a read-only filesystem; mount it read-write")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                st = folder.stat()
-                raise StartupError(f"{name}: {folder} is not writable by uid {os.getuid()} (owner uid {st.st_uid}, "
-                                   f"mode {st.st_mode & 0o777:o}); chown it to this user or run the daemon as "
-                                   f"its owner (compose: DROPFIT_UID/DROPFIT_GID)")
-
-    def _metrics_server(self) -> MetricsServer:
-        host, port = self.config.metrics.host, self.config.metrics.port
-        try:
-            return MetricsServer(self.metrics.registry, host, port, self.health)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise StartupError(f"metrics.port: {host}:{port} is already in use (another dropfit daemon, or "
-                                   "another service?); set metrics.port in the config to a free port, or 0 for any"
-                                   ) from None
-            raise StartupError(f"metrics: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
     def request_stop(self) -> None:
         self.messages.put(StopSignal(signal.SIGTERM))
@@ -268,7 +234,8 @@ class Daemon(Scheduling):
 
     def _timeout(self) -> float | None:
         deadlines = [self.settler.next_deadline(), self.metrics.next_expiry(), self.ledger_blocked_until,
-                     self.submit_blocked_until, *self.waiting.values(), *self.unresolved.values(),
+                     self.scheduler.submit_blocked_until, *self.claims.waiting.values(),
+                     *self.scheduler.unresolved.values(),
                      self.next_rescan if self.watcher is not None and not self.stopping else None]
         for r in self.running.values():
             deadlines += [r.deadline, r.kill_at]
@@ -280,19 +247,19 @@ class Daemon(Scheduling):
     def _dispatch(self, message: Message) -> None:
         if isinstance(message, InboxActivity):
             # Events also come for entries leaving the inbox (our own claims among them): only present ones wait.
-            self.left_in_inbox.discard(message.name)  # changed since: worth another try
+            self.claims.left_in_inbox.discard(message.name)  # changed since: worth another try
             if not self.stopping and may_be_a_job(self.inbox, message.name):
-                self.waiting.pop(message.name, None)
+                self.claims.waiting.pop(message.name, None)
                 self.settler.touch(message.name)
         elif isinstance(message, InboxEventsLost):
             if not self.stopping:
                 self._rescan("the watcher lost events (its queue overflowed)")
         elif isinstance(message, TrainerEvent):
-            self._on_event(message.job_id, message.event, message.offset)
+            self.scheduler.on_event(message.job_id, message.event, message.offset)
         elif isinstance(message, EngineUpdate):
-            self._on_engine_update(message.job_id, message.state, message.detail, message.started_at)
+            self.scheduler.on_engine_update(message.job_id, message.state, message.detail, message.started_at)
         elif isinstance(message, TrainerProtocolMismatch):
-            self._on_protocol_mismatch(message.job_id, message.message)
+            self.scheduler.on_protocol_mismatch(message.job_id, message.message)
         elif isinstance(message, TrainerExit):
             r = self.running.get(message.job_id)
             if r is not None:
@@ -300,9 +267,9 @@ class Daemon(Scheduling):
                 # Cancelled in the engine by someone else (an admin's scancel) is a cancel; when the daemon stopped it
                 # (a timeout, a protocol error), the engine calls that "cancelled" too, and it is not.
                 r.cancel = r.cancel or (message.cancelled and not r.stopped_by_daemon)
-                self._on_exit(message.job_id)
+                self.scheduler.on_exit(message.job_id)
         elif isinstance(message, CancelRequest):
-            self.cancel(message.job_id)
+            self.scheduler.cancel(message.job_id)
         elif isinstance(message, StopSignal):
             self._shutdown(message.signum)
 
@@ -313,41 +280,41 @@ class Daemon(Scheduling):
             self.ledger_blocked_until = None
         if not blocked and self.recovery_pending:
             self.recover()
-        if not blocked and self.unresolved:
-            recovery.retry_unresolved(self, now)
+        if not blocked and self.scheduler.unresolved:
+            recovery.retry_unresolved(self.store, self.scheduler, now)
         if not blocked:
             for job_id, r in list(self.running.items()):
                 if r.exited is not None:  # its end could not be recorded before
-                    self._on_exit(job_id)
-            for job_id in list(self.unfinished_claims):
-                self.unfinished_claims.discard(job_id)
+                    self.scheduler.on_exit(job_id)
+            for job_id in list(self.claims.unfinished):
+                self.claims.unfinished.discard(job_id)
                 job = self.ledger.get(job_id)
                 if job is not None and job.state == JobState.CLAIMING:
-                    self.unfinished_claims.add(job_id)
-                    self.finish_claim(job)
-                    self.unfinished_claims.discard(job_id)
+                    self.claims.unfinished.add(job_id)
+                    self.claims.finish_claim(job)
+                    self.claims.unfinished.discard(job_id)
             if self.ledger_complained:
                 log.info("the ledger can be written again")
                 self.ledger_complained = False
         if not self.stopping and not blocked:
             for name in self.settler.due():
                 try:
-                    self.intake(name)
+                    self.claims.intake(name)
                 except sqlite3.OperationalError:
                     self.settler.touch(name)  # not recorded, not claimed: it is taken in once the ledger works
                     raise
-            for name, at in list(self.waiting.items()):
+            for name, at in list(self.claims.waiting.items()):
                 if now >= at:
-                    self._look_for_spec(name)
+                    self.claims.look_for_spec(name)
         if not self.stopping and self.watcher is not None and now >= self.next_rescan:
             self._look_at_inbox(now)
         if now >= self.next_cancel_poll and not blocked:
             self.next_cancel_poll = now + CANCEL_POLL_SECONDS
-            self._poll_cancels()
-        self._check_running(now)
+            self.scheduler.poll_cancels()
+        self.scheduler.check_running(now)
         self.metrics.expire()
         if not blocked:
-            self.schedule()
+            self.scheduler.schedule()
 
     def _refresh_gauges(self) -> None:
         self.metrics.queued.set(self.ledger.count(JobState.QUEUED))
@@ -362,138 +329,20 @@ class Daemon(Scheduling):
             log.warning("second %s: killing %d trainer(s) now", name, len(self.running))
             for job_id, r in list(self.running.items()):
                 r.attempt.kill()
-                self._forget(job_id)
-                self._set(job_id, JobState.INTERRUPTED, pid=None, engine_state=None)
+                self.scheduler.forget(job_id)
+                self.store.set(job_id, JobState.INTERRUPTED, pid=None, engine_state=None)
             return
-        self.stopping = True
+        self.scheduler.stopping = True
         self.settler.clear()
-        self.waiting.clear()
+        self.claims.waiting.clear()
         if self.watcher:
             self.watcher.stop()
             self.watcher = None
-        if self.runner.kind != "local":
+        if self.runner.attempts_outlive_daemon:
             # The engine runs them, not this process: they carry on, and the next start re-attaches to them.
             log.info("%s: no new jobs; %d job(s) carry on in %s", name, len(self.running), self.runner.kind)
             self.running.clear()
             return
         log.info("%s: no new jobs; asking %d trainer(s) to checkpoint and stop", name, len(self.running))
         for r in self.running.values():
-            self._stop_trainer(r)
-
-    # --- state changes ---------------------------------------------------------------------------------------
-
-    def _set(self, job_id: str, state: JobState, **changes) -> Job:
-        before = self.ledger.get(job_id) if self.notifier is not None and state is JobState.QUEUED else None
-        job = self.ledger.transition(job_id, state, **changes)
-        self._publish(job)
-        # Webhooks: "queued" once, when taken in (not for a retry or a submission the engine refused for now);
-        # "started" when the trainer says so (`_on_event`); and how the job ended.
-        if self.notifier is not None and (state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED) or
-                                          (before is not None and before.state is JobState.CLAIMING)):
-            self.notifier.job_changed(job)
-        return job
-
-    def _update(self, job_id: str, **changes) -> Job:
-        job = self.ledger.update(job_id, **changes)
-        self._publish(job)
-        return job
-
-    def _publish(self, job: Job) -> None:
-        # The ledger is the truth and is already written; a full or broken outbox must not stop the state change
-        # that follows (failing the job, freeing its GPU): status.json is rewritten at the next change.
-        try:
-            outbox.write_status(self.outbox, job)
-        except OSError as exc:
-            jlog(job.id).error("could not write outbox/%s/status.json: %s", job.id, exc.strerror or exc)
-
-    # --- intake ----------------------------------------------------------------------------------------------
-
-    def intake(self, name: str) -> None:
-        """Claim ``inbox/<name>`` as a new job if it is a folder with a job.yaml or an archive (after it settled)."""
-        source = self.inbox / name
-        if not may_be_a_job(self.inbox, name):
-            return
-        # A job.yaml that is a folder or a dangling link is a job too: it is rejected with the reason, not waited on.
-        if source.is_dir() and not has_spec(source):
-            log.info("inbox/%s has no %s (or %s) yet; it becomes a job when one appears", name, JOB_FILE,
-                     PREDICT_FILE)
-            self.waiting[name] = time.monotonic() + WAITING_POLL_SECONDS
-            return
-        # The name shown and recorded is valid text (bytes that are not UTF-8 as \xNN); the source keeps the real one.
-        display = display_path(name)
-        job_id = new_job_id(display)
-        job = self.ledger.create(job_id, display, str(source), str(self.jobs_dir / job_id / "dataset"))
-        try:
-            self.finish_claim(job)
-        except sqlite3.OperationalError:
-            # The ledger cannot be written (a full disk): the claim is finished once it can (see _tick).
-            self.unfinished_claims.add(job.id)
-            raise
-        except Exception:
-            self.fail_with_traceback(job, "taking this drop in")
-
-    def _look_for_spec(self, name: str) -> None:
-        folder = self.inbox / name
-        if not folder.is_dir():
-            self.waiting.pop(name, None)
-        elif has_spec(folder):
-            self.waiting.pop(name, None)
-            self.settler.touch(name)  # it settles again from now: the rest may still be arriving
-        else:
-            self.waiting[name] = time.monotonic() + WAITING_POLL_SECONDS
-
-    def finish_claim(self, job: Job) -> None:
-        """Take a claimed (or half-claimed) job in: move, extract, validate, record the outcome."""
-        jl = jlog(job.id)
-        result = take_in(job.name, Path(job.source) if job.source else None, claim_hidden_path(self.inbox, job.id),
-                         Path(job.path), self.config.job_defaults, self.config.limits, models=self.find_model)
-        if result.outcome == "gone":
-            jl.info("inbox/%s disappeared before it could be claimed", job.name)
-            self.ledger.delete(job.id)
-        elif result.outcome == "queued" and isinstance(result.spec, PredictRun):
-            self._write_resolved(job.id, result.spec)
-            self._set(job.id, JobState.QUEUED, kind="predict", model_job=result.spec.model_job, epochs=None)
-            jl.info("queued inbox/%s: labelling its images with the model of %s", job.name, result.spec.model_job)
-        elif result.outcome == "queued":
-            self._write_resolved(job.id, result.spec)
-            self._set(job.id, JobState.QUEUED, kind="train", epochs=result.spec.epochs,
-                      multi_gpu=result.spec.hardware.multi_gpu)
-            jl.info("queued inbox/%s (%d epochs)", job.name, result.spec.epochs)
-        else:
-            jl.warning("inbox/%s %s (%s):\n%s", job.name, result.outcome, result.kind, result.message)
-            if result.kept is not None and job.source and Path(result.kept) == Path(job.source):
-                self.left_in_inbox.add(Path(job.source).name)  # not taken in again until it changes
-            kind = "predict" if (Path(job.path) / PREDICT_FILE).exists() else "train"
-            self._update(job.id, kind=kind, **({"path": str(result.kept)} if result.kept is not None else {}))
-            self.fail(job.id, ErrorKind(result.kind), result.message)
-
-    def find_model(self, ref: str):
-        """A predict.yaml's ``model:`` as (training job id, its outbox folder); LookupError says what there is."""
-        return models.resolve(ref, self.ledger, self.outbox)
-
-    def _write_resolved(self, job_id: str, spec) -> None:
-        try:
-            outbox.write_resolved_spec(self.outbox, job_id, spec)
-        except OSError as exc:
-            jlog(job_id).error("could not write outbox/%s/%s: %s", job_id, outbox.RESOLVED_FILE, exc.strerror or exc)
-
-    def fail_with_traceback(self, job: Job, doing: str) -> None:
-        """A bug (ours) while ``doing`` something for one job: that job fails with the traceback, the rest go on.
-        (Not for a ledger that cannot be written: that is no bug, and failing the job could not be recorded either.)"""
-        text = traceback.format_exc()
-        jlog(job.id).error("%s failed; failing the job and carrying on:\n%s", doing, text)
-        try:
-            self.fail(job.id, ErrorKind.INTERNAL, f"{doing} failed (a bug in dropfit; please report it):\n{text}")
-        except Exception:
-            jlog(job.id).exception("could not record the failure either; it stays %s", job.state.value)
-
-    def fail(self, job_id: str, kind: ErrorKind, message: str, seconds: float | None = None) -> None:
-        """End a job ``failed`` (outcome ``rejected`` when the drop itself is unusable), with ``error.txt``."""
-        outcome = "rejected" if kind.rejects_input else "failed"
-        job = self._set(job_id, JobState.FAILED, outcome=outcome, error_kind=kind.value, error=message,
-                        finished_at=time.time(), pid=None)
-        try:
-            outbox.write_error(self.outbox, job)
-        except OSError as exc:
-            jlog(job_id).error("could not write outbox/%s/error.txt: %s", job_id, exc.strerror or exc)
-        self.metrics.job_ended(job.id, job.name, outcome, seconds, self.config.metrics_retention_seconds, job.kind)
+            self.scheduler.stop_trainer(r)

@@ -363,7 +363,8 @@ def test_a_failure_during_start_up_ends_the_daemon_instead_of_hanging(tmp_path):
     assert not (d.state / "daemon.lock").read_text()  # the lock was released on the way out
 
 
-def test_a_failure_recovering_one_job_fails_that_job_and_the_others_go_on(tmp_path):
+def test_a_failure_recovering_one_job_fails_that_job_and_the_others_go_on(tmp_path, monkeypatch):
+    from daemon.claims import Claims
     from daemon.ledger import Ledger
     from daemon.service import Daemon
 
@@ -375,13 +376,16 @@ def test_a_failure_recovering_one_job_fails_that_job_and_the_others_go_on(tmp_pa
                       str(d.state / "jobs" / f"{name}-20261127T000000Z-000000" / "dataset"))
     ledger.close()
 
-    class OneBadRecord(Daemon):
-        def finish_claim(self, job):
-            if job.name == "bad":
-                raise RuntimeError("this record is broken")
-            super().finish_claim(job)
+    # Taking a claimed drop in is `daemon.claims.Claims.finish_claim`, both at start-up (recovery) and for new drops.
+    real_finish_claim = Claims.finish_claim
 
-    daemon, thread, box = _in_process(d, OneBadRecord)
+    def finish_claim(self, job):
+        if job.name == "bad":
+            raise RuntimeError("this record is broken")
+        real_finish_claim(self, job)
+
+    monkeypatch.setattr(Claims, "finish_claim", finish_claim)
+    daemon, thread, box = _in_process(d, Daemon)
     try:
         assert daemon.ready.wait(30), box
         # The drop it could not take stays in the inbox (nothing lost), so it is tried once more as a new job.

@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from contract.protocol import Error, ErrorKind, ExitCode
-from daemon.decision import Action, RetryPolicy, decide
+from daemon.decision import Action, Ending, RetryPolicy, decide
 
 POLICY = RetryPolicy(retries=1)
 
@@ -40,7 +40,7 @@ def error(kind: str, message: str = "why") -> Error:
     (1, error("engine", "could not pull the image"), 1, {}, Action.FAIL, ErrorKind.ENGINE, "failed"),
 ])
 def test_decide(status, err, attempt, flags, action, kind, outcome):
-    decision = decide(status, err, attempt, POLICY, timeout_seconds=60, **flags)
+    decision = decide(status, err, attempt, POLICY, Ending(timeout_seconds=60, **flags))
     assert (decision.action, decision.kind) == (action, kind)
     # The outcome the daemon records and counts (daemon.service.Daemon.fail): "rejected" when the drop is unusable.
     recorded = {Action.SUCCEED: "succeeded", Action.CANCEL: "cancelled"}.get(decision.action)
@@ -54,7 +54,7 @@ def test_reasons_are_readable():
         "the trainer was killed by SIGKILL (out of memory? the kernel's OOM killer sends SIGKILL)"
     assert decide(1, error("internal", "ValueError: x"), 2, POLICY).reason == \
         "the trainer exited with code 1: ValueError: x"
-    assert decide(-9, None, 1, POLICY, timed_out=True, timeout_seconds=7200).reason.startswith(
+    assert decide(-9, None, 1, POLICY, Ending(timed_out=True, timeout_seconds=7200)).reason.startswith(
         "timed out after 7200 seconds (job_timeout_seconds); the trainer was killed by SIGKILL")
     assert decide(2, error("data", "needs at least 2 classes"), 1, POLICY).reason == "needs at least 2 classes"
     # The engine's own verdict on a trainer that never ran is not dressed up as an exit of the trainer.

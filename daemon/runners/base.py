@@ -67,8 +67,14 @@ class SubmitError(RuntimeError):
 class Runner(ABC):
     """Starts, stops and follows trainers somewhere; see the module's doc."""
 
-    kind: str = "?"
+    kind: str = "?"  # the config's runner.kind, and the ledger's `engine` of the attempts it runs
     follows_events_file: bool = False  # the trainer is given --events-file and the runner follows it
+    # An attempt runs as soon as it is submitted (its timeout counts from then). Otherwise it waits in the engine's
+    # queue (``pending``) until an `EngineUpdate` says it runs.
+    runs_when_submitted: bool = True
+    # The engine runs the attempts, not the daemon's process: they carry on while the daemon is stopped, and the
+    # next daemon follows them again (`reattach`). Otherwise a stopping daemon stops its trainers.
+    attempts_outlive_daemon: bool = False
     trainer_command: list[str] | None = None  # how the engine's nodes run the trainer, if not the config's
     writes_own_log = False  # the trainer appends its log to train.log itself (--log-file): its stderr goes elsewhere
 
@@ -95,6 +101,10 @@ class Runner(ABC):
 
     def release(self, job_id: str) -> None:  # noqa: B027 - a hook, as start
         """The attempt of ``job_id`` has ended and its end is recorded: free what it held."""
+
+    def ran(self, job: Job) -> bool:
+        """Whether ``job``'s current (or last) attempt was handed to this runner's engine."""
+        return (job.engine or "local") == self.kind
 
     @abstractmethod
     def reattach(self, job: Job, grace: float) -> Attempt | None:

@@ -173,8 +173,9 @@ class KubernetesRunner(RemoteRunner):
             # dropfit decides retries (daemon.decision): the Job never retries a pod by itself.
             "backoffLimit": 0,
             "podFailurePolicy": {"rules": [
-                # Unusable data or spec: failing again would not help.
-                {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [2]}},
+                # Unusable data or spec: failing again would not help. (A plain int: the manifest is JSON.)
+                {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                      "values": [int(ExitCode.INVALID)]}},
                 # A drained or preempted node is nobody's fault: a new pod resumes from the checkpoint.
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]},

@@ -20,10 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from contract.protocol import ENV_JOB_ID, ENV_PARENT_PID, ENV_STATE_DIR, ProtocolError, parse_event
+from contract.protocol import ENV_JOB_ID, ENV_PARENT_PID, ENV_STATE_DIR
 from daemon.ledger import Job
-from daemon.messages import Message, TrainerEvent, TrainerExit, TrainerProtocolMismatch
+from daemon.messages import Message, TrainerExit, TrainerProtocolMismatch
 from daemon.runners.base import Attempt, Launch, Runner
+from daemon.runners.events import read_event_line
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +61,12 @@ class TrainerProcess:
         mismatch = False
         with self.proc.stdout:
             while raw := self.proc.stdout.readline(_MAX_LINE):
-                line = raw.decode("utf-8", "replace").strip()
-                if not line:
-                    continue
-                try:
-                    event = parse_event(line)
-                except ProtocolError as exc:
-                    if exc.version is not None and not mismatch:
-                        mismatch = True
-                        self.post(TrainerProtocolMismatch(self.job_id, str(exc)))
-                    elif exc.version is None:
-                        self.log.warning("ignoring trainer output that is not an event: %.200s (%s)", line, exc)
-                    continue
-                if not mismatch:
-                    self.post(TrainerEvent(self.job_id, event))
+                message = read_event_line(raw.decode("utf-8", "replace"), self.job_id, "trainer output")
+                # Once the trainer is found to speak another protocol it is being stopped: the rest it says is
+                # not understood, and one mismatch is enough to report.
+                if message is not None and not mismatch:
+                    mismatch = isinstance(message, TrainerProtocolMismatch)
+                    self.post(message)
         self.post(TrainerExit(self.job_id, self.proc.wait()))
 
     def signal(self, sig: int) -> None:
@@ -148,7 +141,10 @@ class LocalRunner(Runner):
 
     def reattach(self, job: Job, grace: float) -> None:
         """A local trainer never carries on under a new daemon: one left running is stopped (if provably ours) and
-        the job runs again from its checkpoint."""
+        the job runs again from its checkpoint.
+
+        Recovery does not call this: a trainer a previous daemon ran here is stopped whichever runner is configured
+        now, so `daemon.recovery` calls `stop_left_over` itself for every job whose engine was local."""
         stop_left_over(job, self.state_dir, grace)
         return None
 

@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from contract.protocol import Error, ProtocolError, parse_event
+from contract.protocol import Error
 from daemon.ledger import Job
-from daemon.messages import EngineUpdate, Message, TrainerEvent, TrainerExit, TrainerProtocolMismatch
+from daemon.messages import EngineUpdate, Message, TrainerEvent, TrainerExit
 from daemon.runners.base import Attempt, EngineError, Launch, Runner
+from daemon.runners.events import read_event_line
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -88,6 +89,8 @@ class RemoteRunner(Runner):
     """A runner whose trainers run in a cluster engine; subclasses say how to submit, query and cancel."""
 
     follows_events_file = True
+    runs_when_submitted = False
+    attempts_outlive_daemon = True
     # After this many polls in which the engine does not know an attempt at all, it is taken as lost.
     LOST_AFTER_POLLS = 3
 
@@ -243,18 +246,9 @@ class RemoteRunner(Runner):
 
     def _drain(self, attempt: RemoteAttempt) -> None:
         for line, offset in attempt.events.read():
-            if not line:
-                continue
-            try:
-                event = parse_event(line)
-            except ProtocolError as exc:
-                if exc.version is not None:
-                    self.post(TrainerProtocolMismatch(attempt.job_id, str(exc)))
-                else:
-                    log.warning("ignoring a line of %s that is not an event: %.200s (%s)", attempt.events.path,
-                                line, exc)
-                continue
-            self.post(TrainerEvent(attempt.job_id, event, offset))
+            message = read_event_line(line, attempt.job_id, f"a line of {attempt.events.path}", offset)
+            if message is not None:
+                self.post(message)
 
 
 def _size(path: Path | None) -> int:
