@@ -81,6 +81,8 @@ class TrainOptions:
         min_learning_rate: the learning rate never goes below this (also the end of a time budget's schedule).
         class_weight: ``"balanced"`` weighs classes by inverse frequency; ``None`` or a ``{index: weight}`` dict.
         label_smoothing: label smoothing of the cross-entropy loss.
+        weight_averaging: keep an exponential moving average of the weights (Keras' ``use_ema``, over about one
+            epoch of steps); when training ends it is kept if its validation loss beats the best epoch's.
         restore_best_weights: with validation data, return the weights of the epoch with the lowest validation
             loss rather than those of the last epoch.
         exports: formats to export beside ``model.keras`` (``"savedmodel"``, ``"tflite"``, ``"tflite_int8"``,
@@ -130,6 +132,7 @@ class TrainOptions:
     min_learning_rate: float = 1e-6
     class_weight: str | dict | None = None  # "balanced", None ("none") or {class index: weight}
     label_smoothing: float = 0.0
+    weight_averaging: bool = False
     restore_best_weights: bool = True
     exports: tuple[str, ...] = ()
     precision: str = "auto"
@@ -207,6 +210,7 @@ class TrainOptions:
             min_learning_rate=t.min_learning_rate,
             class_weight=t.class_weight,
             label_smoothing=t.label_smoothing,
+            weight_averaging=spec.time_budget is None if t.weight_averaging == "auto" else t.weight_averaging,
             restore_best_weights=t.restore_best_weights,
             exports=spec.exports,
             precision=spec.hardware.precision,
@@ -339,6 +343,8 @@ def _validate_model(o: TrainOptions, check: _Check) -> None:
 
 
 def _validate_run(o: TrainOptions, check: _Check) -> None:
+    if not isinstance(o.weight_averaging, bool):
+        raise ValueError(f"weight_averaging must be True or False. Received: weight_averaging={o.weight_averaging!r}")
     check.positive_int("num_epochs")
     check.positive_int("fine_tune_epochs", zero_ok=True)
     check.optional("early_stopping_patience", check.positive_int)

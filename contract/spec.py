@@ -245,7 +245,13 @@ class TrainingSpec(_Section):
     min_learning_rate: Annotated[float, Field(ge=0.0)] = 1e-6
     class_weight: Literal[CLASS_WEIGHTS] = Field(
         "balanced", description="balanced: weigh each class by its inverse frequency in the training images.")
-    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.1, description="Train towards 0.9 rather than 1 for the true class (0: off); measured in bench/results/"
+                         "tricks.json.")
+    weight_averaging: Literal["auto"] | Annotated[bool, Strict()] = Field(
+        "auto", description="Keep a moving average of the weights over about the last epoch; at the end it replaces "
+                            "the best epoch's weights when its validation loss is lower. auto: on, except under a "
+                            "time_budget (there it cost epochs and did not pay: bench/results/tricks.json).")
     restore_best_weights: Annotated[bool, Strict()] = Field(
         True, description="Keep the weights of the epoch with the lowest validation loss, not the last epoch's.")
 

@@ -242,3 +242,16 @@ def test_auto_warps_are_off_only_for_budgeted_jobs_with_many_images_per_class():
     assert str(bad.value) == ("job.yaml:1: augmentation.rotation: must be auto or a number from 0 to 0.5, "
                               "got 'sometimes'")
     assert parse_spec("augmentation: {zoom: 0}\n").augmentation.zoom == 0.0
+
+
+def test_the_tricks_a_job_yaml_turns_on_and_how_each_turns_off():
+    plain, budgeted = TrainOptions.from_spec(JobSpec()), TrainOptions.from_spec(JobSpec(time_budget=300))
+    assert plain.label_smoothing == budgeted.label_smoothing == 0.1
+    assert plain.weight_averaging is True and budgeted.weight_averaging is False  # auto: not under a budget
+    off = TrainOptions.from_spec(parse_spec("training: {label_smoothing: 0, weight_averaging: false}"))
+    assert off.label_smoothing == 0 and off.weight_averaging is False
+    forced = TrainOptions.from_spec(parse_spec("time_budget: 5m\ntraining: {weight_averaging: true}"))
+    assert forced.weight_averaging is True
+    with pytest.raises(SpecError, match="weight_averaging"):
+        parse_spec("training: {weight_averaging: sometimes}")
+    assert TrainOptions().label_smoothing == 0 and TrainOptions().weight_averaging is False  # train_cnn: the recipe's

@@ -245,3 +245,24 @@ def test_a_temporary_disk_cache_is_removed_however_training_ends(tmp_path, monke
     # exception (a notebook keeps the last traceback, and with it every frame and the cache folder).
     assert info.value.completed_epochs == 1
     assert list(scratch.glob("dropfit-cache-*")) == []
+
+
+def test_the_advisor_says_whether_the_data_is_enough(trained):
+    _, out = trained
+    summary = json.loads((out / "summary.json").read_text())
+    dataset = json.loads((out / "dataset.json").read_text())
+    advice = summary["advisor"]
+    for name, figures in advice["classes"].items():
+        assert figures["train_images"] == dataset["counts"][name]["train"] == 48
+        assert figures["share_of_largest"] == 1.0
+        assert 36 <= figures["smallest_side"] <= 110  # the shapes were drawn 36 to 110 px on a side
+    assert advice["warnings"] == []  # 48 balanced images per class of 36 px or more: nothing to warn of
+    curve = advice["learning_curve"]
+    images = [p["images"] for p in curve["curve"]]
+    assert images == sorted(images) and images[-1] == 3 * 48
+    assert all(0 <= p["accuracy"] <= 1 for p in curve["curve"])
+    assert curve["gain_points"] is not None and curve["gain_points"] >= 0
+    assert curve["uncertainty_points"] >= 100 / 36  # never finer than one of the 36 validation images
+    assert "48 more images per class" in curve["text"]
+    page = (out / "report.html").read_text()
+    assert "Is the data enough?" in page and "48 more images per class" in page

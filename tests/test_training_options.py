@@ -6,6 +6,7 @@ import csv
 import html.parser
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -306,3 +307,23 @@ def test_report_html_renders_in_headless_chromium(report_run, tmp_path):
     # shows only their small broken-image icons (0.09%).
     colourful = (rgb.max(axis=2) - rgb.min(axis=2) > 60).mean()
     assert colourful > 0.01, colourful
+
+
+def test_weight_averaging_is_scored_against_the_best_epoch_and_the_better_one_kept(tmp_path):
+    from trainer import train_cnn
+    from trainer.data.demo import make_shapes
+    from trainer.fitting.phases import ema_momentum
+
+    assert ema_momentum(1) == 0.9 and ema_momentum(100) == pytest.approx(0.99) and ema_momentum(10**6) == 0.999
+    data = make_shapes(tmp_path / "shapes", classes=2, per_class=24, size_range=(24, 32))
+    out = tmp_path / "out"
+    train_cnn(data, target_size=(24, 24), batch_size=8, num_epochs=6, output_dir=out, seed=1,
+              weight_averaging=True, label_smoothing=0.1)
+    summary = json.loads((out / "summary.json").read_text())
+    average = summary["weight_average"]
+    assert average["kept"] == (average["val_loss"] <= average["best_epoch_val_loss"])
+    assert summary["restored_best_weights"] == (not average["kept"])
+    assert summary["config"]["weight_averaging"] is True and summary["config"]["label_smoothing"] == 0.1
+    expected = "weight_averaging must be True or False. Received: weight_averaging='yes'"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        train_cnn(data, weight_averaging="yes")

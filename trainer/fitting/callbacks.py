@@ -135,9 +135,11 @@ class BestWeights(keras.callbacks.Callback):
     With a ``work_dir`` the best weights are saved there too, so a resumed run still knows them.
     """
 
-    def __init__(self, monitor: str = "val_loss", work_dir=None, resumed_from: int = 0):
+    def __init__(self, monitor: str = "val_loss", work_dir=None, resumed_from: int = 0, validation=None):
         super().__init__()
         self.monitor = monitor
+        self.validation = validation  # to score the weight average against the best epoch when fit ends
+        self.averaged: dict | None = None
         self.dir = None if work_dir is None else Path(work_dir)
         self.best = np.inf
         self.best_epoch = 0
@@ -163,7 +165,18 @@ class BestWeights(keras.callbacks.Callback):
                                                           "monitor": self.monitor})
 
     def on_train_end(self, logs=None):
-        if not self.best_epoch or self.best_epoch == self.last_epoch:
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        if getattr(optimizer, "use_ema", False) and self.validation is not None and self.monitor == "val_loss":
+            # fit has just swapped the weight average in: it stays if it beats the best epoch on validation.
+            value = float(self.model.evaluate(self.validation, verbose=0, return_dict=True)["loss"])
+            kept = not self.best_epoch or value <= self.best
+            self.averaged = {"val_loss": round(value, 5), "best_epoch_val_loss": round(self.best, 5)
+                             if self.best_epoch else None, "kept": kept}
+            log.info("weight average: validation loss %.4f against %.4f at epoch %d: %s", value, self.best,
+                     self.best_epoch, "kept" if kept else "the best epoch's weights restored")
+            if kept:
+                return
+        elif not self.best_epoch or self.best_epoch == self.last_epoch:
             return
         if self._weights is not None:
             self.model.set_weights(self._weights)

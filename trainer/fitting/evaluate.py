@@ -104,6 +104,7 @@ def summary(run, model, fit: Fit, report: dict) -> dict:
         "final": {k: final.get(k) for k in artifacts.METRIC_COLUMNS},
         "best_epoch": fit.best.best_epoch if fit.best else None,
         "restored_best_weights": bool(fit.best and fit.best.restored),
+        "weight_average": fit.best.averaged if fit.best else None,
         "best_val_accuracy": max((r["val_accuracy"] for r in fit.rows if r.get("val_accuracy") is not None),
                                  default=None),
         "evaluation": {"split": report["split"], "held_out": report["held_out"], "accuracy": report["accuracy"],

@@ -88,7 +88,10 @@ def fit(f: Fitting) -> Fit:
     shares = [p.epochs / total for p in f.phases]
     planned = [max(1, round(f.plan.epochs * s)) for s in shares] if f.plan else [p.epochs for p in f.phases]
     recorder = EpochRecorder(len(data.train), sum(planned), rows, work, f.output_dir, f.emit)
-    best = BestWeights("val_loss", work, resumed_from) if o.restore_best_weights and f.val_ds is not None else None
+    best = BestWeights("val_loss", work, resumed_from, validation=f.val_ds) \
+        if o.restore_best_weights and f.val_ds is not None else None
+    steps = -(-len(data.train) // o.batch_size)
+    averaging = ema_momentum(steps) if o.weight_averaging else None
     f.emit("started", _started(f, sum(planned), resumed_from))
     weights_by_class = class_weights(o.class_weight, data.train, len(data.class_names))
     fit_started, stopped_early, schedule = time.time(), False, None
@@ -96,7 +99,7 @@ def fit(f: Fitting) -> Fit:
         set_backbone_trainable(f.model, phase.backbone_trainable, phase.fine_tune_layers)
         with f.runtime.building():
             compile_model(f.model, o.optimizer, phase.learning_rate, o.momentum, o.label_smoothing,
-                          f.runtime.jit_compile)
+                          f.runtime.jit_compile, averaging)
         resumes_at = max(first_epoch, resumed_from) if index == done_phases else first_epoch
         span = _span(f, phase, first_epoch, resumes_at, planned[index], sum(shares[:index + 1]))
         schedule = BudgetCallback(budget.Schedule(f.clock, f.plan, span), recorder, work) if f.plan else None
@@ -118,6 +121,13 @@ def fit(f: Fitting) -> Fit:
         first_epoch = recorder.completed
     return Fit(rows, f.phases, resumed_from, stopped_early, best, time.time() - fit_started, weights_by_class,
                schedule)
+
+
+def ema_momentum(steps_per_epoch: int) -> float:
+    """The weight average's momentum per step: it spans about one epoch (its weight on a step ``steps_per_epoch``
+    back is 1/e), between 0.9 on tiny datasets and 0.999 on large ones. An epoch, as in the ablation that kept it
+    (bench/results/tricks.json: 0.99 at 79 steps per epoch); longer, and the random start lingers in short runs."""
+    return min(0.999, max(0.9, 1.0 - 1.0 / max(1, steps_per_epoch)))
 
 
 def _restore(f: Fitting) -> tuple[int, int, int, list[dict]]:

@@ -26,6 +26,7 @@ from trainer.data.scan import auto_target_size
 from trainer.fitting import budget
 from trainer.fitting.hardware import Runtime
 from trainer.network.networks import CNN_FILTERS, RECIPE_FILTERS, Network, build_model, compile_model
+from trainer.outputs import advisor
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +107,14 @@ def _plan(r: Resolved, o: TrainOptions, data: Dataset, runtime: Runtime, clock, 
         with runtime.building():
             model = build_model((*size, ch), len(data.class_names),
                                 dataclasses.replace(Network.of(o, o.augmentation), filters=filters))
-            compile_model(model, o.optimizer, o.learning_rate, o.momentum, o.label_smoothing, runtime.jit_compile)
+            compile_model(model, o.optimizer, o.learning_rate, o.momentum, o.label_smoothing, runtime.jit_compile,
+                          0.99 if o.weight_averaging else None)  # its cost per step is part of the measure
         return model
 
     request = budget.Request(
-        train_images=len(data.train), held_out=len(data.val) + len(data.test), exports=len(o.exports),
+        train_images=len(data.train), exports=len(o.exports),
+        held_out=len(data.val) * (1 + o.weight_averaging) + len(data.test)  # the average is scored once more
+        + advisor.images_read(len(data.train), len(data.val)),
         num_classes=len(data.class_names), target_size=target, channels=channels, batch_size=o.batch_size,
         filters=o.filters or defaults, can_shrink_width=o.filters is None and defaults is not None,
         can_shrink_input=o.target_size == "auto", max_epochs=o.num_epochs)

@@ -26,6 +26,7 @@ from trainer.data.dataset import Dataset
 from trainer.data.pipeline import Batches, DecodeFailures, make_dataset
 from trainer.data.scan import shuffled
 from trainer.fitting import budget
+from trainer.fitting.advise import advise
 from trainer.fitting.callbacks import EventHook, TrainingInterrupted
 from trainer.fitting.evaluate import evaluate, export_data, for_inference, summary
 from trainer.fitting.hardware import Runtime, configure
@@ -132,9 +133,11 @@ def _train(train_directory, options: TrainOptions, call: Call, verbose) -> keras
     model = for_inference(model, run.data, o, run.runtime, phases)
     if failures.items:
         run.data.info["skipped"].extend({"file": s.path, "reason": s.reason} for s in failures.items)
+    advice = advise(model, run.data, o)  # before calibration wraps the network's last layer
     report, errors, model = evaluate(model, run.data, o)
     model.class_names = list(run.data.class_names)
     record = summary(run, model, done, report)
+    record["advisor"] = advice
     paths = _write(run, model, record, (done, report, errors))
     if clock is not None:
         clock.save(work)

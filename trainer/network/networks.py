@@ -141,21 +141,26 @@ def build_model(input_shape: tuple[int, int, int], num_classes: int, network: Ne
     raise ValueError(f"architecture must be one of {ARCHITECTURES}. Received: architecture={n.architecture!r}")
 
 
-def make_optimizer(name: str = "rmsprop", learning_rate: float = 1e-3, momentum: float = 0.0):
-    """A fresh Keras optimizer by name."""
+def make_optimizer(name: str = "rmsprop", learning_rate: float = 1e-3, momentum: float = 0.0,
+                   ema_momentum: float | None = None):
+    """A fresh Keras optimizer by name; with ``ema_momentum``, one that keeps a moving average of the weights and
+    swaps it in when ``fit`` ends (Keras' ``use_ema``)."""
+    ema = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum else {}
     if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=learning_rate, momentum=momentum)
+        return keras.optimizers.RMSprop(learning_rate=learning_rate, momentum=momentum, **ema)
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate=learning_rate)
+        return keras.optimizers.Adam(learning_rate=learning_rate, **ema)
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
+        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum, **ema)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}. Received: optimizer={name!r}")
 
 
 def compile_model(model: keras.Model, optimizer="rmsprop", learning_rate: float = 1e-3, momentum: float = 0.0,
-                  label_smoothing: float = 0.0, jit_compile: bool = False) -> keras.Model:
+                  label_smoothing: float = 0.0, jit_compile: bool = False,
+                  ema_momentum: float | None = None) -> keras.Model:
     """Compile for one-hot labels with categorical cross-entropy and accuracy, as the recipe does."""
-    opt = make_optimizer(optimizer, learning_rate, momentum) if isinstance(optimizer, str) else optimizer
+    opt = make_optimizer(optimizer, learning_rate, momentum, ema_momentum) if isinstance(optimizer, str) \
+        else optimizer
     model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
                   metrics=["accuracy"], jit_compile=jit_compile)
     return model

@@ -62,6 +62,7 @@ def render_report(out: Path, report: dict, dataset: dict, summary: dict, history
                      + "</ul></section>")
     parts += _learning_curves(out, summary, history)
     parts += _results(out, report, dataset, split_name)
+    parts += _advisor(summary.get("advisor"))
     parts += _calibration(out, report.get("calibration"))
     parts += _suspects(out, report.get("suspects") or [], dataset.get("root"))
     parts += _exports(report.get("exports"))
@@ -193,6 +194,26 @@ def render_prediction_report(out: Path, report: dict, title: str = "dropped imag
                        numeric={3}) if errors else "") + "</section>",
              "</main></body></html>\n"]
     return "\n".join(parts)
+
+
+def _advisor(advice: dict | None) -> list[str]:
+    """Is the data enough: per-class figures, warnings, and the learning curve's answer with its uncertainty."""
+    if not advice:
+        return []
+    rows = [[name, c["train_images"], c["duplicates"], _pct(c["share_of_largest"]),
+             "–" if c["smallest_side"] is None else f"{c['smallest_side']} px"]
+            for name, c in advice["classes"].items()]
+    warnings = "".join(f"<p class='warn'>{_e(w)}</p>" for w in advice.get("warnings", []))
+    curve = advice.get("learning_curve") or {}
+    points = curve.get("curve") or []
+    drawn = _table(["training images", "validation accuracy"],
+                   [[f"{p['images']:,}", _pct(p["accuracy"])] for p in points], numeric={0, 1}) if points else ""
+    return ["<section><h2>Is the data enough?</h2>" + _table(
+        ["class", "training images", "in duplicate groups", "share of the largest class", "smallest side"], rows,
+        numeric={1, 2, 3, 4}) + warnings + f"<p><b>More data:</b> {_e(curve.get('text', ''))}.</p>"
+        + ("<p>The learning curve: a linear classifier on the trained network's features, trained on nested "
+           "fractions of the training images and scored on validation images.</p>" + drawn if points else "")
+        + "</section>"]
 
 
 def _calibration(out: Path, cal: dict | None) -> list[str]:
