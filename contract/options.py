@@ -60,7 +60,7 @@ class TrainOptions:
         architecture: ``"recipe"``, ``"cnn"`` or a backbone (``"mobilenet_v3_small"``, ``"mobilenet_v3_large"``,
             ``"efficientnet_b0"``, ``"resnet50"``).
         optimizer: ``"rmsprop"`` (the recipe), ``"adam"`` or ``"sgd"``, or a ``keras.optimizers.Optimizer``.
-        learning_rate: the optimizer's learning rate (recipe: 1e-3).
+        learning_rate: the optimizer's learning rate (recipe: 1e-3), or ``"auto"`` (`resolve_learning_rate`).
         momentum: momentum for ``sgd`` and ``rmsprop``.
         filters: filters of each conv block (``recipe``, ``cnn``); blocks that do not fit a small input are dropped.
         dense_units: units of the recipe's hidden Dense layer.
@@ -74,6 +74,9 @@ class TrainOptions:
         fine_tune_epochs: with pretrained ``weights``, epochs of a second phase that unfreezes the backbone.
         fine_tune_learning_rate: learning rate of that phase.
         fine_tune_layers: unfreeze only the backbone's last N layers (default all).
+        try_pretrained: also train a pretrained backbone (ImageNet weights found on this host, never downloaded) and
+            keep whichever of the two scores better on validation: ``True``, ``False``, or ``"auto"`` (under a
+            ``time_budget``, on colour images of 96 px or more); see `trainer.fitting.contender`.
         early_stopping_patience: stop after this many epochs without a lower validation loss (None: never).
         reduce_lr_patience: multiply the learning rate by ``reduce_lr_factor`` after this many epochs without a
             lower validation loss (None: never).
@@ -115,7 +118,7 @@ class TrainOptions:
     seed: int = 1337
     architecture: str = "recipe"
     optimizer: Any = "rmsprop"  # a name from OPTIMIZERS or a keras.optimizers.Optimizer
-    learning_rate: float = 1e-3
+    learning_rate: float | str = 1e-3  # or "auto" (job.yaml's default): see `resolve_learning_rate`
     momentum: float = 0.0
     filters: tuple[int, ...] | None = None
     dense_units: int = 512
@@ -126,6 +129,7 @@ class TrainOptions:
     fine_tune_epochs: int = 0
     fine_tune_learning_rate: float = 1e-5
     fine_tune_layers: int | None = None
+    try_pretrained: bool | str = False  # or "auto" (job.yaml's default)
     early_stopping_patience: int | None = None
     reduce_lr_patience: int | None = None
     reduce_lr_factor: float = 0.5
@@ -200,6 +204,7 @@ class TrainOptions:
             fine_tune_epochs=spec.model.fine_tune.epochs if spec.model.weights else 0,
             fine_tune_learning_rate=spec.model.fine_tune.learning_rate,
             fine_tune_layers=spec.model.fine_tune.layers,
+            try_pretrained=spec.model.try_pretrained,
             optimizer=spec.optimizer.name,
             learning_rate=spec.optimizer.learning_rate,
             momentum=spec.optimizer.momentum,
@@ -331,6 +336,8 @@ def _validate_model(o: TrainOptions, check: _Check) -> None:
                          f"optimizer={o.optimizer!r}")
     for name in ("learning_rate", "fine_tune_learning_rate"):
         value = getattr(o, name)
+        if name == "learning_rate" and value == "auto":
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{name} must be a positive number. Received: {name}={value!r}")
     if o.filters is not None and (not o.filters or not all(_is_int(f) and f > 0 for f in o.filters)):
@@ -340,6 +347,8 @@ def _validate_model(o: TrainOptions, check: _Check) -> None:
     check.fraction("momentum")
     check.fraction("label_smoothing")
     check.optional("fine_tune_layers", check.positive_int)
+    if o.try_pretrained not in (True, False, "auto"):
+        raise ValueError(f"try_pretrained must be true, false or 'auto'. Received: try_pretrained={o.try_pretrained!r}")
 
 
 def _validate_run(o: TrainOptions, check: _Check) -> None:
@@ -363,6 +372,18 @@ def _validate_run(o: TrainOptions, check: _Check) -> None:
                                       or not 10 <= o.time_budget <= 30 * 86400):
         raise ValueError(f"time_budget must be a number of seconds from 10 to 30 days (or None). "
                          f"Received: time_budget={o.time_budget!r}")
+
+
+BUDGET_CNN_LEARNING_RATE = 3e-3
+
+
+def resolve_learning_rate(learning_rate, *, architecture: str, optimizer, budgeted: bool) -> float:
+    """``auto``: `BUDGET_CNN_LEARNING_RATE` for the cnn (batch-normalised) with Adam under a time budget, whose
+    warm-up and cosine schedule make the larger step safe (measured on Fashion-MNIST: see docs/training.md); the
+    recipe's 1e-3 otherwise. A number is kept."""
+    if learning_rate != "auto":
+        return learning_rate
+    return BUDGET_CNN_LEARNING_RATE if budgeted and architecture == "cnn" and optimizer == "adam" else 1e-3
 
 
 def resolve_augmentation(augmentation: dict | None, *, budgeted: bool, train_images: int,

@@ -224,13 +224,20 @@ class ModelSpec(_Section):
         None, description="Backbone weights: null (random), imagenet (downloaded by Keras on this host) or a "
                           ".weights.h5 file relative to the job folder.")
     fine_tune: FineTuneSpec = Field(default_factory=FineTuneSpec)
+    try_pretrained: Literal["auto"] | Annotated[bool, Strict()] = Field(
+        "auto", description="Also train a pretrained backbone (mobilenet_v3_small with ImageNet weights found on this "
+                            "host: DROPFIT_WEIGHTS_DIR or Keras' cache; never downloaded) and keep whichever scores "
+                            "better on validation. auto: for cnn jobs with a time_budget on colour images of 96 px "
+                            "or more.")
 
 
 class OptimizerSpec(_Section):
     """Optimizer and learning rate (the recipe used RMSprop at 1e-3)."""
 
     name: Literal[OPTIMIZERS] = "adam"
-    learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    learning_rate: Literal["auto"] | Annotated[float, Field(gt=0.0, le=10.0)] = Field(
+        "auto", description="auto: 3e-3 for the cnn with adam under a time_budget (its warm-up and cosine schedule "
+                            "take the larger step: bench/results/budget_tricks.json), else 1e-3.")
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.0, description="Momentum (sgd and rmsprop).")
 
 

@@ -27,7 +27,7 @@ def test_empty_spec_means_dropfit_defaults():
     assert spec.epochs == 50 and spec.batch_size == "auto" and spec.target_size == "auto" and spec.time_budget is None
     assert spec.color_mode == "auto" and spec.data.audit.enabled
     assert spec.model.architecture == "cnn" and spec.optimizer.name == "adam"
-    assert spec.optimizer.learning_rate == pytest.approx(1e-3) and spec.data.validation_split == pytest.approx(0.2)
+    assert spec.optimizer.learning_rate == "auto" and spec.data.validation_split == pytest.approx(0.2)
     assert spec.augmentation.enabled and spec.augmentation.flip == "none"
     assert spec.training.early_stopping_patience == 10 and spec.training.class_weight == "balanced"
     options = TrainOptions.from_spec(spec)
@@ -255,3 +255,16 @@ def test_the_tricks_a_job_yaml_turns_on_and_how_each_turns_off():
     with pytest.raises(SpecError, match="weight_averaging"):
         parse_spec("training: {weight_averaging: sometimes}")
     assert TrainOptions().label_smoothing == 0 and TrainOptions().weight_averaging is False  # train_cnn: the recipe's
+
+
+def test_learning_rate_auto_is_larger_only_for_the_budgeted_cnn_with_adam():
+    from contract.options import TrainOptions, resolve_learning_rate
+
+    assert resolve_learning_rate("auto", architecture="cnn", optimizer="adam", budgeted=True) == pytest.approx(3e-3)
+    for architecture, optimizer, budgeted in (("cnn", "adam", False), ("recipe", "adam", True),
+                                              ("cnn", "sgd", True), ("mobilenet_v3_small", "adam", True)):
+        assert resolve_learning_rate("auto", architecture=architecture, optimizer=optimizer,
+                                     budgeted=budgeted) == pytest.approx(1e-3)
+    assert resolve_learning_rate(0.02, architecture="cnn", optimizer="adam", budgeted=True) == pytest.approx(0.02)
+    with pytest.raises(ValueError, match=r"learning_rate must be a positive number\. Received: learning_rate='fast'"):
+        TrainOptions(learning_rate="fast")

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import keras
@@ -327,3 +328,37 @@ def test_weight_averaging_is_scored_against_the_best_epoch_and_the_better_one_ke
     expected = "weight_averaging must be True or False. Received: weight_averaging='yes'"
     with pytest.raises(ValueError, match=re.escape(expected)):
         train_cnn(data, weight_averaging="yes")
+
+
+def test_fused_batch_norm_trains_like_keras_own_and_saves_as_it():
+    from trainer.network.layers import FusedBatchNormalization
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(2.0, 3.0, (16, 5, 5, 4)).astype("float32")
+    ours, keras_own = FusedBatchNormalization(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+    for layer in (ours, keras_own):
+        layer.build(x.shape)
+        layer.set_weights([rng.uniform(0.5, 2, 4).astype("float32"), rng.normal(0, 1, 4).astype("float32"),
+                           np.zeros(4, "float32"), np.ones(4, "float32")] if layer is ours else ours.get_weights())
+    for _ in range(3):  # the moving statistics follow the same (biased) batch variance
+        np.testing.assert_allclose(np.asarray(ours(x, training=True)), np.asarray(keras_own(x, training=True)),
+                                   atol=2e-4)
+    for a, b in zip(ours.get_weights(), keras_own.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours(x, training=False)), np.asarray(keras_own(x, training=False)),
+                               atol=1e-4)
+
+
+def test_a_cpu_trained_cnn_is_saved_with_keras_own_batch_norm(small, tmp_path):
+    from trainer.network.layers import FusedBatchNormalization
+
+    seen = []
+
+    class Watch(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen.extend(type(layer) for layer in self.model.layers)
+
+    train_cnn(small, (32, 32), num_epochs=1, architecture="cnn", output_dir=tmp_path, callbacks=[Watch()])
+    assert FusedBatchNormalization in seen  # trained with the fused kernel on this CPU
+    text = zipfile.ZipFile(tmp_path / "model.keras").read("config.json").decode()
+    assert '"BatchNormalization"' in text and "FusedBatchNormalization" not in text and "dropfit>" not in text

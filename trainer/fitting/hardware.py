@@ -38,6 +38,12 @@ class Runtime:
     def replicas(self) -> int:
         return self.strategy.num_replicas_in_sync
 
+    @property
+    def fused_norm(self) -> bool:
+        """Train batch normalisation with TensorFlow's fused kernel (`trainer.network.layers.FusedBatchNormalization`):
+        on the CPU, where it was measured (1.4-1.5x faster training of the cnn on 2 cores); GPUs keep Keras' layer."""
+        return self.devices == ["CPU"] and self.replicas == 1
+
     def to_json(self) -> dict:
         return {"devices": self.devices, "precision": self.precision, "jit_compile": self.jit_compile,
                 "replicas": self.replicas, "onednn": _onednn(), "notes": self.notes}

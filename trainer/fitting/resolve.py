@@ -1,9 +1,11 @@
 """Every setting left on ``auto``, settled in one place before training, each decision recorded once (``resolved`` in
 summary.json: what was asked for, what was chosen, and why):
 
-- ``target_size``: from the images' median size (under a time budget small images train at their own size);
+- ``target_size``: from the images' median size (under a time budget small images train at their own size, and
+  photos at most `BUDGET_CAP` px);
 - ``color_mode`` (channels): one channel for greyscale data under a time budget;
 - ``augmentation``: ``rotation``/``zoom: auto`` by the data and the budget (`contract.options.resolve_augmentation`);
+- ``learning_rate``: larger for the cnn under a budget (`contract.options.resolve_learning_rate`);
 - ``batch_size``, and under a budget the network's width and the input size, by measuring this machine
   (`trainer.fitting.budget.choose`);
 - ``cache``: memory, or files in the work folder when the decoded images would not fit in half the free memory;
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import keras
 
-from contract.options import TrainOptions, resolve_augmentation
+from contract.options import TrainOptions, resolve_augmentation, resolve_learning_rate
 from trainer.data.dataset import Dataset
 from trainer.data.pipeline import plan_cache
 from trainer.data.scan import auto_target_size
@@ -29,6 +31,10 @@ from trainer.network.networks import CNN_FILTERS, RECIPE_FILTERS, Network, build
 from trainer.outputs import advisor
 
 log = logging.getLogger(__name__)
+
+# Under a budget, photos train at most 128 px on their longer side: at 224 a from-scratch cnn trains 30 images/s on a
+# 2-core CPU, too slow for the planner even to measure a smaller candidate within its share (bench/small_photos.py).
+BUDGET_CAP = 128
 
 
 @dataclass
@@ -58,7 +64,11 @@ def resolve(o: TrainOptions, data: Dataset, runtime: Runtime, clock: budget.Cloc
     r.decide("augmentation", o.augmentation, augmentation,
              "rotation/zoom off: a time budget with 1,000+ training images per class" if augmentation != o.augmentation
              and clock is not None else "as asked" if augmentation == o.augmentation else "rotation/zoom by the data")
-    o = o.replace(augmentation=augmentation)
+    rate = resolve_learning_rate(o.learning_rate, architecture=o.architecture, optimizer=o.optimizer,
+                                 budgeted=clock is not None)
+    r.decide("learning_rate", o.learning_rate, rate, "as asked" if rate == o.learning_rate else
+             "the cnn with adam under a time budget" if rate != 1e-3 else "the recipe's 1e-3")
+    o = o.replace(augmentation=augmentation, learning_rate=rate)
     if clock is None:
         batch = 32 if o.batch_size == "auto" else o.batch_size
         r.decide("batch_size", o.batch_size, batch, "the recipe's 32" if o.batch_size == "auto" else "as asked")
@@ -90,8 +100,8 @@ def _input(r: Resolved, o: TrainOptions, data: Dataset, clock) -> tuple[tuple[in
     if target == "auto":
         # Under a budget small images train at their own size: blowing 28-pixel images up to 32 costs time, not
         # accuracy (measured: bench/budget_choices.py).
-        target = auto_target_size(data.train, floor=16, multiple=4, upscale=False) if clock is not None \
-            else auto_target_size(data.train)
+        target = auto_target_size(data.train, cap=BUDGET_CAP, floor=16, multiple=4, upscale=False) \
+            if clock is not None else auto_target_size(data.train)
         log.info("target_size auto: %dx%d from the images' median size", *target)
     target = (int(target[0]), int(target[1]))
     r.decide("target_size", o.target_size, target, "from the images' median size" if o.target_size == "auto"
@@ -106,7 +116,8 @@ def _plan(r: Resolved, o: TrainOptions, data: Dataset, runtime: Runtime, clock, 
     def build(size, ch, filters):
         with runtime.building():
             model = build_model((*size, ch), len(data.class_names),
-                                dataclasses.replace(Network.of(o, o.augmentation), filters=filters))
+                                dataclasses.replace(Network.of(o, o.augmentation), filters=filters,
+                                                    fused_norm=runtime.fused_norm))
             compile_model(model, o.optimizer, o.learning_rate, o.momentum, o.label_smoothing, runtime.jit_compile,
                           0.99 if o.weight_averaging else None)  # its cost per step is part of the measure
         return model

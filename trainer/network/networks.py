@@ -18,7 +18,7 @@ import keras
 
 from contract.spec import ARCHITECTURES, BACKBONES, OPTIMIZERS
 from trainer.network.backbones import build_transfer
-from trainer.network.layers import augmentation_layers
+from trainer.network.layers import FusedBatchNormalization, augmentation_layers
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,11 @@ def _stem(input_shape, augmentation, seed):
     for layer in augmentation_layers(augmentation, seed):
         x = layer(x)
     return inputs, x
+
+
+def _norm(fused: bool):
+    """The batch-normalisation layer class: Keras' own, or the same trained with TensorFlow's fused kernel."""
+    return FusedBatchNormalization if fused else keras.layers.BatchNormalization
 
 
 def build_recipe(input_shape, num_classes, *, filters=RECIPE_FILTERS, dense_units=512, dropout=0.0,
@@ -77,7 +82,7 @@ def build_recipe(input_shape, num_classes, *, filters=RECIPE_FILTERS, dense_unit
 
 
 def build_cnn(input_shape, num_classes, *, filters=CNN_FILTERS, dropout=0.3, augmentation=None,
-              seed=None) -> keras.Model:
+              seed=None, fused_norm=False) -> keras.Model:
     """dropfit's from-scratch default: [Conv-BN-ReLU x2, MaxPool] blocks, global average pooling, dropout."""
     height, width, _ = input_shape
     blocks = max(1, min(len(filters), fitting_blocks(min(height, width), len(filters), "same")))
@@ -88,7 +93,7 @@ def build_cnn(input_shape, num_classes, *, filters=CNN_FILTERS, dropout=0.3, aug
             x = keras.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"block{i + 1}_conv{j}")(x)
             # momentum 0.9, not Keras' 0.99: small datasets give few steps per epoch, and with 0.99 the moving
             # statistics lag so far behind that inference (validation, predict) sees garbage for many epochs.
-            x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{i + 1}_bn{j}")(x)
+            x = _norm(fused_norm)(momentum=0.9, name=f"block{i + 1}_bn{j}")(x)
             x = keras.layers.Activation("relu", name=f"block{i + 1}_relu{j}")(x)
         x = keras.layers.MaxPooling2D(2, name=f"block{i + 1}_pool")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
@@ -110,6 +115,7 @@ class Network:
     augmentation: dict | None = None
     weights: str | None = None
     seed: int | None = None
+    fused_norm: bool = False  # the cnn's training model only (`trainer.network.layers.FusedBatchNormalization`)
 
     @classmethod
     def of(cls, options, augmentation=None) -> Network:
@@ -133,7 +139,8 @@ def build_model(input_shape: tuple[int, int, int], num_classes: int, network: Ne
                             augmentation=n.augmentation, seed=n.seed)
     if n.architecture == "cnn":
         return build_cnn(input_shape, num_classes, filters=tuple(n.filters or CNN_FILTERS),
-                         dropout=0.3 if n.dropout is None else n.dropout, augmentation=n.augmentation, seed=n.seed)
+                         dropout=0.3 if n.dropout is None else n.dropout, augmentation=n.augmentation, seed=n.seed,
+                         fused_norm=n.fused_norm)
     if n.architecture in BACKBONES:
         return build_transfer(n.architecture, input_shape, num_classes, weights=n.weights,
                               dropout=0.2 if n.dropout is None else n.dropout, augmentation=n.augmentation,
