@@ -76,7 +76,7 @@ cp -r pyproject.toml README.md .dockerignore trainer daemon contract docker "$WO
 rm -rf "$WORK/context/docker/build-extra/wheels"
 cp -r "$CACHE/wheels" "$WORK/context/docker/build-extra/wheels"
 docker build --quiet -f "$WORK/context/docker/Dockerfile" --build-arg BASE_IMAGE="$BASE_IMAGE" \
-  --build-arg EXTRAS= -t "$IMAGE" "$WORK/context"
+  --build-arg EXTRAS= --build-arg PRETRAINED_WEIGHTS=0 -t "$IMAGE" "$WORK/context"
 if docker run --rm --entrypoint sh "$IMAGE" -c 'ls /tmp/build-extra /opt/dropfit/wheels' > /dev/null 2>&1; then
   echo "build inputs leaked into the final image" >&2; exit 1
 fi

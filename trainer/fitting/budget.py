@@ -44,6 +44,7 @@ class Clock:
     budget: float
     started: float
     used_before: float = 0.0
+    saves_to: Path | None = None  # a part of a job's clock (a tried backbone's) saves into the job's work folder
 
     def used(self) -> float:
         return self.used_before + time.monotonic() - self.started
@@ -66,6 +67,8 @@ class Clock:
         return cls(budget, started if started is not None else time.monotonic(), used)
 
     def save(self, work: Path | None) -> None:
+        """Record the time used in ``work`` (or in `saves_to`), for a resumed run to add to its own."""
+        work = self.saves_to or work
         if work is not None:
             from contract.atomic import write_json
 

@@ -14,6 +14,7 @@ from trainer.data.pipeline import Batches, make_dataset
 from trainer.fitting import calibration
 from trainer.fitting.phases import Fit, Phase
 from trainer.network.backbones import set_backbone_trainable
+from trainer.network.layers import FusedBatchNormalization
 from trainer.network.networks import Network, build_model
 from trainer.outputs import artifacts, results
 from trainer.outputs.report import classification_report
@@ -25,10 +26,11 @@ SUSPECT_CONFIDENCE = 0.9
 
 
 def for_inference(model, data: Dataset, o: TrainOptions, runtime, phases: list[Phase]) -> keras.Model:
-    """The model users get (and model.keras): the same network without the training-only augmentation, in float32
-    and on one device: built-in layers only, so plain keras.models.load_model() reads it anywhere, and nothing random
-    at inference. It is left uncompiled: it is for predicting."""
-    if not (o.augmentation or runtime.precision != "float32" or runtime.replicas > 1):
+    """The model users get (and model.keras): the same network without the training-only augmentation and fused batch
+    normalisation, in float32 and on one device: built-in layers only, so plain keras.models.load_model() reads it
+    anywhere, and nothing random at inference. It is left uncompiled: it is for predicting."""
+    fused = any(isinstance(layer, FusedBatchNormalization) for layer in model.layers)
+    if not (o.augmentation or runtime.precision != "float32" or runtime.replicas > 1 or fused):
         return model
     plain = build_model((*data.target_size, o.channels), len(data.class_names), Network.of(o))
     plain.set_weights(model.get_weights())
@@ -120,7 +122,7 @@ def summary(run, model, fit: Fit, report: dict) -> dict:
         "parameters": int(model.count_params()),
         "calibration": {k: cal[k] for k in ("temperature", "before", "after", "suggested")} if cal else None,
         "budget": None if plan is None else {
-            "seconds": plan.budget, "plan": plan.to_json(),
+            "seconds": clock.budget, "plan": plan.to_json(),
             "stopped_by": getattr(fit.budget, "stopped_by", None) or ("early stopping" if fit.stopped_early
                                                                       else "epochs"),
             "used_seconds": round(clock.used(), 1)},

@@ -10,6 +10,7 @@ its phases, `trainer.fitting.phases.fit` (phase by phase, resumable from ``work_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import tempfile
 import threading
@@ -24,13 +25,13 @@ from contract.options import TrainOptions
 from trainer.data import dataset
 from trainer.data.dataset import Dataset
 from trainer.data.pipeline import Batches, DecodeFailures, make_dataset
-from trainer.data.scan import shuffled
-from trainer.fitting import budget
+from trainer.data.scan import DatasetError, shuffled
+from trainer.fitting import budget, contender
 from trainer.fitting.advise import advise
 from trainer.fitting.callbacks import EventHook, TrainingInterrupted
 from trainer.fitting.evaluate import evaluate, export_data, for_inference, summary
 from trainer.fitting.hardware import Runtime, configure
-from trainer.fitting.phases import Fitting, Phase, fit
+from trainer.fitting.phases import Fit, Fitting, Phase, fit
 from trainer.fitting.resolve import Resolved, resolve
 from trainer.network.backbones import has_backbone
 from trainer.network.networks import Network, build_model
@@ -122,22 +123,26 @@ def _train(train_directory, options: TrainOptions, call: Call, verbose) -> keras
     keras.utils.set_random_seed(options.seed)
     run.runtime = configure(options.precision, options.jit_compile, options.multi_gpu)
     failures = DecodeFailures(run.data.scan.root)
+    trial = contender.Trial.of(options, run.data, clock, work)
     with _cache_folder(work, options.cache) as cache_folder:
-        run.resolved = resolve(options, run.data, run.runtime, clock, cache_folder)
-        o = run.resolved.options
-        train_ds, val_ds = _pipelines(run.data, run.resolved, failures)
-        model, phases = _build(run.data, o, run.runtime)
-        done = fit(Fitting(model, phases, train_ds, val_ds, run.data, o, run.runtime, work_dir=work, output_dir=out,
-                           emit=emit, stop_event=call.stop_event, callbacks=call.callbacks or (), verbose=verbose,
-                           clock=clock, plan=run.resolved.plan))
-    model = for_inference(model, run.data, o, run.runtime, phases)
+        rival = _fit_rival(run, trial, cache_folder, failures) if trial.tried else None
+        trained = _fit_network(run, options, clock, cache_folder, failures,
+                               _Sink(work, out, emit, verbose, score=rival is not None))
+        if rival is not None:
+            trial.record(options.architecture, trained.scores, trained.done.rows[-1]["epoch"] if trained.done.rows
+                         else 0, trained.done.seconds)
+            if trial.rival_wins():
+                trained = rival
+    run.resolved, run.data.target_size = trained.resolved, trained.target_size
+    o, done, phases = trained.resolved.options, trained.done, trained.phases
+    model = for_inference(trained.model, run.data, o, run.runtime, phases)
     if failures.items:
         run.data.info["skipped"].extend({"file": s.path, "reason": s.reason} for s in failures.items)
     advice = advise(model, run.data, o)  # before calibration wraps the network's last layer
     report, errors, model = evaluate(model, run.data, o)
     model.class_names = list(run.data.class_names)
     record = summary(run, model, done, report)
-    record["advisor"] = advice
+    record["advisor"], record["pretrained"] = advice, trial.to_json()
     paths = _write(run, model, record, (done, report, errors))
     if clock is not None:
         clock.save(work)
@@ -147,6 +152,70 @@ def _train(train_directory, options: TrainOptions, call: Call, verbose) -> keras
                       "best_val_accuracy": record["best_val_accuracy"], "evaluation": record["evaluation"],
                       "seconds": record["durations"]["total_seconds"]})
     return model
+
+
+@dataclass
+class _Sink:
+    """Where one network's training reports: its work folder, the output folder, the events, Keras' verbosity."""
+
+    work: Path | None
+    out: Path | None
+    emit: EventHook
+    verbose: int | str = 0
+    score: bool = False  # score the trained network on the validation images (for the pretrained trial)
+
+
+@dataclass
+class _Trained:
+    """One network trained: the model, how training went, its settled settings and input size, and its validation
+    scores (for the pretrained trial)."""
+
+    model: keras.Model
+    done: Fit
+    phases: list[Phase]
+    resolved: Resolved
+    target_size: tuple[int, int]
+    scores: dict | None = None
+
+
+def _fit_network(run: Run, options: TrainOptions, clock, cache_folder, failures, sink: _Sink) -> _Trained:
+    """Settle ``options``' ``auto`` settings, build the pipelines and the network, and train it."""
+    resolved = resolve(options, run.data, run.runtime, clock, cache_folder)
+    run.resolved = resolved
+    o = resolved.options
+    train_ds, val_ds = _pipelines(run.data, resolved, failures)
+    model, phases = _build(run.data, o, run.runtime)
+    call = run.call
+    done = fit(Fitting(model, phases, train_ds, val_ds, run.data, o, run.runtime, work_dir=sink.work,
+                       output_dir=sink.out, emit=sink.emit, stop_event=call.stop_event,
+                       callbacks=call.callbacks or (), verbose=sink.verbose, clock=clock, plan=resolved.plan))
+    scores = None
+    if sink.score and val_ds is not None:  # only a trial compares: its pass is time the budget does not reserve
+        scores = model.evaluate(val_ds, verbose=0, return_dict=True)
+        scores = {"accuracy": float(scores["accuracy"]), "loss": float(scores["loss"])}
+    return _Trained(model, done, phases, resolved, tuple(run.data.target_size), scores)
+
+
+def _fit_rival(run: Run, trial: contender.Trial, cache_folder, failures) -> _Trained | None:
+    """Train the pretrained backbone on its share of the budget, in its own work folder; its events stay quiet (the
+    job's progress is its own network's). None when its weights cannot be used: the job goes on from scratch."""
+    folder = contender.rival_folder(Path(run.call.work_dir) if run.call.work_dir is not None else None)
+    clock = trial.rival_clock(run.clock, Path(run.call.work_dir) if run.call.work_dir is not None else None)
+    options = trial.rival_options(run.requested)
+    log.info("pretrained backbone: trying %s (weights %s) before the job's own network", options.architecture,
+             trial.weights)
+    try:
+        quiet = _Sink(folder, None, lambda *_: None, score=True)
+        rival = _fit_network(run, options, clock, cache_folder, failures, quiet)
+    except DatasetError as exc:  # the weights file is not MobileNetV3Small's (build_backbone names it)
+        trial.failed(exc)
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(run.requested.seed)
+        return None
+    trial.record(f"{options.architecture} (ImageNet)", rival.scores or {"accuracy": 0.0, "loss": float("inf")},
+                 rival.done.rows[-1]["epoch"] if rival.done.rows else 0, rival.done.seconds)
+    keras.utils.set_random_seed(run.requested.seed)
+    return rival
 
 
 def _write(run: Run, model, record: dict, outcome) -> dict:
@@ -219,7 +288,8 @@ def _pipelines(data: Dataset, r: Resolved, failures: DecodeFailures):
 
 def _build(data: Dataset, o: TrainOptions, runtime: Runtime) -> tuple[keras.Model, list[Phase]]:
     with runtime.building():
-        model = build_model((*data.target_size, o.channels), len(data.class_names), Network.of(o, o.augmentation))
+        network = dataclasses.replace(Network.of(o, o.augmentation), fused_norm=runtime.fused_norm)
+        model = build_model((*data.target_size, o.channels), len(data.class_names), network)
     pretrained = has_backbone(model) and o.weights is not None
     phases = [Phase("train" if not pretrained else "head", o.num_epochs, o.learning_rate, not pretrained)]
     if pretrained and o.fine_tune_epochs:

@@ -68,6 +68,7 @@ def render_report(out: Path, report: dict, dataset: dict, summary: dict, history
     parts += _exports(report.get("exports"))
     parts += _audit(out, dataset.get("audit"))
     parts += _budget(summary.get("budget"))
+    parts += _pretrained(summary.get("pretrained"))
     parts += _dataset(dataset)
     spec = summary.get("spec") or summary.get("config")
     parts.append("<section><h2>Resolved job spec</h2><pre>" + _e(json.dumps(spec, indent=2)) + "</pre>"
@@ -305,6 +306,21 @@ def _budget(budget: dict | None) -> list[str]:
                       f"{r['planned_epochs']} epochs</li>" for r in plan["replans"])
     return ["<section><h2>Time budget</h2>" + _table(["", ""], rows) + "<p>Configurations measured:</p>" + tried
             + (f"<p>Re-planned:</p><ul>{replans}</ul>" if replans else "") + "</section>"]
+
+
+def _pretrained(trial: dict | None) -> list[str]:
+    """Whether a pretrained backbone was tried against the job's own network, each one's validation scores, and which
+    was kept; or why none was tried (only said where it could have been: a budgeted job on colour photos)."""
+    if not trial or (not trial["tried"] and not trial["why"].startswith("no ImageNet weights")):
+        return []
+    if not trial["tried"]:
+        return [f"<section><h2>Pretrained backbone</h2><p class='warn'>{_e(trial['why'])}</p></section>"]
+    rows = [[c["network"], _pct(c.get("accuracy")), _f(c.get("loss")), c["epochs"], f"{c['seconds']:.0f} s"]
+            for c in trial["candidates"]]
+    return ["<section><h2>Pretrained backbone</h2><p>Both networks trained within the budget; the one with the better "
+            f"validation accuracy is the model: <b>{_e(trial.get('kept') or '–')}</b>.</p>"
+            + _table(["network", "validation accuracy", "validation loss", "epochs", "training time"], rows,
+                     numeric={1, 2, 3, 4}) + "</section>"]
 
 
 def _f(value, digits: int = 4) -> str:
