@@ -236,8 +236,9 @@ class OptimizerSpec(_Section):
 
     name: Literal[OPTIMIZERS] = "adam"
     learning_rate: Literal["auto"] | Annotated[float, Field(gt=0.0, le=10.0)] = Field(
-        "auto", description="auto: 3e-3 for the cnn with adam under a time_budget (its warm-up and cosine schedule "
-                            "take the larger step: bench/results/budget_tricks.json), else 1e-3.")
+        "auto", description="auto: 3e-3 for the cnn with adam under a time_budget on 10,000+ training images (its "
+                            "warm-up and cosine schedule take the larger step: bench/results/budget_tricks.json), "
+                            "else 1e-3.")
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.0, description="Momentum (sgd and rmsprop).")
 
 

@@ -134,3 +134,10 @@ def test_the_schedule_warms_up_decays_to_the_plans_end_and_stops_in_time():
     for held_out, stops in ((0, False), (600, True)):
         s = schedule(training_ends=used + 1.5, held_out=held_out)
         assert s.time_is_up() is stops and s.stopped_by == ("time" if stops else None)
+
+
+def test_small_datasets_want_enough_steps_before_the_planner_settles():
+    assert budget.wanted_epochs(48_000, 128, 50) == budget.MIN_EPOCHS  # hundreds of steps an epoch
+    assert budget.wanted_epochs(264, 32, 50) == 34  # 9 steps an epoch: 300 steps
+    assert budget.wanted_epochs(40, 32, 50) == budget.MAX_WANTED_EPOCHS
+    assert budget.wanted_epochs(264, 32, 20) == 20  # never more than the job's epochs

@@ -260,11 +260,13 @@ def test_the_tricks_a_job_yaml_turns_on_and_how_each_turns_off():
 def test_learning_rate_auto_is_larger_only_for_the_budgeted_cnn_with_adam():
     from contract.options import TrainOptions, resolve_learning_rate
 
-    assert resolve_learning_rate("auto", architecture="cnn", optimizer="adam", budgeted=True) == pytest.approx(3e-3)
-    for architecture, optimizer, budgeted in (("cnn", "adam", False), ("recipe", "adam", True),
-                                              ("cnn", "sgd", True), ("mobilenet_v3_small", "adam", True)):
-        assert resolve_learning_rate("auto", architecture=architecture, optimizer=optimizer,
-                                     budgeted=budgeted) == pytest.approx(1e-3)
-    assert resolve_learning_rate(0.02, architecture="cnn", optimizer="adam", budgeted=True) == pytest.approx(0.02)
+    large = {"budgeted": True, "train_images": 48_000}
+    assert resolve_learning_rate("auto", architecture="cnn", optimizer="adam", **large) == pytest.approx(3e-3)
+    smaller_step = [("cnn", "adam", False, 48_000), ("recipe", "adam", True, 48_000), ("cnn", "sgd", True, 48_000),
+                    ("mobilenet_v3_small", "adam", True, 48_000), ("cnn", "adam", True, 264)]
+    for architecture, optimizer, budgeted, images in smaller_step:
+        assert resolve_learning_rate("auto", architecture=architecture, optimizer=optimizer, budgeted=budgeted,
+                                     train_images=images) == pytest.approx(1e-3)
+    assert resolve_learning_rate(0.02, architecture="cnn", optimizer="adam", **large) == pytest.approx(0.02)
     with pytest.raises(ValueError, match=r"learning_rate must be a positive number\. Received: learning_rate='fast'"):
         TrainOptions(learning_rate="fast")

@@ -28,6 +28,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MIN_EPOCHS = 12  # fewer and the schedule is too short to converge: shrink the network or the input instead
+# ... and at least this many optimizer steps (up to MAX_WANTED_EPOCHS): a few hundred photos make 9 steps an epoch,
+# and there the half-width cnn's 37 epochs beat the full width's 16 by 13 points (bench/small_photos.py)
+MIN_STEPS, MAX_WANTED_EPOCHS = 300, 40
 RESERVE_FIXED = 8.0  # seconds after training: model copy, calibration, plots, report, saving (measured: 3-4 s)
 RESERVE_PER_EXPORT = 30.0  # one conversion (SavedModel first for TFLite) and its run on the check images (estimate)
 EXPORT_CHECK_IMAGES = 1200  # decoded once for the exports: trainer.outputs.exports.CHECK_IMAGES + REPRESENTATIVE_IMAGES
@@ -160,7 +163,7 @@ def choose(clock: Clock, request: Request, build) -> Plan:
     size, width = tuple(r.target_size), r.filters
     seconds = min(1.5, max(0.3, clock.budget * 0.004))
     planning_ends = clock.used() + max(3.0, PLANNING_SHARE * clock.budget)
-    wanted = min(MIN_EPOCHS, r.max_epochs)
+    wanted = wanted_epochs(r.train_images, batch, r.max_epochs)
     candidates, step = [], 0
     while True:
         ips = measure(build(size, r.channels, width), (*size, r.channels), r.num_classes, batch, seconds)
@@ -186,6 +189,13 @@ def choose(clock: Clock, request: Request, build) -> Plan:
                 images_per_second=best["images_per_second"], epoch_seconds=epoch,
                 epochs=max(1, min(r.max_epochs, best["epochs_that_fit"])), train_images=r.train_images,
                 candidates=candidates)
+
+
+def wanted_epochs(train_images: int, batch_size: int, max_epochs: int) -> int:
+    """The fewest epochs a plan should fit before the planner tries a cheaper candidate: `MIN_EPOCHS`, or on small
+    datasets enough epochs for `MIN_STEPS` steps (at most `MAX_WANTED_EPOCHS`)."""
+    steps_per_epoch = max(1, math.ceil(train_images / batch_size))
+    return min(max_epochs, max(MIN_EPOCHS, min(MAX_WANTED_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch))))
 
 
 def _cheaper(size, width, r: Request, needed: float, step: int):

@@ -65,9 +65,9 @@ def resolve(o: TrainOptions, data: Dataset, runtime: Runtime, clock: budget.Cloc
              "rotation/zoom off: a time budget with 1,000+ training images per class" if augmentation != o.augmentation
              and clock is not None else "as asked" if augmentation == o.augmentation else "rotation/zoom by the data")
     rate = resolve_learning_rate(o.learning_rate, architecture=o.architecture, optimizer=o.optimizer,
-                                 budgeted=clock is not None)
+                                 budgeted=clock is not None, train_images=len(data.train))
     r.decide("learning_rate", o.learning_rate, rate, "as asked" if rate == o.learning_rate else
-             "the cnn with adam under a time budget" if rate != 1e-3 else "the recipe's 1e-3")
+             "the cnn with adam under a time budget, on 10,000+ images" if rate != 1e-3 else "the recipe's 1e-3")
     o = o.replace(augmentation=augmentation, learning_rate=rate)
     if clock is None:
         batch = 32 if o.batch_size == "auto" else o.batch_size
