@@ -129,8 +129,8 @@ def _train(train_directory, options: TrainOptions, call: Call, verbose) -> keras
         trained = _fit_network(run, options, clock, cache_folder, failures,
                                _Sink(work, out, emit, verbose, score=rival is not None))
         if rival is not None:
-            trial.record(options.architecture, trained.scores, trained.done.rows[-1]["epoch"] if trained.done.rows
-                         else 0, trained.done.seconds)
+            trial.record(options.architecture, trained.scores or {"accuracy": 0.0, "loss": float("inf")},
+                         trained.done.rows[-1]["epoch"] if trained.done.rows else 0, trained.done.seconds)
             if trial.rival_wins():
                 trained = rival
     run.resolved, run.data.target_size = trained.resolved, trained.target_size
