@@ -268,15 +268,19 @@ class AugmentationSpec(_Section):
     """Random changes to training images, as layers inside the model (on the GPU; inactive at inference)."""
 
     enabled: Annotated[bool, Strict()] = True
-    flip: Literal[FLIPS] = Field(
-        "none", description="Mirroring; only for images whose mirror image is the same class (not digits or text).")
+    flip: Literal[(*FLIPS, "auto")] = Field(
+        "auto", description="Mirroring; only for images whose mirror image is the same class (not digits or text). "
+                            "auto: horizontal where the warps are off (a time budget with 1,000 or more training "
+                            "images per class; the mirrored prediction is then averaged in when validation says it "
+                            "pays), else none. Set none for digits, text or anything with a handedness.")
     rotation: _warp(0.5, inclusive=True) = Field(
         "auto", description="Fraction of a full turn; auto: 0.05, or 0 for a time-budgeted job with 1,000 or more "
                             "training images per class (the warp costs CPU time that more epochs repay).")
     zoom: _warp(1.0, inclusive=False) = Field(
         "auto", description="auto: 0.1, or 0 as for rotation.")
-    translation: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.1, description="Fraction of width/height.")
-    contrast: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    translation: _warp(1.0, inclusive=False) = Field(
+        "auto", description="Fraction of width/height; auto: 0.1, or 0.05 where flips are on by auto.")
+    contrast: _warp(1.0, inclusive=False) = Field("auto", description="auto: 0.1, or 0 where flips are on by auto.")
 
     def options(self) -> dict | None:
         return self.model_dump(exclude={"enabled"}) if self.enabled else None

@@ -70,7 +70,7 @@ def test_a_budgeted_job_with_many_images_per_class_trains_without_geometric_warp
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     augmentation = summary["config"]["augmentation"]
     assert (augmentation["rotation"], augmentation["zoom"]) == (0.0, 0.0), augmentation
-    assert augmentation["translation"] == 0.1 and summary["budget"]["plan"]["train_images"] >= 2000
+    assert augmentation["flip"] == "horizontal" and summary["budget"]["plan"]["train_images"] >= 2000
 
 
 def test_a_resumed_job_counts_the_time_its_earlier_attempts_used(tmp_path):

@@ -28,7 +28,7 @@ def test_empty_spec_means_dropfit_defaults():
     assert spec.color_mode == "auto" and spec.data.audit.enabled
     assert spec.model.architecture == "cnn" and spec.optimizer.name == "adam"
     assert spec.optimizer.learning_rate == "auto" and spec.data.validation_split == pytest.approx(0.2)
-    assert spec.augmentation.enabled and spec.augmentation.flip == "none"
+    assert spec.augmentation.enabled and spec.augmentation.flip == "auto"
     assert spec.training.early_stopping_patience == 10 and spec.training.class_weight == "balanced"
     options = TrainOptions.from_spec(spec)
     assert options.augmentation["rotation"] == "auto" and options.class_weight == "balanced"
@@ -84,7 +84,7 @@ def test_recipe_job_and_paths():
     ("target_size: big", "target_size: must be auto, one number, or [height, width]"),
     ("model: {weights: /etc/passwd}", "model.weights: must be a path relative to the job folder"),
     ("model: {architecture: vgg}", "model.architecture: must be one of 'cnn', 'recipe', 'mobilenet_v3_small'"),
-    ("augmentation: {flip: diagonal}", "augmentation.flip: must be one of 'none', 'horizontal', 'vertical' or"),
+    ("augmentation: {flip: diagonal}", "augmentation.flip: must be one of 'none', 'horizontal', 'vertical', 'both' or"),
     ("exports: [coreml]",
      "exports[0]: must be one of 'savedmodel', 'tflite', 'tflite_int8', 'onnx' or 'openvino', got 'coreml'"),
     ("training: {early_stoping_patience: 3}", "training.early_stoping_patience: unknown key (did you mean "),
@@ -231,11 +231,11 @@ def test_auto_warps_are_off_only_for_budgeted_jobs_with_many_images_per_class():
     unbudgeted = resolve_augmentation(auto, budgeted=False, train_images=48_000, num_classes=10)
     assert (small["rotation"], small["zoom"]) == (unbudgeted["rotation"], unbudgeted["zoom"]) == (0.05, 0.1)
     assert (large["rotation"], large["zoom"]) == (0.0, 0.0)
-    assert large["translation"] == auto["translation"] == 0.1  # only the warps are automatic
+    assert large["translation"] == 0.05 and small["translation"] == unbudgeted["translation"] == 0.1
     explicit = TrainOptions.from_spec(parse_spec("time_budget: 15m\naugmentation: {rotation: 0.2}\n")).augmentation
     assert resolve_augmentation(explicit, budgeted=True, train_images=48_000, num_classes=10)["rotation"] == 0.2
-    with pytest.raises(ValueError, match=r"augmentation translation must be a number .*Received: translation='auto'"):
-        TrainOptions(augmentation={"translation": "auto"})
+    with pytest.raises(ValueError, match=r"augmentation sharpness must be a number .*Received: sharpness='auto'"):
+        TrainOptions(augmentation={"sharpness": "auto"})
     with pytest.raises(SpecError) as bad:
         parse_spec("augmentation: {rotation: sometimes}\n")
     # One located line, not a union's two with pydantic's internal type names in the path.

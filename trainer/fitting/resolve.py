@@ -21,7 +21,7 @@ from pathlib import Path
 
 import keras
 
-from contract.options import TrainOptions, resolve_augmentation, resolve_learning_rate
+from contract.options import TrainOptions, resolve_augmentation, resolve_learning_rate, warp_free
 from trainer.data.dataset import Dataset
 from trainer.data.pipeline import plan_cache
 from trainer.data.scan import auto_target_size
@@ -61,9 +61,14 @@ def resolve(o: TrainOptions, data: Dataset, runtime: Runtime, clock: budget.Cloc
     target, channels = _input(r, o, data, clock)
     augmentation = resolve_augmentation(o.augmentation, budgeted=clock is not None, train_images=len(data.train),
                                         num_classes=len(data.class_names))
+    many = warp_free(clock is not None, len(data.train), len(data.class_names))
     r.decide("augmentation", o.augmentation, augmentation,
-             "rotation/zoom off: a time budget with 1,000+ training images per class" if augmentation != o.augmentation
-             and clock is not None else "as asked" if augmentation == o.augmentation else "rotation/zoom by the data")
+             "as asked" if augmentation == o.augmentation else "mirrored, no warps: a time budget with 1,000+ "
+             "training images per class" if many else "the warps for a small or unbudgeted dataset")
+    if o.dropout is None and o.architecture == "cnn" and many and (augmentation or {}).get("flip") == "horizontal":
+        # Mirroring regularises enough: on 4,800 images per class dropout cost accuracy (bench/results/flip_ablation).
+        r.decide("dropout", None, 0.0, "the cnn mirrored on 1,000+ training images per class: no dropout")
+        o = o.replace(dropout=0.0)
     rate = resolve_learning_rate(o.learning_rate, architecture=o.architecture, optimizer=o.optimizer,
                                  budgeted=clock is not None, train_images=len(data.train))
     r.decide("learning_rate", o.learning_rate, rate, "as asked" if rate == o.learning_rate else
@@ -125,7 +130,9 @@ def _plan(r: Resolved, o: TrainOptions, data: Dataset, runtime: Runtime, clock, 
     request = budget.Request(
         train_images=len(data.train), exports=len(o.exports),
         held_out=len(data.val) * (1 + o.weight_averaging) + len(data.test)  # the average is scored once more
-        + advisor.images_read(len(data.train), len(data.val)),
+        + advisor.images_read(len(data.train), len(data.val))
+        # test-time mirroring: one pass and a mirrored (double) pass to choose, then double passes when evaluating
+        + (4 * len(data.val) + len(data.test)) * _mirrors(o),
         num_classes=len(data.class_names), target_size=target, channels=channels, batch_size=o.batch_size,
         filters=o.filters or defaults, can_shrink_width=o.filters is None and defaults is not None,
         can_shrink_input=o.target_size == "auto", max_epochs=o.num_epochs)
@@ -140,6 +147,10 @@ def _plan(r: Resolved, o: TrainOptions, data: Dataset, runtime: Runtime, clock, 
     return o.replace(color_mode="grayscale" if channels == 1 else "rgb", target_size=plan.target_size,
                      batch_size=plan.batch_size,
                      filters=plan.filters if plan.filters != (o.filters or defaults) else o.filters)
+
+
+def _mirrors(o: TrainOptions) -> bool:
+    return bool(o.augmentation) and o.augmentation.get("flip") in ("horizontal", "both")
 
 
 def _plain(value):

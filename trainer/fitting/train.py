@@ -26,7 +26,7 @@ from trainer.data import dataset
 from trainer.data.dataset import Dataset
 from trainer.data.pipeline import Batches, DecodeFailures, make_dataset
 from trainer.data.scan import DatasetError, shuffled
-from trainer.fitting import budget, contender
+from trainer.fitting import budget, contender, mirror
 from trainer.fitting.advise import advise
 from trainer.fitting.callbacks import EventHook, TrainingInterrupted
 from trainer.fitting.evaluate import evaluate, export_data, for_inference, summary
@@ -136,6 +136,7 @@ def _train(train_directory, options: TrainOptions, call: Call, verbose) -> keras
     run.resolved, run.data.target_size = trained.resolved, trained.target_size
     o, done, phases = trained.resolved.options, trained.done, trained.phases
     model = for_inference(trained.model, run.data, o, run.runtime, phases)
+    model, mirroring = mirror.choose(model, run.data, o)
     if failures.items:
         run.data.info["skipped"].extend({"file": s.path, "reason": s.reason} for s in failures.items)
     advice = advise(model, run.data, o)  # before calibration wraps the network's last layer
@@ -143,6 +144,7 @@ def _train(train_directory, options: TrainOptions, call: Call, verbose) -> keras
     model.class_names = list(run.data.class_names)
     record = summary(run, model, done, report)
     record["advisor"], record["pretrained"] = advice, trial.to_json()
+    record["test_time_mirroring"] = mirroring
     paths = _write(run, model, record, (done, report, errors))
     if clock is not None:
         clock.save(work)
