@@ -33,8 +33,11 @@ AUTO_WARPS = {"rotation": 0.05, "zoom": 0.1}
 WARP_FREE_IMAGES_PER_CLASS = 1000
 # Where the warps are off (a budget, 1,000+ images per class), `auto` mirrors instead, with lighter translation, no
 # contrast and (the cnn) no dropout: Fashion-MNIST, 48,000 images, 15 epochs, flip-averaged prediction: 93.0% against
-# 91.7% for the warp-free settings before (bench/results/flip_ablation.json). Elsewhere `auto` is `AUTO_ELSEWHERE`.
+# 91.7% for the warp-free settings before (bench/results/flip_ablation.json) -- unless the data's check
+# (`trainer.data.handedness`) finds the classes handed (digits, text): then `AUTO_WARP_FREE`, the settings before.
+# Elsewhere `auto` is `AUTO_ELSEWHERE`.
 AUTO_MIRRORED = {"rotation": 0.0, "zoom": 0.0, "flip": "horizontal", "translation": 0.05, "contrast": 0.0}
+AUTO_WARP_FREE = {"rotation": 0.0, "zoom": 0.0, "flip": "none", "translation": 0.1, "contrast": 0.1}
 AUTO_ELSEWHERE = {**AUTO_WARPS, "flip": "none", "translation": 0.1, "contrast": 0.1}
 _PATHS = ("validation_directory", "test_directory", "labels_csv")
 
@@ -394,13 +397,19 @@ def resolve_learning_rate(learning_rate, *, architecture: str, optimizer, budget
     return BUDGET_CNN_LEARNING_RATE if larger else 1e-3
 
 
-def resolve_augmentation(augmentation: dict | None, *, budgeted: bool, train_images: int,
-                         num_classes: int) -> dict | None:
-    """Settle what ``augmentation`` leaves on ``auto``: `AUTO_MIRRORED` for a time-budgeted job with at least
-    `WARP_FREE_IMAGES_PER_CLASS` training images per class, else `AUTO_ELSEWHERE`. Explicit values are kept."""
+def resolve_augmentation(augmentation: dict | None, *, budgeted: bool, train_images: int, num_classes: int,
+                         mirror_safe: bool) -> dict | None:
+    """Settle what ``augmentation`` leaves on ``auto``. Where the warps are off (`warp_free`): `AUTO_MIRRORED` if the
+    job mirrors (``flip: auto`` and ``mirror_safe``, the data's check, or ``flip`` asked for), else `AUTO_WARP_FREE`;
+    elsewhere `AUTO_ELSEWHERE`. Explicit values are kept."""
     if not augmentation:
         return augmentation
-    chosen = AUTO_MIRRORED if warp_free(budgeted, train_images, num_classes) else AUTO_ELSEWHERE
+    if warp_free(budgeted, train_images, num_classes):
+        flip = augmentation.get("flip", "auto")
+        mirrors = mirror_safe if flip == "auto" else flip in ("horizontal", "both")
+        chosen = AUTO_MIRRORED if mirrors else AUTO_WARP_FREE
+    else:
+        chosen = AUTO_ELSEWHERE
     return {key: chosen[key] if value == "auto" else value for key, value in augmentation.items()}
 
 

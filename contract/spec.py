@@ -271,16 +271,19 @@ class AugmentationSpec(_Section):
     flip: Literal[(*FLIPS, "auto")] = Field(
         "auto", description="Mirroring; only for images whose mirror image is the same class (not digits or text). "
                             "auto: horizontal where the warps are off (a time budget with 1,000 or more training "
-                            "images per class; the mirrored prediction is then averaged in when validation says it "
-                            "pays), else none. Set none for digits, text or anything with a handedness.")
+                            "images per class) and a check of the training images finds that mirror images stay in "
+                            "their class (digits and text do not); the mirrored prediction is then averaged in when "
+                            "validation says it pays. Else none.")
     rotation: _warp(0.5, inclusive=True) = Field(
         "auto", description="Fraction of a full turn; auto: 0.05, or 0 for a time-budgeted job with 1,000 or more "
                             "training images per class (the warp costs CPU time that more epochs repay).")
     zoom: _warp(1.0, inclusive=False) = Field(
         "auto", description="auto: 0.1, or 0 as for rotation.")
     translation: _warp(1.0, inclusive=False) = Field(
-        "auto", description="Fraction of width/height; auto: 0.1, or 0.05 where flips are on by auto.")
-    contrast: _warp(1.0, inclusive=False) = Field("auto", description="auto: 0.1, or 0 where flips are on by auto.")
+        "auto", description="Fraction of width/height; auto: 0.1, or 0.05 where the warps are off and the "
+                            "job mirrors.")
+    contrast: _warp(1.0, inclusive=False) = Field(
+        "auto", description="auto: 0.1, or 0 where the warps are off and the job mirrors.")
 
     def options(self) -> dict | None:
         return self.model_dump(exclude={"enabled"}) if self.enabled else None

@@ -78,8 +78,11 @@ def test_jobs_with_few_images_per_class_or_no_budget_do_not_mirror():
     auto = TrainOptions.from_spec(JobSpec()).augmentation
     assert auto["flip"] == "auto"
     for budgeted, images in ((True, 999 * 10), (False, 6000 * 10)):
-        settled = resolve_augmentation(auto, budgeted=budgeted, train_images=images, num_classes=10)
+        settled = resolve_augmentation(auto, budgeted=budgeted, train_images=images, num_classes=10,
+                                       mirror_safe=True)
         assert settled["flip"] == "none" and settled["translation"] == 0.1 and settled["contrast"] == 0.1
     # Asked for, it is kept: mirroring is off for digits with `flip: none`.
     explicit = dict(auto, flip="none")
-    assert resolve_augmentation(explicit, budgeted=True, train_images=48_000, num_classes=10)["flip"] == "none"
+    # ... and the translation and contrast left on auto are those of a job that does not mirror.
+    kept = resolve_augmentation(explicit, budgeted=True, train_images=48_000, num_classes=10, mirror_safe=True)
+    assert (kept["flip"], kept["translation"], kept["contrast"]) == ("none", 0.1, 0.1)

@@ -226,14 +226,17 @@ def test_auto_warps_are_off_only_for_budgeted_jobs_with_many_images_per_class():
     from contract.options import TrainOptions, resolve_augmentation
 
     auto = TrainOptions.from_spec(JobSpec()).augmentation
-    small = resolve_augmentation(auto, budgeted=True, train_images=999 * 10, num_classes=10)
-    large = resolve_augmentation(auto, budgeted=True, train_images=1000 * 10, num_classes=10)
-    unbudgeted = resolve_augmentation(auto, budgeted=False, train_images=48_000, num_classes=10)
+    safe = {"num_classes": 10, "mirror_safe": True}
+    small = resolve_augmentation(auto, budgeted=True, train_images=999 * 10, **safe)
+    large = resolve_augmentation(auto, budgeted=True, train_images=1000 * 10, **safe)
+    unbudgeted = resolve_augmentation(auto, budgeted=False, train_images=48_000, **safe)
     assert (small["rotation"], small["zoom"]) == (unbudgeted["rotation"], unbudgeted["zoom"]) == (0.05, 0.1)
     assert (large["rotation"], large["zoom"]) == (0.0, 0.0)
     assert large["translation"] == 0.05 and small["translation"] == unbudgeted["translation"] == 0.1
     explicit = TrainOptions.from_spec(parse_spec("time_budget: 15m\naugmentation: {rotation: 0.2}\n")).augmentation
-    assert resolve_augmentation(explicit, budgeted=True, train_images=48_000, num_classes=10)["rotation"] == 0.2
+    assert resolve_augmentation(explicit, budgeted=True, train_images=48_000, **safe)["rotation"] == 0.2
+    handed = resolve_augmentation(auto, budgeted=True, train_images=48_000, num_classes=10, mirror_safe=False)
+    assert handed == {"rotation": 0.0, "zoom": 0.0, "flip": "none", "translation": 0.1, "contrast": 0.1}
     with pytest.raises(ValueError, match=r"augmentation sharpness must be a number .*Received: sharpness='auto'"):
         TrainOptions(augmentation={"sharpness": "auto"})
     with pytest.raises(SpecError) as bad:

@@ -189,6 +189,7 @@ class Audit:
     seconds: float
     threshold: int
     group_of: dict[int, int] = field(default_factory=dict)  # image index -> group index
+    thumbs: list[np.ndarray] = field(default_factory=list)  # 16x16 RGB, per image (`trainer.data.handedness`)
 
     def conflicting(self) -> set[int]:
         """Indices of every image in a conflicting group."""
@@ -250,7 +251,8 @@ def audit(paths: list[str], labels: list[int], *, threshold: int = NEAR_HAMMING,
     conflicts = [g for g, group in enumerate(groups) if len({labels[i] for i in group}) > 1]
     near_groups = sum(1 for group in groups if any(i in near_linked for i in group))
     result = Audit(groups, len(groups) - near_groups, near_groups, conflicts, [fp.grey for fp in prints],
-                   [fp.size for fp in prints], unreadable, time.perf_counter() - started, threshold, group_of)
+                   [fp.size for fp in prints], unreadable, time.perf_counter() - started, threshold, group_of,
+                   [fp.thumb for fp in prints])
     log.info("audit of %d images in %.1f s: %d duplicate group(s) (%d exact, %d near), %d conflicting label(s)",
              len(paths), result.seconds, len(groups), result.exact_groups, near_groups, len(conflicts))
     return result

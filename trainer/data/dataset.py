@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from contract.options import TrainOptions
+from trainer.data import handedness
 from trainer.data.audit import audit, describe
 from trainer.data.scan import DatasetError, Sample, Scan, relative, scan_csv, scan_directory, split
 from trainer.outputs import results
@@ -31,6 +34,7 @@ class Dataset:
     info: dict  # dataset.json
     grey_fraction: float | None = None  # of the images, by content (None without an audit: from the headers)
     target_size: tuple[int, int] | None = None  # set once resolved
+    thumbs: dict[str, np.ndarray] | None = None  # the audit's thumbnails of `handedness.sample`'s training images
 
     def held_out(self) -> list[Sample]:
         return self.test or self.val
@@ -78,8 +82,11 @@ def load(train_directory, o: TrainOptions) -> Dataset:
     else:
         train, val = split(pool, o.validation_split, o.seed, groups=groups)
     info = results.dataset_info(scan, extra_scans, train, val, test)
-    grey = None
+    grey, thumbs = None, None
     if result is not None:
+        index = {s.path: i for i, s in enumerate(everything)}
+        thumbs = {s.path: result.thumbs[index[s.path]] for part in handedness.sample(train, len(class_names), o.seed)
+                  for s in part}
         split_of = {s.path: name for name, samples in (("train", train), ("validation", val), ("test", test))
                     for s in samples}
         index_split = {i: split_of[s.path] for i, s in enumerate(everything) if s.path in split_of}
@@ -92,7 +99,7 @@ def load(train_directory, o: TrainOptions) -> Dataset:
         grey = info["audit"]["grey_fraction"]
     log.info("%d classes; %d training, %d validation, %d test images; %d file(s) skipped", len(class_names),
              len(train), len(val), len(test), len(info["skipped"]))
-    return Dataset(scan, class_names, train, val, test, info, grey)
+    return Dataset(scan, class_names, train, val, test, info, grey, thumbs=thumbs)
 
 
 def _warnings(report: dict) -> list[str]:

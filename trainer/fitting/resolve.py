@@ -4,7 +4,8 @@ summary.json: what was asked for, what was chosen, and why):
 - ``target_size``: from the images' median size (under a time budget small images train at their own size, and
   photos at most `BUDGET_CAP` px);
 - ``color_mode`` (channels): one channel for greyscale data under a time budget;
-- ``augmentation``: ``rotation``/``zoom: auto`` by the data and the budget (`contract.options.resolve_augmentation`);
+- ``augmentation``: what is left on ``auto`` by the data and the budget (`contract.options.resolve_augmentation`),
+  mirroring only where the training images show no handedness (`trainer.data.handedness`);
 - ``learning_rate``: larger for the cnn under a budget (`contract.options.resolve_learning_rate`);
 - ``batch_size``, and under a budget the network's width and the input size, by measuring this machine
   (`trainer.fitting.budget.choose`);
@@ -22,6 +23,7 @@ from pathlib import Path
 import keras
 
 from contract.options import TrainOptions, resolve_augmentation, resolve_learning_rate, warp_free
+from trainer.data import handedness
 from trainer.data.dataset import Dataset
 from trainer.data.pipeline import plan_cache
 from trainer.data.scan import auto_target_size
@@ -59,21 +61,12 @@ def resolve(o: TrainOptions, data: Dataset, runtime: Runtime, clock: budget.Cloc
     r = Resolved(o)
     _runtime(r, o, runtime)
     target, channels = _input(r, o, data, clock)
-    augmentation = resolve_augmentation(o.augmentation, budgeted=clock is not None, train_images=len(data.train),
-                                        num_classes=len(data.class_names))
-    many = warp_free(clock is not None, len(data.train), len(data.class_names))
-    r.decide("augmentation", o.augmentation, augmentation,
-             "as asked" if augmentation == o.augmentation else "mirrored, no warps: a time budget with 1,000+ "
-             "training images per class" if many else "the warps for a small or unbudgeted dataset")
-    if o.dropout is None and o.architecture == "cnn" and many and (augmentation or {}).get("flip") == "horizontal":
-        # Mirroring regularises enough: on 4,800 images per class dropout cost accuracy (bench/results/flip_ablation).
-        r.decide("dropout", None, 0.0, "the cnn mirrored on 1,000+ training images per class: no dropout")
-        o = o.replace(dropout=0.0)
+    o = _augmentation(r, o, data, clock is not None)
     rate = resolve_learning_rate(o.learning_rate, architecture=o.architecture, optimizer=o.optimizer,
                                  budgeted=clock is not None, train_images=len(data.train))
     r.decide("learning_rate", o.learning_rate, rate, "as asked" if rate == o.learning_rate else
              "the cnn with adam under a time budget, on 10,000+ images" if rate != 1e-3 else "the recipe's 1e-3")
-    o = o.replace(augmentation=augmentation, learning_rate=rate)
+    o = o.replace(learning_rate=rate)
     if clock is None:
         batch = 32 if o.batch_size == "auto" else o.batch_size
         r.decide("batch_size", o.batch_size, batch, "the recipe's 32" if o.batch_size == "auto" else "as asked")
@@ -86,6 +79,34 @@ def resolve(o: TrainOptions, data: Dataset, runtime: Runtime, clock: budget.Cloc
                                            cache_folder)
     r.decide("cache", o.cache, r.cache_mode, "decoded images kept between epochs (files when memory is short)")
     return r
+
+
+def _augmentation(r: Resolved, o: TrainOptions, data: Dataset, budgeted: bool) -> TrainOptions:
+    """``augmentation`` (`contract.options.resolve_augmentation`), with ``flip: auto`` decided by the training images
+    (`trainer.data.handedness`) where the warps are off; and the cnn's dropout, which mirroring replaces."""
+    many = warp_free(budgeted, len(data.train), len(data.class_names))
+    flip, safe = (o.augmentation or {}).get("flip"), False
+    if (many and flip == "auto") or (flip in ("horizontal", "both") and data.thumbs):
+        # Asked-for mirroring is kept, but checked too when the audit's thumbnails are at hand: a user who mirrors
+        # digits should hear of it before the epochs are spent.
+        verdict = handedness.judge(data.train, data.class_names, o.seed, data.thumbs)
+        r.decide("mirroring", flip, verdict.to_json(), verdict.why)
+        safe = verdict.mirror_safe
+        if flip != "auto" and not safe:
+            data.info["warnings"].append(f"augmentation.flip is {flip!r}, but {verdict.why}: consider flip: none")
+            log.warning("augmentation.flip is %r, but %s", flip, verdict.why)
+    augmentation = resolve_augmentation(o.augmentation, budgeted=budgeted, train_images=len(data.train),
+                                        num_classes=len(data.class_names), mirror_safe=safe)
+    mirrors = (augmentation or {}).get("flip") in ("horizontal", "both")
+    r.decide("augmentation", o.augmentation, augmentation,
+             "as asked" if augmentation == o.augmentation else "the warps for a small or unbudgeted dataset"
+             if not many else "mirrored, no warps: a time budget with 1,000+ training images per class" if mirrors
+             else "no warps (a time budget with 1,000+ training images per class), and no mirroring")
+    if o.dropout is None and o.architecture == "cnn" and many and mirrors:
+        # Mirroring regularises enough: on 4,800 images per class dropout cost accuracy (bench/results/flip_ablation).
+        r.decide("dropout", None, 0.0, "the cnn mirrored on 1,000+ training images per class: no dropout")
+        o = o.replace(dropout=0.0)
+    return o.replace(augmentation=augmentation)
 
 
 def _runtime(r: Resolved, o: TrainOptions, runtime: Runtime) -> None:
