@@ -55,7 +55,9 @@ def put_away(job_state: Path, dataset: Path | None, name: str, archive: Path, po
     """Apply ``policy`` to a finished job's dataset.
 
     ``job_state`` is ``state/jobs/<job-id>``, ``archive`` is ``<archive_dir>/<job-id>``, ``name`` the inbox name.
-    Safe to call again after a crash part way. Raises OSError if the dataset cannot be moved or deleted.
+    Safe to call again after a crash part way. Raises OSError if the dataset cannot be moved or deleted. The marker
+    stays until `finish` is called, after the ledger has the result: a crash before that redoes this with the same
+    policy.
     """
     if job_state.is_dir():
         (job_state / MARKER).write_text(policy + "\n")
@@ -66,7 +68,6 @@ def put_away(job_state: Path, dataset: Path | None, name: str, archive: Path, po
     if not owned_by(job_state, dataset):
         if dataset is not None and policy != "keep":
             log.warning("not touching %s: it is not inside %s", dataset, job_state)
-        _remove_if_empty(job_state)
         return result
     dropped_archive = job_state / name
     if policy != "keep" and archive_kind(name) and dropped_archive.is_file():
@@ -86,11 +87,12 @@ def put_away(job_state: Path, dataset: Path | None, name: str, archive: Path, po
         elif dataset.exists() or dataset.is_symlink():
             dataset.unlink()
         result = Retained(None, True)
-    _remove_if_empty(job_state)
     return result
 
 
-def _remove_if_empty(folder: Path) -> None:
+def finish(folder: Path) -> None:
+    """End a clean-up `put_away` did, once the ledger knows where the dataset is: the marker goes, and the job's state
+    folder too if nothing is left in it."""
     (folder / MARKER).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         folder.rmdir()

@@ -21,7 +21,7 @@ from daemon.decision import Action, Ending, RetryPolicy, decide
 from daemon.intake import validate
 from daemon.ledger import Job, JobState
 from daemon.metrics import Metrics
-from daemon.retention import put_away
+from daemon.retention import Retained, finish, put_away, unfinished
 from daemon.runners.base import Attempt, Launch, Runner, SubmitError
 from daemon.runners.local import trainer_env
 from daemon.store import JobStore, jlog
@@ -298,27 +298,40 @@ class Scheduler:
         self.runner.release(job_id)
 
     def succeed(self, job: Job, seconds: float | None) -> None:
-        """Record a job's success and put its dataset away."""
+        """Put a succeeded job's dataset away and record the success and where the dataset went in one change: no
+        reader of the ledger (`dropfit status`, a webhook) sees "succeeded" with a dataset about to be deleted."""
+        # A crash after the put-away, before the ledger heard of the success, left the policy it began with.
+        kept = self._put_away(job, unfinished(self.jobs_dir / job.id) or None)
+        where = {"path": str(kept.path) if kept.path else None} if kept is not None and kept.changed else {}
         job = self.store.end(job.id, JobState.SUCCEEDED, "succeeded", seconds, error_kind=None, error=None,
-                             finished_at=time.time(), pid=None, engine_state=None)
+                             finished_at=time.time(), pid=None, engine_state=None, **where)
         jlog(job.id).info("succeeded: %s", self.outbox / job.id)
-        self.after_success(job)
+        self._report(job, kept)
 
     def after_success(self, job: Job, policy: str | None = None) -> None:
-        """Put the dataset of a succeeded job away (``policy``, default the config's ``after_success``) and free its
-        state folder."""
-        jl = jlog(job.id)
+        """Finish putting the dataset of a job recorded as succeeded away (a restart after a crash during its
+        clean-up): ``policy`` is the one it began with, default the config's ``after_success``."""
+        kept = self._put_away(job, policy)
+        if kept is not None and kept.changed:
+            self.store.update(job.id, path=str(kept.path) if kept.path else None)
+        self._report(job, kept)
+
+    def _put_away(self, job: Job, policy: str | None) -> Retained | None:
         policy = policy or self.config.after_success
         # No recorded path (an older ledger's "" included): where a claim puts it, inside the job's own state folder.
         dataset = Path(job.path) if job.path else self.jobs_dir / job.id / "dataset"
         try:
-            kept = put_away(self.jobs_dir / job.id, dataset, job.name, self.archive / job.id, policy)
+            return put_away(self.jobs_dir / job.id, dataset, job.name, self.archive / job.id, policy)
         except OSError as exc:
-            jl.error("could not %s the dataset (%s); it stays in %s", policy, exc, job.path)
+            jlog(job.id).error("could not %s the dataset (%s); it stays in %s", policy, exc, job.path)
+            return None
+
+    def _report(self, job: Job, kept: Retained | None) -> None:
+        if kept is None:
             return
+        finish(self.jobs_dir / job.id)  # only now: the ledger knows where the dataset is
         if kept.changed:
-            self.store.update(job.id, path=str(kept.path) if kept.path else None)
-            jl.info("dataset %s", f"archived in {kept.path}" if kept.path else "deleted")
+            jlog(job.id).info("dataset %s", f"archived in {kept.path}" if kept.path else "deleted")
 
     # --- cancel ----------------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -302,6 +303,35 @@ def test_an_interrupted_job_whose_trainer_had_finished_is_not_run_again(daemon):
     [job] = daemon.wait_jobs(1)
     assert job["state"] == "succeeded" and job["epoch"] == 30
     assert len(daemon.runs(job["id"])) == 1
+
+
+def test_a_crash_between_the_clean_up_and_the_recorded_success_finishes_with_the_policy_it_began_with(tmp_path):
+    """The dataset is put away before the ledger records the success (so nobody sees "succeeded" with a dataset that
+    is about to go). A crash in between leaves the job running in the ledger with its policy written down: the
+    restart records the success and keeps to that policy, whatever the config says by then."""
+    d = DaemonProcess(tmp_path / "d", after_success="delete")
+    d.start()
+    try:
+        d.drop("nearly", {"epochs": 30}, fake={"sleep": 0.1})
+        wait_for(lambda: (j := d.jobs()) and j[0]["epoch"] >= 2, 30, what="epoch 2")
+    finally:
+        assert d.stop(signal.SIGTERM) == 0
+    [job] = d.jobs()
+    job_state = d.state / "jobs" / job["id"]
+    # What a daemon running `after_success: keep` left when it died right after putting the dataset away: the
+    # trainer's finished marker, the dataset where it was, the scratch and spec gone, the policy marker still there.
+    (d.outbox / job["id"] / "finished.json").write_text(json.dumps({"job": job["id"], "epochs_trained": 30}))
+    (job_state / "spec.json").unlink()
+    shutil.rmtree(job_state / "work", ignore_errors=True)
+    (job_state / ".after-success").write_text("keep\n")
+    d.start()
+    try:
+        [job] = d.wait_jobs(1)
+        assert job["state"] == "succeeded" and job["path"] == str(job_state / "dataset")
+        assert list((job_state / "dataset").rglob("*.png")), "the dataset kept on purpose was deleted"
+        assert not (job_state / ".after-success").exists()  # the clean-up is over: a later restart leaves it be
+    finally:
+        d.stop()
 
 
 def test_a_job_yaml_that_is_a_folder_is_rejected_not_waited_for(daemon):
