@@ -192,3 +192,22 @@ def test_the_banded_search_finds_every_pair_a_full_comparison_finds_once_and_no_
     assert close <= set(found) <= brute and len(found) == len(set(found)) and len(set(found)) < len(brute) / 4
     odd = near_pairs(hashes, 6, means=means, accept=lambda a, b: (a + b) % 2 == 1)
     assert set(odd) == {(i, j) for i, j in found if (i + j) % 2 == 1}
+
+
+def test_the_block_mean_prefilter_never_changes_what_the_thumbnails_confirm():
+    """`confirm`'s cheap first test (4x4 block means) only rules out pairs the full comparison rejects too: on pairs
+    around every limit (mean, largest difference, contrast), the answers with and without it are the same."""
+    from trainer.data.audit import THUMB, coarse, confirm
+
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 256, (400, 3 * THUMB * THUMB)).astype(np.int16)
+    base[:100] //= 8  # low-contrast images: the contrast limit decides
+    noise = [rng.integers(-s, s + 1, base.shape) for s in (2, 4, 6, 8, 12, 30)]
+    offsets = rng.integers(-6, 7, (len(base), 1))  # brightness shifts around NEAR_MEAN
+    flat = np.clip(np.concatenate([base, *(base + n + offsets for n in noise)]), 0, 255).astype(np.uint8)
+    contrast = np.ptp(flat, axis=1).astype(np.int32)
+    a = np.tile(np.arange(len(base)), len(noise))
+    b = np.arange(len(base), len(flat))
+    plain, filtered = confirm(flat, contrast, a, b), confirm(flat, contrast, a, b, coarse(flat))
+    assert 100 < plain.sum() < len(a) - 100  # both answers are common: the test sits on the limits
+    assert (plain == filtered).all()

@@ -124,9 +124,9 @@ def near_pairs(hashes: list[int], threshold: int, *, means=None, accept=None) ->
     edges = np.linspace(0, 64, threshold + 2).astype(int)
     keys = np.stack([((values >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)).astype(np.int64)
                      for lo, hi in itertools.pairwise(edges)])
-    # Brightness bins 2 * NEAR_MEAN wide: two images within NEAR_MEAN of each other share a bin or are neighbours.
+    # Brightness bins NEAR_MEAN wide: two images within NEAR_MEAN of each other share a bin or are neighbours.
     # Without them, a set of similar shapes (60,000 clothes photos) makes millions of candidates to confirm.
-    bins = np.zeros(n, np.int64) if means is None else np.floor(np.asarray(means) / (2 * NEAR_MEAN)).astype(np.int64)
+    bins = np.zeros(n, np.int64) if means is None else np.floor(np.asarray(means) / NEAR_MEAN).astype(np.int64)
     width = int(bins.max()) + 2  # so that "the next bin" never reaches the next band value
     found_a, found_b = [], []
     for band, key in enumerate(keys):
@@ -196,17 +196,30 @@ class Audit:
         return {i for g in self.conflicts for i in self.groups[g]}
 
 
-def confirm(flat: np.ndarray, contrast: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def coarse(flat: np.ndarray) -> np.ndarray:
+    """The thumbnails (``flat``, one uint8 row each) as 4x4 block means, for `confirm`'s cheap first test."""
+    blocks = flat.reshape(len(flat), 4, THUMB // 4, 4, THUMB // 4, 3).mean(axis=(2, 4), dtype=np.float32)
+    return blocks.reshape(len(flat), -1)
+
+
+def confirm(flat: np.ndarray, contrast: np.ndarray, a: np.ndarray, b: np.ndarray,
+            blocks: np.ndarray | None = None) -> np.ndarray:
     """Which hash-near pairs ``(a[k], b[k])`` are near duplicates by their thumbnails too (``flat``: the thumbnails,
-    one uint8 row each; ``contrast``: each one's peak-to-peak)."""
+    one uint8 row each; ``contrast``: each one's peak-to-peak; ``blocks``: optionally their `coarse` means)."""
     out = np.zeros(len(a), dtype=bool)
-    for s in range(0, len(a), 8192):
-        pa, pb = a[s:s + 8192], b[s:s + 8192]
+    if blocks is not None:
+        # The mean difference of block means never exceeds the mean difference of the pixels they average: pairs
+        # this rules out would fail below too, and on 60,000 clothes photos it rules out 99% of 2.9 million.
+        maybe = np.flatnonzero(np.abs(blocks[a] - blocks[b]).mean(axis=1) <= NEAR_MEAN + 1e-3)
+    else:
+        maybe = np.arange(len(a))
+    for s in range(0, len(maybe), 8192):
+        k = maybe[s:s + 8192]
+        pa, pb = a[k], b[k]
         d = np.abs(flat[pa].astype(np.int16) - flat[pb].astype(np.int16))
         largest = d.max(axis=1)
         low = np.maximum(np.minimum(contrast[pa], contrast[pb]), 1)
-        out[s:s + 8192] = (d.mean(axis=1) <= NEAR_MEAN) & (largest <= NEAR_MAX) & \
-            (largest <= NEAR_CONTRAST_SHARE * low)
+        out[k] = (d.mean(axis=1) <= NEAR_MEAN) & (largest <= NEAR_MAX) & (largest <= NEAR_CONTRAST_SHARE * low)
     return out
 
 
@@ -234,9 +247,9 @@ def audit(paths: list[str], labels: list[int], *, threshold: int = NEAR_HAMMING,
             exact_linked.update((first, i))
     readable = [i for i, fp in enumerate(prints) if fp.digest is not None]
     flat = np.stack([prints[i].thumb.ravel() for i in readable]) if readable else np.zeros((0, 3 * THUMB**2), np.uint8)
-    contrast = np.ptp(flat, axis=1).astype(np.int32)
+    contrast, blocks = np.ptp(flat, axis=1).astype(np.int32), coarse(flat)
     near = near_pairs([prints[i].phash for i in readable], threshold, means=flat.mean(axis=1),
-                      accept=lambda a, b: confirm(flat, contrast, a, b))
+                      accept=lambda a, b: confirm(flat, contrast, a, b, blocks))
     near_linked = set()
     for a, b in near:
         ia, ib = readable[a], readable[b]
