@@ -20,7 +20,8 @@ from trainer.data.scan import Sample, Skipped
 
 log = logging.getLogger(__name__)
 
-AUTOTUNE = tf.data.AUTOTUNE
+PARALLEL = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+PREFETCH = 2  # batches: from the in-memory cache a batch is ready long before the model wants it
 # Shuffle buffer cap: samples are already shuffled once before caching, so a window this size mixes well enough
 # without holding a second copy of a large dataset in memory.
 SHUFFLE_BUFFER = 4096
@@ -130,7 +131,7 @@ def make_dataset(samples: list[Sample], batches: Batches, *, shuffle_seed: int |
         paths = [os.fsencode(samples[i].path) for i in positions]
         labels = np.asarray([samples[i].label for i in positions], np.int32)
         indices = np.asarray(positions, np.int64)
-        return tf.data.Dataset.from_tensor_slices((paths, labels, indices)).map(fn, num_parallel_calls=AUTOTUNE)
+        return tf.data.Dataset.from_tensor_slices((paths, labels, indices)).map(fn, num_parallel_calls=PARALLEL)
 
     parts = []
     fast = [i for i, s in enumerate(samples) if s.native]
@@ -141,7 +142,7 @@ def make_dataset(samples: list[Sample], batches: Batches, *, shuffle_seed: int |
     if other:
         slow_ds = decoded(other, slow).filter(lambda image, label, index: tf.size(image) > 0)
         parts.append(slow_ds.map(lambda image, label, index: (resize(image, target_size), label, index),
-                                 num_parallel_calls=AUTOTUNE))
+                                 num_parallel_calls=PARALLEL))
     ds = parts[0] if len(parts) == 1 else parts[0].concatenate(parts[1])
     ds = ds.map(lambda image, label, index: (tf.ensure_shape(image, [height, width, channels]), label, index))
     if cache:
@@ -151,11 +152,17 @@ def make_dataset(samples: list[Sample], batches: Batches, *, shuffle_seed: int |
     ds = ds.batch(batch_size)
     if with_index:
         ds = ds.map(lambda images, labels, index: (images, tf.one_hot(labels, num_classes), index),
-                    num_parallel_calls=AUTOTUNE)
+                    num_parallel_calls=PARALLEL)
     else:
         ds = ds.map(lambda images, labels, index: (images, tf.one_hot(labels, num_classes)),
-                    num_parallel_calls=AUTOTUNE)
-    return ds.prefetch(AUTOTUNE)
+                    num_parallel_calls=PARALLEL)
+    ds = ds.prefetch(PREFETCH)
+    # tf.data's autotuner re-tunes on a background thread whenever an epoch's iterator starts; on a 2-core CPU that
+    # made whole epochs take twice as long, at random: 2 of 12 epochs at 20-21 s against 10-12 s, 151 s in all;
+    # fixed settings, none, 123 s (the budget's network, bench/results/pipeline_autotune.json).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
 
 
 def available_memory() -> int:
