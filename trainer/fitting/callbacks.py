@@ -225,9 +225,9 @@ class BudgetCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.schedule.clock.save(self.work)
-        before = self.schedule.planned_end
         if self.model.stop_training:  # stopped by the time: the plan was closed above
             return
+        before = self.schedule.planned_end
         if self.schedule.epoch_ended(epoch, time.monotonic() - self.epoch_started):
             self.model.stop_training = True
         self.recorder.epochs += self.schedule.planned_end - before
