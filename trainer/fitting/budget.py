@@ -36,7 +36,13 @@ MIN_EPOCHS = 7
 # and there the half-width cnn's 37 epochs beat the full width's 16 by 13 points (bench/small_photos.py)
 MIN_STEPS, MAX_WANTED_EPOCHS = 300, 40
 RESERVE_FIXED = 8.0  # seconds after training: model copy, calibration, plots, report, saving (measured: 3-4 s)
-RESERVE_PER_EXPORT = 30.0  # one conversion (SavedModel first for TFLite) and its run on the check images (estimate)
+# One export's conversion, by format: seconds at no size, per weight tensor, per million parameters. Fitted on a 2-core
+# Xeon to the cnn (0.14 M parameters, 14 tensors), MobileNetV3Small (0.94 M, 208) and ResNet50 (23.6 M, 322): ONNX
+# 0.6, 3.5, 38 s; TFLite INT8 2.4, 9.7, 45 s (each in a fresh process, imports included), then given EXPORT_MARGIN.
+# Running each export on the check images is counted apart, from the measured speed.
+EXPORT_COST = {"savedmodel": (0.5, 0.010, 1.0), "tflite": (1.0, 0.020, 1.5), "tflite_int8": (2.0, 0.035, 1.5),
+               "onnx": (1.0, 0.012, 1.5), "openvino": (1.5, 0.015, 1.5)}
+EXPORT_MARGIN = 1.5
 EXPORT_CHECK_IMAGES = 1200  # decoded once for the exports: trainer.outputs.exports.CHECK_IMAGES + REPRESENTATIVE_IMAGES
 SAFETY = 0.04  # of the budget, kept for what no estimate sees
 PLANNING_SHARE = 0.06  # of the budget, at most, spent measuring candidates (at least 3 s)
@@ -110,12 +116,21 @@ class Plan:
         return out
 
 
-def reserve(held_out: int, exports: int, images_per_second: float, budget: float) -> float:
-    """Seconds to keep for everything after training."""
-    inference = 3 * images_per_second  # predicting runs about three times faster than training
-    checks = EXPORT_CHECK_IMAGES * (1 + exports) / max(inference, 1.0) if exports else 0.0
-    return (RESERVE_FIXED + RESERVE_PER_EXPORT * exports + checks + validation_seconds(held_out, images_per_second)
-            + SAFETY * budget)
+def reserve(held_out: int, exports: float, images_per_second: float, budget: float) -> float:
+    """Seconds to keep for everything after training; ``exports`` is `export_seconds`."""
+    return RESERVE_FIXED + exports + validation_seconds(held_out, images_per_second) + SAFETY * budget
+
+
+def export_seconds(formats, model, images_per_second: float) -> float:
+    """Seconds writing ``model`` (built) in each of ``formats`` and checking each against Keras takes. Conversion grows
+    with the weight tensors (the graph's ops) and the parameters (the constants folded in); each check runs the check
+    images once more."""
+    if not formats:
+        return 0.0
+    tensors, millions = len(model.weights), model.count_params() / 1e6
+    convert = sum(base + per_tensor * tensors + per_million * millions
+                  for base, per_tensor, per_million in (EXPORT_COST[fmt] for fmt in formats))
+    return convert * EXPORT_MARGIN + validation_seconds(EXPORT_CHECK_IMAGES * (1 + len(formats)), images_per_second)
 
 
 def validation_seconds(held_out: int, images_per_second: float) -> float:
@@ -146,7 +161,7 @@ class Request:
 
     train_images: int
     held_out: int
-    exports: int
+    exports: tuple[str, ...]  # formats
     num_classes: int
     target_size: tuple[int, int]
     channels: int
@@ -170,9 +185,10 @@ def choose(clock: Clock, request: Request, build) -> Plan:
     wanted = wanted_epochs(r.train_images, batch, r.max_epochs)
     candidates, step = [], 0
     while True:
-        ips = measure(build(size, r.channels, width), (*size, r.channels), r.num_classes, batch, seconds)
+        model = build(size, r.channels, width)
+        ips = measure(model, (*size, r.channels), r.num_classes, batch, seconds)
         epoch = r.train_images / ips * 1.08  # the shuffle, the last partial batch and the validation pass
-        spare = reserve(r.held_out, r.exports, ips, clock.budget)
+        spare = reserve(r.held_out, export_seconds(r.exports, model, ips), ips, clock.budget)
         training = clock.left() - spare
         fits = max(0, math.floor(training / epoch)) if training > 0 else 0
         candidates.append({"target_size": list(size), "channels": r.channels, "batch_size": batch,

@@ -149,7 +149,7 @@ def _plan(r: Resolved, o: TrainOptions, data: Dataset, runtime: Runtime, clock, 
         return model
 
     request = budget.Request(
-        train_images=len(data.train), exports=len(o.exports),
+        train_images=len(data.train), exports=tuple(o.exports),
         held_out=len(data.val) * (1 + o.weight_averaging) + len(data.test)  # the average is scored once more
         + advisor.images_read(len(data.train), len(data.val))
         # test-time mirroring: one pass and a mirrored (double) pass to choose, then double passes when evaluating

@@ -66,6 +66,7 @@ class Run:
     clock: budget.Clock | None
     resolved: Resolved | None = None
     started: float = field(default_factory=time.time)
+    trained_at: float | None = None  # the budget clock when training (every network tried) ended
 
     @property
     def metadata(self) -> dict | None:
@@ -133,6 +134,7 @@ def _train(train_directory, options: TrainOptions, call: Call, verbose) -> keras
                          trained.done.rows[-1]["epoch"] if trained.done.rows else 0, trained.done.seconds)
             if trial.rival_wins():
                 trained = rival
+    run.trained_at = clock.used() if clock is not None else None
     run.resolved, run.data.target_size = trained.resolved, trained.target_size
     o, done, phases = trained.resolved.options, trained.done, trained.phases
     model = for_inference(trained.model, run.data, o, run.runtime, phases)
@@ -224,8 +226,9 @@ def _write(run: Run, model, record: dict, outcome) -> dict:
     """Every artifact into the output folder (if any), with the job's final time stamped into the summary."""
     def stamp(summary: dict) -> None:
         summary["durations"]["total_seconds"] = time.time() - run.started
-        if run.clock is not None:
+        if run.clock is not None:  # what the plan's reserve was for, against what it took
             summary["budget"]["used_seconds"] = round(run.clock.used(), 1)
+            summary["budget"]["after_training_seconds"] = round(run.clock.used() - run.trained_at, 1)
 
     if run.call.output_dir is None:
         stamp(record)

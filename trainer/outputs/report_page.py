@@ -294,7 +294,8 @@ def _budget(budget: dict | None) -> list[str]:
     rows = [["time budget", f"{budget['seconds']:.0f} s"], ["used", f"{budget['used_seconds']:.0f} s"],
             ["before training (start-up, scan, audit, planning)", f"{plan['used_before_training']:.0f} s"],
             ["planned for training", f"{plan['training_seconds']:.0f} s"],
-            ["kept for evaluation, report and exports", f"{plan['reserve']:.0f} s"],
+            ["kept for evaluation, report and exports", f"{plan['reserve']:.0f} s"
+             + (f" (took {budget['after_training_seconds']:.0f} s)" if "after_training_seconds" in budget else "")],
             ["input", f"{'×'.join(map(str, plan['target_size']))}×{plan['channels']}"],
             ["batch size", plan["batch_size"]], ["filters", plan["filters"] or "default"],
             ["measured training speed", f"{plan['images_per_second']:.0f} images/s"],
