@@ -37,8 +37,9 @@ MIN_EPOCHS = 7
 MIN_STEPS, MAX_WANTED_EPOCHS = 300, 40
 RESERVE_FIXED = 8.0  # seconds after training: model copy, calibration, plots, report, saving (measured: 3-4 s)
 # One export's conversion, by format: seconds at no size, per weight tensor, per million parameters. Fitted on a 2-core
-# Xeon to the cnn (0.14 M parameters, 14 tensors), MobileNetV3Small (0.94 M, 208) and ResNet50 (23.6 M, 322): ONNX
-# 0.6, 3.5, 38 s; TFLite INT8 2.4, 9.7, 45 s (each in a fresh process, imports included), then given EXPORT_MARGIN.
+# Xeon to the recipe network (0.14 M parameters, 14 tensors), the cnn (1.18 M, 52), MobileNetV3Small (0.94 M, 208) and
+# ResNet50 (23.6 M, 322) at 96 px: ONNX 0.6, 1.0, 3.5, 38 s; TFLite INT8 2.4, 5.9, 9.7, 45 s (each in a fresh process,
+# imports included), then given EXPORT_MARGIN.
 # Running each export on the check images is counted apart, from the measured speed.
 EXPORT_COST = {"savedmodel": (0.5, 0.010, 1.0), "tflite": (1.0, 0.020, 1.5), "tflite_int8": (2.0, 0.035, 1.5),
                "onnx": (1.0, 0.012, 1.5), "openvino": (1.5, 0.015, 1.5)}
