@@ -55,9 +55,10 @@ class Resolved:
 
 
 def resolve(o: TrainOptions, data: Dataset, runtime: Runtime, clock: budget.Clock | None,
-            cache_folder: Path | None) -> Resolved:
+            cache_folder: Path | None, export_floor: float = 0.0) -> Resolved:
     """Settle what ``o`` leaves on ``auto`` for ``data`` on this machine (see the module's doc); sets
-    ``data.target_size``."""
+    ``data.target_size``. ``export_floor``: seconds the exports take at least, whichever network is planned (a
+    pretrained backbone that may win its trial and be exported instead)."""
     r = Resolved(o)
     _runtime(r, o, runtime)
     target, channels = _input(r, o, data, clock)
@@ -72,7 +73,7 @@ def resolve(o: TrainOptions, data: Dataset, runtime: Runtime, clock: budget.Cloc
         r.decide("batch_size", o.batch_size, batch, "the recipe's 32" if o.batch_size == "auto" else "as asked")
         o = o.replace(color_mode="grayscale" if channels == 1 else "rgb", target_size=target, batch_size=batch)
     else:
-        o = _plan(r, o, data, runtime, clock, (target, channels))
+        o = _plan(r, o, data, runtime, clock, (target, channels), export_floor)
     data.target_size = o.target_size
     r.options = o
     r.cache_mode, r.cache_dir = plan_cache(o.cache, len(data.train) + len(data.val), data.target_size, o.channels,
@@ -135,7 +136,8 @@ def _input(r: Resolved, o: TrainOptions, data: Dataset, clock) -> tuple[tuple[in
     return target, 1 if color_mode == "grayscale" else 3
 
 
-def _plan(r: Resolved, o: TrainOptions, data: Dataset, runtime: Runtime, clock, shape) -> TrainOptions:
+def _plan(r: Resolved, o: TrainOptions, data: Dataset, runtime: Runtime, clock, shape,
+          export_floor: float) -> TrainOptions:
     """Under a time budget: batch size, width and input size by measuring this machine (`budget.choose`)."""
     (target, channels), defaults = shape, {"cnn": CNN_FILTERS, "recipe": RECIPE_FILTERS}.get(o.architecture)
 
@@ -149,11 +151,11 @@ def _plan(r: Resolved, o: TrainOptions, data: Dataset, runtime: Runtime, clock, 
         return model
 
     request = budget.Request(
-        train_images=len(data.train), exports=tuple(o.exports),
+        train_images=len(data.train), exports=tuple(o.exports), mirrors=mirrors(o), export_floor=export_floor,
         held_out=len(data.val) * (1 + o.weight_averaging) + len(data.test)  # the average is scored once more
         + advisor.images_read(len(data.train), len(data.val))
         # test-time mirroring: one pass and a mirrored (double) pass to choose, then double passes when evaluating
-        + (4 * len(data.val) + len(data.test)) * _mirrors(o),
+        + (4 * len(data.val) + len(data.test)) * mirrors(o),
         num_classes=len(data.class_names), target_size=target, channels=channels, batch_size=o.batch_size,
         filters=o.filters or defaults, can_shrink_width=o.filters is None and defaults is not None,
         can_shrink_input=o.target_size == "auto", max_epochs=o.num_epochs)
@@ -170,7 +172,8 @@ def _plan(r: Resolved, o: TrainOptions, data: Dataset, runtime: Runtime, clock, 
                      filters=plan.filters if plan.filters != (o.filters or defaults) else o.filters)
 
 
-def _mirrors(o: TrainOptions) -> bool:
+def mirrors(o: TrainOptions) -> bool:
+    """Whether training mirrors, so the model may end up averaging each image with its mirror image (two passes)."""
     return bool(o.augmentation) and o.augmentation.get("flip") in ("horizontal", "both")
 
 

@@ -32,7 +32,7 @@ from trainer.fitting.callbacks import EventHook, TrainingInterrupted
 from trainer.fitting.evaluate import evaluate, export_data, for_inference, summary
 from trainer.fitting.hardware import Runtime, configure
 from trainer.fitting.phases import Fit, Fitting, Phase, fit
-from trainer.fitting.resolve import Resolved, resolve
+from trainer.fitting.resolve import Resolved, mirrors, resolve
 from trainer.network.backbones import has_backbone
 from trainer.network.networks import Network, build_model
 from trainer.outputs import results
@@ -67,6 +67,7 @@ class Run:
     resolved: Resolved | None = None
     started: float = field(default_factory=time.time)
     trained_at: float | None = None  # the budget clock when training (every network tried) ended
+    export_floor: float = 0.0  # seconds exporting a tried backbone would take: the job's own plan keeps at least that
 
     @property
     def metadata(self) -> dict | None:
@@ -132,7 +133,8 @@ def _train(train_directory, options: TrainOptions, call: Call, verbose) -> keras
         if rival is not None:
             trial.record(options.architecture, trained.scores or {"accuracy": 0.0, "loss": float("inf")},
                          trained.done.rows[-1]["epoch"] if trained.done.rows else 0, trained.done.seconds)
-            if trial.rival_wins():
+            if trial.rival_wins():  # exported as the job asked (the backbone trained with no exports of its own)
+                rival.resolved.options = rival.resolved.options.replace(exports=options.exports)
                 trained = rival
     run.trained_at = clock.used() if clock is not None else None
     run.resolved, run.data.target_size = trained.resolved, trained.target_size
@@ -184,7 +186,7 @@ class _Trained:
 
 def _fit_network(run: Run, options: TrainOptions, clock, cache_folder, failures, sink: _Sink) -> _Trained:
     """Settle ``options``' ``auto`` settings, build the pipelines and the network, and train it."""
-    resolved = resolve(options, run.data, run.runtime, clock, cache_folder)
+    resolved = resolve(options, run.data, run.runtime, clock, cache_folder, run.export_floor)
     run.resolved = resolved
     o = resolved.options
     train_ds, val_ds = _pipelines(run.data, resolved, failures)
@@ -218,6 +220,10 @@ def _fit_rival(run: Run, trial: contender.Trial, cache_folder, failures) -> _Tra
         return None
     trial.record(f"{options.architecture} (ImageNet)", rival.scores or {"accuracy": 0.0, "loss": float("inf")},
                  rival.done.rows[-1]["epoch"] if rival.done.rows else 0, rival.done.seconds)
+    if rival.resolved.plan is not None:  # if it wins, it is what the job exports, in the time the job's plan keeps
+        run.export_floor = budget.export_seconds(run.requested.exports, rival.model,
+                                                 rival.resolved.plan.images_per_second,
+                                                 1 + mirrors(rival.resolved.options))
     keras.utils.set_random_seed(run.requested.seed)
     return rival
 
