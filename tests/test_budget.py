@@ -110,6 +110,28 @@ def test_the_planner_shrinks_the_network_when_too_few_epochs_fit():
     assert plan.epochs <= 50 and plan.target_size[0] <= 64
 
 
+
+def test_the_plan_keeps_time_for_a_mirrored_model_and_for_a_tried_backbones_exports():
+    """The reserve grows with what will be exported: a model that averages mirror images exports and checks the
+    network twice, and a tried backbone that may win (and be exported instead) sets a floor."""
+    from trainer.network.networks import build_model, compile_model
+
+    def build(size, channels, filters):
+        return compile_model(build_model((*size, channels), 3, filters=list(filters)))
+
+    def reserve(**change):
+        request = budget.Request(**{"train_images": 64, "held_out": 0, "exports": ("onnx",), "num_classes": 3,
+                                    "target_size": (32, 32), "channels": 1, "batch_size": 32, "filters": (8, 16),
+                                    "can_shrink_width": False, "can_shrink_input": False, "max_epochs": 1, **change})
+        clock = budget.Clock(budget=100.0, started=time.monotonic())
+        return budget.choose(clock, request, build).reserve - budget.RESERVE_FIXED - budget.SAFETY * 100.0
+
+    plain = reserve()
+    assert 0 < plain < 30  # the old flat guess kept 30 s for one export whatever the network
+    assert reserve(mirrors=True) > plain + 0.5
+    assert reserve(export_floor=60.0) >= 60.0
+    assert reserve(exports=(), export_floor=60.0) < 1  # nothing exported: no floor
+
 def test_the_schedule_warms_up_and_reaches_its_floor_when_the_time_is_up_whatever_the_speed():
     """The budget's schedule on its own (no Keras, a clock we move): the warm-up, a cosine that reaches its floor
     exactly at the hard stop whether the steps run as fast as planned, half as fast or unevenly, the epoch cap, the
