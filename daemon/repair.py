@@ -116,8 +116,12 @@ def rebuild(ledger: Ledger, outbox: Path, jobs_dir: Path) -> int:
     return len(known)
 
 
-def status_is_readable(outbox: Path, job: Job) -> bool:
+def status_is_current(outbox: Path, job: Job) -> bool:
+    """Whether the job's status.json is readable and as recent as the ledger's record: a kill -9 between the
+    ledger's change and the rewrite of status.json leaves it a step behind (e.g. "running" for a job that
+    succeeded)."""
     try:
-        return json.loads((outbox / job.id / STATUS_FILE).read_text())["id"] == job.id
+        data = json.loads((outbox / job.id / STATUS_FILE).read_text())
+        return data["id"] == job.id and data.get("state") == job.state.value
     except (OSError, ValueError, KeyError, TypeError):
         return False

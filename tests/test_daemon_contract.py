@@ -334,6 +334,26 @@ def test_a_crash_between_the_clean_up_and_the_recorded_success_finishes_with_the
         d.stop()
 
 
+
+def test_a_status_json_left_behind_the_ledger_by_a_crash_is_rewritten_at_start(tmp_path):
+    """The ledger is written first, status.json next: a kill -9 in between left "running" in status.json for a job
+    the ledger had as succeeded (found by the seeded kill -9 loop). The restart brings status.json up to date."""
+    d = DaemonProcess(tmp_path / "d")
+    d.start()
+    try:
+        d.drop("done", {"epochs": 2}, fake={"sleep": 0.05})
+        [job] = d.wait_jobs(1)
+    finally:
+        assert d.stop(signal.SIGTERM) == 0
+    status = d.outbox / job["id"] / "status.json"
+    stale = {**json.loads(status.read_text()), "state": "running"}
+    status.write_text(json.dumps(stale))
+    d.start()
+    try:
+        wait_for(lambda: json.loads(status.read_text())["state"] == "succeeded", 30, what="status.json rewritten")
+    finally:
+        d.stop()
+
 def test_a_job_yaml_that_is_a_folder_is_rejected_not_waited_for(daemon):
     daemon.start()
     staging = daemon.root / "staging" / "odd"
