@@ -24,7 +24,7 @@ from collections.abc import Callable
 from contract.files import CANCEL_FILE
 from contract.protocol import ErrorKind, read_finished
 from daemon.ledger import Job, JobState
-from daemon.repair import status_is_current
+from daemon.repair import status_problem
 from daemon.retention import unfinished
 from daemon.runners.base import EngineError
 from daemon.runners.local import stop_left_over
@@ -41,9 +41,9 @@ def recover(store: JobStore, scheduler: Scheduler, finish_claim: Callable[[Job],
     takes a half-claimed job in; the ids of claims the ledger could not record go into ``unfinished_claims``."""
     ledger, outbox = store.ledger, scheduler.outbox
     for job in ledger.jobs():
-        if job.state != JobState.CLAIMING and not status_is_current(outbox, job):
-            _jlog(job.id).warning("outbox/%s/status.json was missing, unreadable or behind the ledger; rewritten "
-                                  "from the ledger", job.id)
+        problem = status_problem(outbox, job) if job.state != JobState.CLAIMING else None
+        if problem:
+            _jlog(job.id).warning("outbox/%s/status.json was %s; rewritten from the ledger", job.id, problem)
             store.publish(job)
     for job in ledger.jobs(JobState.CLAIMING):
         _jlog(job.id).info("finishing an interrupted claim of inbox/%s", job.name)

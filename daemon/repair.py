@@ -116,12 +116,13 @@ def rebuild(ledger: Ledger, outbox: Path, jobs_dir: Path) -> int:
     return len(known)
 
 
-def status_is_current(outbox: Path, job: Job) -> bool:
-    """Whether the job's status.json is readable and as recent as the ledger's record: a kill -9 between the
-    ledger's change and the rewrite of status.json leaves it a step behind (e.g. "running" for a job that
-    succeeded)."""
+def status_problem(outbox: Path, job: Job) -> str | None:
+    """What is wrong with the job's status.json, if anything: missing or unreadable, or behind the ledger (a kill -9
+    between the ledger's change and the rewrite of status.json leaves e.g. "running" for a job that succeeded)."""
     try:
         data = json.loads((outbox / job.id / STATUS_FILE).read_text())
-        return data["id"] == job.id and data.get("state") == job.state.value
+        if data["id"] != job.id:
+            return "missing or unreadable"
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        return "missing or unreadable"
+    return None if data.get("state") == job.state.value else f"behind the ledger (it said {data.get('state')!r})"
