@@ -80,9 +80,9 @@ def photo(shape: str, seed: int) -> Image.Image:
     return im.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.2, 1.0))))
 
 
-def write_sets(drop: Path, held_out: Path) -> None:
+def write_sets(drop: Path, held_out: Path, held_out_per_class: int = HELD_OUT) -> None:
     for c, (shape, count) in enumerate(SHAPES.items()):
-        for folder, n, base in ((drop, count, 0), (held_out, HELD_OUT, 50_000)):
+        for folder, n, base in ((drop, count, 0), (held_out, held_out_per_class, 50_000)):
             (folder / shape).mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 photo(shape, c * 100_000 + base + i).save(folder / shape / f"{shape}_{i:04d}.jpg", quality=85)
@@ -110,13 +110,15 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--job", default="", help="more job.yaml text for the default job, e.g. 'target_size: 64'")
     parser.add_argument("--default-only", action="store_true", help="skip the recipe's job")
+    parser.add_argument("--held-out", type=int, default=HELD_OUT, help="held-out images per class (more: less noise)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_sets(tmp / "drop", tmp / "held_out")
+        write_sets(tmp / "drop", tmp / "held_out", args.held_out)
         budget = f"time_budget: {args.budget}\n"
         result = {"dataset": f"generated shapes on busy backgrounds, {sum(SHAPES.values())} JPEGs "
-                             f"({'/'.join(map(str, SHAPES.values()))} per class), {HELD_OUT * len(SHAPES)} held out",
+                             f"({'/'.join(map(str, SHAPES.values()))} per class), "
+                             f"{args.held_out * len(SHAPES)} held out",
                   "time_budget": args.budget, "cpu": os.cpu_count(),
                   "job_yaml_extra": args.job or None,
                   "default": run_job(tmp / "drop", tmp / "held_out", tmp / "default", budget + args.job)}
