@@ -117,6 +117,12 @@ def _batch_size(value: Any) -> Any:
     raise ValueError("must be auto or an integer from 1 to 8192")
 
 
+def _patience(value: Any) -> Any:
+    if value is None or value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise ValueError("must be auto, null or a positive integer")
+
+
 def _warp(upper: float, inclusive: bool):
     """``auto`` or a number from 0 to ``upper``, as one check with one message (not a union's two)."""
     expected = f"must be auto or a number from 0 to {upper}" + ("" if inclusive else " (exclusive)")
@@ -158,6 +164,8 @@ TimeBudget = Annotated[Any, PlainValidator(_time_budget), WithJsonSchema({"anyOf
     {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?\s*h)?\s*(\d+(\.\d+)?\s*m(in)?)?\s*(\d+(\.\d+)?\s*s)?\s*$"}]})]
 BatchSize = Annotated[Any, PlainValidator(lambda v: _batch_size(v)), WithJsonSchema({"anyOf": [
     {"const": "auto"}, {"type": "integer", "minimum": 1, "maximum": 8192}]})]
+Patience = Annotated[Any, PlainValidator(_patience), WithJsonSchema({"anyOf": [
+    {"const": "auto"}, {"type": "null"}, {"type": "integer", "exclusiveMinimum": 0}]})]
 Weights = Annotated[Any, PlainValidator(_weights), WithJsonSchema({"anyOf": [
     {"type": "null"}, {"const": "imagenet"}, {"type": "string", "description": "a file in the job folder"}]})]
 
@@ -245,8 +253,11 @@ class OptimizerSpec(_Section):
 class TrainingSpec(_Section):
     """How training adapts: early stopping, learning-rate reduction, class weights (all on validation loss)."""
 
-    early_stopping_patience: PositiveInt | None = Field(
-        10, description="Stop after this many epochs without a lower validation loss (null: never).")
+    early_stopping_patience: Patience = Field(
+        "auto", description="Stop after this many epochs without a lower validation loss (null: never). auto: 10, "
+                            "or never under a time_budget (its schedule takes the learning rate down to the budget's "
+                            "end; stopping sooner on a few hundred images' noisy validation loss cost points: "
+                            "bench/results/small_photos.json).")
     reduce_lr_patience: PositiveInt | None = Field(
         4, description="Halve the learning rate after this many epochs without improvement (null: never).")
     reduce_lr_factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5

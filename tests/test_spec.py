@@ -29,10 +29,22 @@ def test_empty_spec_means_dropfit_defaults():
     assert spec.model.architecture == "cnn" and spec.optimizer.name == "adam"
     assert spec.optimizer.learning_rate == "auto" and spec.data.validation_split == pytest.approx(0.2)
     assert spec.augmentation.enabled and spec.augmentation.flip == "auto"
-    assert spec.training.early_stopping_patience == 10 and spec.training.class_weight == "balanced"
+    assert spec.training.early_stopping_patience == "auto" and spec.training.class_weight == "balanced"
     options = TrainOptions.from_spec(spec)
     assert options.augmentation["rotation"] == "auto" and options.class_weight == "balanced"
     assert options.fine_tune_epochs == 0  # no pretrained weights, no fine-tuning phase
+    assert options.early_stopping_patience == 10
+
+
+def test_a_time_budget_trains_to_its_schedules_end_unless_the_job_asks_for_early_stopping():
+    budgeted = TrainOptions.from_spec(parse_spec("time_budget: 2m\n"))
+    assert budgeted.early_stopping_patience is None
+    asked = TrainOptions.from_spec(parse_spec("time_budget: 2m\ntraining: {early_stopping_patience: 6}\n"))
+    assert asked.early_stopping_patience == 6
+    with pytest.raises(SpecError) as bad:
+        parse_spec("training: {early_stopping_patience: 0}\n")
+    assert str(bad.value) == ("job.yaml:1: training.early_stopping_patience: must be auto, null or a positive integer, "
+                              "got 0")
 
 
 def test_example_lists_exactly_the_defaults_and_every_option_is_one_train_cnn_takes():
