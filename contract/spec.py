@@ -331,7 +331,8 @@ class JobSpec(_Section):
                           "or seconds. Training is planned to fit, and the input size, channels, network width and "
                           "batch size left on auto are chosen to fit it. null: no limit.")
     epochs: Annotated[int, Strict(), Field(gt=0, le=100_000)] = Field(
-        50, description="Most epochs to train (early stopping usually ends sooner); for backbones, the head phase.")
+        50, description="Most epochs to train (without a time_budget, early stopping usually ends sooner); for "
+                          "backbones, the head phase.")
     num_classes: PositiveInt | None = Field(
         None, description="Optional check: the job fails if the data holds a different number of classes.")
     seed: Annotated[int, Strict(), Field(ge=0, lt=2**32)] = Field(
