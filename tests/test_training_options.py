@@ -362,3 +362,23 @@ def test_a_cpu_trained_cnn_is_saved_with_keras_own_batch_norm(small, tmp_path):
     assert FusedBatchNormalization in seen  # trained with the fused kernel on this CPU
     text = zipfile.ZipFile(tmp_path / "model.keras").read("config.json").decode()
     assert '"BatchNormalization"' in text and "FusedBatchNormalization" not in text and "dropfit>" not in text
+
+
+def test_under_a_budget_few_photos_train_small_and_a_backbone_keeps_its_detail(tmp_path):
+    from contract.options import TrainOptions
+    from trainer.data.dataset import load
+    from trainer.fitting.resolve import BUDGET_CAP, SMALL_DATA_CAP, Resolved, _input, budget_cap
+
+    photos = make_shapes(tmp_path / "photos", classes=3, per_class=12, size_range=(200, 240), seed=3)
+    options = TrainOptions(architecture="cnn", target_size="auto", time_budget=120.0)
+    data = load(photos, options)
+    clock = object()  # only whether there is a budget matters here
+    r = Resolved(options)
+    target, _ = _input(r, options, data, clock)
+    assert max(target) == SMALL_DATA_CAP and "fewer than 1,000" in r.decisions["target_size"]["why"]
+    assert all(side % 32 == 0 for side in target), target  # no edge rows lost to the five poolings' floors
+    backbone = options.replace(architecture="mobilenet_v3_small")
+    assert max(_input(Resolved(backbone), backbone, data, clock)[0]) == BUDGET_CAP
+    assert max(_input(Resolved(options), options, data, None)[0]) > BUDGET_CAP  # no budget: the images' own size
+    assert budget_cap(999 * 3, 3, "cnn") == SMALL_DATA_CAP and budget_cap(1000 * 3, 3, "cnn") == BUDGET_CAP
+    assert budget_cap(10, 3, "recipe") == SMALL_DATA_CAP

@@ -2,7 +2,7 @@
 summary.json: what was asked for, what was chosen, and why):
 
 - ``target_size``: from the images' median size (under a time budget small images train at their own size, and
-  photos at most `BUDGET_CAP` px);
+  photos at most `BUDGET_CAP` px, or `SMALL_DATA_CAP` px with few images per class);
 - ``color_mode`` (channels): one channel for greyscale data under a time budget;
 - ``augmentation``: what is left on ``auto`` by the data and the budget (`contract.options.resolve_augmentation`),
   mirroring only where the training images show no handedness (`trainer.data.handedness`);
@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 # Under a budget, photos train at most 128 px on their longer side: at 224 a from-scratch cnn trains 30 images/s on a
 # 2-core CPU, too slow for the planner even to measure a smaller candidate within its share (bench/small_photos.py).
 BUDGET_CAP = 128
+# ... and at most 64 px with fewer than 1,000 training images per class (`warp_free`'s line): on 330 photos of
+# 150-480 px, 2 minutes, the cnn at 64x64 scored 71.8 / 72.2 / 68.8% on 500 held-out images (three seeds), at 48 px
+# 63.8 / 65.0%, at 96 px 63.4 / 70.0%, at 124x128 59.8 / 63.4 / 59.6%: few images teach no fine detail, and the
+# whole object fits the network's view (bench/results/small_photos.json). Not measured between a few hundred and
+# 1,000 images per class.
+SMALL_DATA_CAP = 64
 
 
 @dataclass
@@ -127,13 +133,28 @@ def _input(r: Resolved, o: TrainOptions, data: Dataset, clock) -> tuple[tuple[in
     if target == "auto":
         # Under a budget small images train at their own size: blowing 28-pixel images up to 32 costs time, not
         # accuracy (measured: bench/budget_choices.py).
-        target = auto_target_size(data.train, cap=BUDGET_CAP, floor=16, multiple=4, upscale=False) \
+        cap = budget_cap(len(data.train), len(data.class_names), o.architecture)
+        target = auto_target_size(data.train, cap=cap, floor=16, multiple=4, upscale=False) \
             if clock is not None else auto_target_size(data.train)
+        if clock is not None and cap == SMALL_DATA_CAP and max(target) >= SMALL_DATA_CAP - 4:
+            # Sides in multiples of 32 for the networks' five 2x2 poolings, whose floors otherwise drop the edge
+            # rows: the small photos at 60x64 scored 67.2 / 66.4 / 64.4%, at 64x64 71.8 / 72.2 / 68.8% (same seeds).
+            target = tuple(max(32, 32 * round(side / 32)) for side in target)
         log.info("target_size auto: %dx%d from the images' median size", *target)
     target = (int(target[0]), int(target[1]))
-    r.decide("target_size", o.target_size, target, "from the images' median size" if o.target_size == "auto"
-             else "as asked")
+    r.decide("target_size", o.target_size, target, "as asked" if o.target_size != "auto" else
+             "from the images' median size" if clock is None else
+             f"from the images' median size, at most {cap} px under a time budget"
+             + (" with fewer than 1,000 training images per class" if cap == SMALL_DATA_CAP else ""))
     return target, 1 if color_mode == "grayscale" else 3
+
+
+def budget_cap(train_images: int, num_classes: int, architecture: str) -> int:
+    """The most pixels on a side that ``target_size: auto`` picks under a time budget: `BUDGET_CAP`, or
+    `SMALL_DATA_CAP` for a network trained from scratch on fewer than 1,000 training images per class (a pretrained
+    backbone keeps `BUDGET_CAP`: its ImageNet features want the detail)."""
+    small = not warp_free(True, train_images, num_classes) and architecture in ("cnn", "recipe")
+    return SMALL_DATA_CAP if small else BUDGET_CAP
 
 
 def _plan(r: Resolved, o: TrainOptions, data: Dataset, runtime: Runtime, clock, shape,
